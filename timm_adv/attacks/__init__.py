@@ -1,0 +1,7 @@
+from .bn_mode import BN_MODES, attack_bn_mode, check_bn_mode
+from .factory import create_attack, parse_eps
+from .normalize import PixelNormalizer
+from .pgd import (
+    NORMS, TARGETINGS, PGDAttack, ascent_step, hard_labels, input_gradient, per_sample_norm, project,
+    random_init, select_target, unwrap_ddp,
+)

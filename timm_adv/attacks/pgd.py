@@ -1,0 +1,271 @@
+"""The attack core: FGSM and PGD under L-inf and L2, in pixel space, input gradients only.
+
+Every method in timm-adv generates its adversarial examples through this module. The maths is kept
+in small functions (``random_init``, ``ascent_step``, ``project``, ``input_gradient``) so that
+methods with a custom starting point (FGSM-SDI's generator) or a custom step reuse them.
+
+Conventions:
+    * Images are attacked in pixel space [0, 1]. ``x`` handed to an attack is in the model's input
+      space; a :class:`PixelNormalizer` converts it exactly, and the adversarial batch is returned in
+      the same space as ``x``.
+    * Only the gradient w.r.t. the perturbation is computed (``torch.autograd.grad``): parameter
+      ``.grad`` is never touched, weight-gradient kernels are skipped, and DDP wrappers are bypassed
+      so no all-reduce fires.
+    * BN behaviour during the attack is an explicit argument (see :mod:`.bn_mode`).
+"""
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from .bn_mode import attack_bn_mode, check_bn_mode
+from .normalize import PixelNormalizer
+
+__all__ = [
+    'NORMS', 'TARGETINGS', 'LossFn', 'unwrap_ddp', 'per_sample_norm', 'random_init', 'project',
+    'ascent_step', 'input_gradient', 'select_target', 'hard_labels', 'PGDAttack',
+]
+
+NORMS = ('linf', 'l2')
+#: ``random``: a uniformly drawn wrong class; ``least_likely``: the lowest-scoring class.
+TARGETINGS = (None, 'random', 'least_likely')
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper: attack passes must not trigger gradient sync."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def per_sample_norm(t: torch.Tensor, p: float = 2) -> torch.Tensor:
+    """Norm of each sample, shaped to broadcast against ``t``."""
+    return t.flatten(1).norm(p=p, dim=1).view(-1, *([1] * (t.ndim - 1)))
+
+
+def random_init(x: torch.Tensor, eps: float, norm: str = 'linf') -> torch.Tensor:
+    """A random perturbation in the eps ball (uniform in the L-inf cube, uniform in the L2 ball)."""
+    if norm == 'linf':
+        return torch.empty_like(x).uniform_(-eps, eps)
+    direction = torch.randn_like(x)
+    direction = direction / per_sample_norm(direction).clamp_min(1e-12)
+    dim = x[0].numel()
+    radius = eps * torch.rand(x.shape[0], device=x.device, dtype=x.dtype) ** (1.0 / dim)
+    return direction * radius.view(-1, *([1] * (x.ndim - 1)))
+
+
+def project(delta: torch.Tensor, x_pix: torch.Tensor, eps: float, norm: str = 'linf',
+            clamp: bool = True) -> torch.Tensor:
+    """Projects ``delta`` onto the eps ball and, with ``clamp``, keeps ``x_pix + delta`` in [0, 1]."""
+    if norm == 'linf':
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / per_sample_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+    if clamp:
+        delta = (x_pix + delta).clamp(0.0, 1.0) - x_pix
+    return delta
+
+
+def ascent_step(delta: torch.Tensor, grad: torch.Tensor, step_size: float, norm: str = 'linf') -> torch.Tensor:
+    """One steepest-ascent step: signed gradient for L-inf, per-sample unit gradient for L2."""
+    if norm == 'linf':
+        return delta + step_size * grad.sign()
+    return delta + step_size * grad / per_sample_norm(grad).clamp_min(1e-12)
+
+
+def hard_labels(target: torch.Tensor) -> torch.Tensor:
+    """Class indices from hard labels or soft (mixup / smoothed) targets."""
+    return target.argmax(dim=1) if target.ndim == 2 else target
+
+
+def select_target(logits: torch.Tensor, target: torch.Tensor, how: str) -> torch.Tensor:
+    """Chooses the class a targeted attack pushes toward.
+
+    Args:
+        logits: Model logits ``[B, C]`` used for ``least_likely``.
+        target: True labels (indices or soft targets).
+        how: ``random`` (a uniformly drawn class other than the true one) or ``least_likely``.
+    """
+    labels = hard_labels(target)
+    if how == 'least_likely':
+        return logits.detach().argmin(dim=1)
+    if how == 'random':
+        num_classes = logits.shape[1]
+        offset = torch.randint(1, num_classes, labels.shape, device=labels.device)
+        return (labels + offset) % num_classes
+    raise ValueError(f'Unknown targeting {how!r}; choose one of random, least_likely.')
+
+
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # F.cross_entropy takes class indices or class probabilities (mixup / cutmix soft targets).
+    return F.cross_entropy(logits.float(), target, reduction='none')
+
+
+def input_gradient(
+        model: nn.Module,
+        x_pix: torch.Tensor,
+        delta: torch.Tensor,
+        target: torch.Tensor,
+        normalizer: PixelNormalizer,
+        loss_fn: LossFn = _cross_entropy,
+        targeted: bool = False,
+):
+    """Gradient of the attack objective w.r.t. ``delta`` only, plus the logits it saw.
+
+    The objective is the summed per-sample loss (so each sample's gradient is independent of the
+    batch size), negated for targeted attacks so that ascent moves toward the target class.
+
+    Returns:
+        ``(grad, logits)`` with ``grad`` shaped like ``delta`` and ``logits`` detached.
+    """
+    delta = delta.detach().requires_grad_(True)
+    logits = model(normalizer.from_pixel(x_pix + delta))
+    loss = loss_fn(logits, target).sum()
+    if targeted:
+        loss = -loss
+    grad, = torch.autograd.grad(loss, delta)
+    return grad, logits.detach()
+
+
+class PGDAttack:
+    """Projected gradient descent (Madry et al.) and FGSM (``steps=1``), L-inf or L2.
+
+    Args:
+        eps: Radius of the threat model in pixel units (e.g. ``8/255``).
+        steps: Number of gradient steps (1 with no random start is FGSM).
+        step_size: Step length; defaults to ``eps`` for one step and ``2.5 * eps / steps`` otherwise.
+        norm: ``linf`` or ``l2``.
+        random_start: Start from a random point of the eps ball.
+        targeted: ``None`` (untargeted), ``random`` or ``least_likely``; an explicit target can also
+            be passed to :meth:`__call__`.
+        loss_fn: Per-sample loss ``(logits, target) -> [B]``; cross-entropy on hard or soft targets
+            by default.
+        bn_mode: BN behaviour during the attack, one of ``BN_MODES`` (default ``eval``).
+        mean: Loader normalisation mean, or None when the model takes pixels.
+        std: Loader normalisation std.
+        restarts: Independent random restarts; the strongest per sample is kept.
+        clamp: Keep adversarial images in [0, 1].
+
+    Example:
+        >>> attack = PGDAttack(eps=8 / 255, steps=10, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+        >>> x_adv = attack(model, x, y)   # same space as x, ||to_pixel(x_adv) - to_pixel(x)||_inf <= eps
+    """
+
+    def __init__(
+            self,
+            eps: float,
+            steps: int = 10,
+            step_size: Optional[float] = None,
+            norm: str = 'linf',
+            random_start: bool = True,
+            targeted: Optional[str] = None,
+            loss_fn: Optional[LossFn] = None,
+            bn_mode: str = 'eval',
+            mean=None,
+            std=None,
+            restarts: int = 1,
+            clamp: bool = True,
+    ):
+        if not eps > 0:
+            raise ValueError(f'eps must be > 0, got {eps} (--adv-eps / --eps, e.g. 8/255).')
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f'steps must be an integer >= 1, got {steps} (--adv-steps / --steps).')
+        if norm not in NORMS:
+            raise ValueError(f'Unknown norm {norm!r}; choose one of {", ".join(NORMS)} (--adv-norm / --norm).')
+        if targeted not in TARGETINGS:
+            raise ValueError(f'Unknown targeting {targeted!r}; choose random or least_likely (--adv-targeted).')
+        if restarts < 1:
+            raise ValueError(f'restarts must be >= 1, got {restarts} (--restarts).')
+        if step_size is None:
+            step_size = eps if steps == 1 else 2.5 * eps / steps
+        if not step_size > 0:
+            raise ValueError(f'step_size must be > 0, got {step_size} (--adv-step-size / --step-size).')
+        self.eps = float(eps)
+        self.steps = int(steps)
+        self.step_size = float(step_size)
+        self.norm = norm
+        self.random_start = random_start
+        self.targeted = targeted
+        self.loss_fn = loss_fn or _cross_entropy
+        self.bn_mode = check_bn_mode(bn_mode)
+        self.normalizer = PixelNormalizer(mean, std)
+        self.restarts = int(restarts)
+        self.clamp = clamp
+
+    def perturb(
+            self,
+            model: nn.Module,
+            x_pix: torch.Tensor,
+            target: torch.Tensor,
+            attack_target: Optional[torch.Tensor] = None,
+            init: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Runs the attack in pixel space and returns the perturbation ``delta`` (detached).
+
+        Args:
+            model: Model taking normalised input; it is run in ``bn_mode`` and restored after.
+            x_pix: Clean images in [0, 1].
+            target: True labels or soft targets.
+            attack_target: Explicit target classes for a targeted attack.
+            init: Starting perturbation (overrides the random start), e.g. a learned initialisation.
+        """
+        model = unwrap_ddp(model)
+        x_pix = x_pix.detach()
+        targeted = attack_target is not None or self.targeted is not None
+        with attack_bn_mode(model, self.bn_mode), torch.enable_grad():
+            best_delta, best_score = None, None
+            goal = attack_target
+            for _ in range(self.restarts):
+                if init is not None:
+                    delta = init.detach()
+                elif self.random_start:
+                    delta = random_init(x_pix, self.eps, self.norm)
+                else:
+                    delta = torch.zeros_like(x_pix)
+                delta = project(delta, x_pix, self.eps, self.norm, self.clamp)
+                for _ in range(self.steps):
+                    if goal is None and self.targeted is not None:
+                        # the first pass's logits pick the target, saving a separate clean forward
+                        with torch.no_grad():
+                            logits = model(self.normalizer.from_pixel(x_pix + delta))
+                        goal = select_target(logits, target, self.targeted)
+                    grad, _ = input_gradient(
+                        model, x_pix, delta, goal if targeted else target, self.normalizer, self.loss_fn, targeted)
+                    delta = project(ascent_step(delta, grad, self.step_size, self.norm), x_pix, self.eps, self.norm,
+                                    self.clamp)
+                if self.restarts == 1:
+                    return delta.detach()
+                best_delta, best_score = self._keep_strongest(
+                    model, x_pix, delta, target, goal, targeted, best_delta, best_score)
+        return best_delta.detach()
+
+    @torch.no_grad()
+    def _keep_strongest(self, model, x_pix, delta, target, goal, targeted, best_delta, best_score):
+        logits = model(self.normalizer.from_pixel(x_pix + delta))
+        loss = self.loss_fn(logits, goal if targeted else target)
+        success = logits.argmax(1) == goal if targeted else logits.argmax(1) != hard_labels(target)
+        # successful samples rank above failed ones; among equals the stronger loss wins
+        score = success.float() * 1e6 + (-loss if targeted else loss)
+        if best_delta is None:
+            return delta, score
+        better = (score > best_score).view(-1, *([1] * (delta.ndim - 1)))
+        return torch.where(better, delta, best_delta), torch.maximum(score, best_score)
+
+    def __call__(
+            self,
+            model: nn.Module,
+            x: torch.Tensor,
+            target: torch.Tensor,
+            attack_target: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Adversarial version of ``x``, in the same (normalised) space as ``x``, detached."""
+        x_pix = self.normalizer.to_pixel(x.detach())
+        delta = self.perturb(model, x_pix, target, attack_target)
+        return self.normalizer.from_pixel(x_pix + delta).detach()
+
+    def __repr__(self) -> str:
+        return (f'PGDAttack(eps={self.eps:.5g}, steps={self.steps}, step_size={self.step_size:.5g}, '
+                f'norm={self.norm}, random_start={self.random_start}, targeted={self.targeted}, '
+                f'bn_mode={self.bn_mode}, restarts={self.restarts})')

@@ -1,0 +1,114 @@
+"""The base class every adversarial training method derives from.
+
+A method is a ``timm.task.ClassificationTask`` that owns its attack. The training loop only calls
+``task(input, target)``, backpropagates ``result['loss']`` and averages the other scalar entries as
+metrics, so methods plug in without touching the loop. Hooks, all optional:
+
+* :meth:`prepare_model` (classmethod): convert the model before the optimiser, EMA and DDP exist
+  (dual-BN conversion, layer insertion).
+* :meth:`from_args`: build the task and its attack from parsed ``--adv-*`` flags.
+* ``get_task_state`` / ``load_task_state`` (timm): extra state such as a generator and its optimiser,
+  saved in ``task_state`` of every checkpoint and restored on ``--resume``.
+* :meth:`on_epoch_start`: per-epoch bookkeeping.
+* :meth:`export_model`: the plain timm model to evaluate and publish (training-only parts stripped).
+"""
+import argparse
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+from timm.task import ClassificationTask
+
+from timm_adv.attacks import PGDAttack, create_attack, hard_labels, unwrap_ddp
+
+__all__ = ['AdversarialTask', 'top1']
+
+
+def top1(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy in percent; soft targets count their arg-max class."""
+    return (logits.detach().argmax(dim=1) == hard_labels(target)).float().mean() * 100.0
+
+
+class AdversarialTask(ClassificationTask):
+    """Classification task with an attack. Subclasses implement :meth:`forward`.
+
+    Args:
+        model: The model to train (already converted by :meth:`prepare_model`).
+        criterion: Training loss, e.g. timm's ``SoftTargetCrossEntropy`` under mixup.
+        attack: The attack used to make training examples, or None.
+        device: Device for task tensors.
+        verbose: Log the task set-up.
+    """
+
+    method_name: str = ''
+    #: BN behaviour of the training attack when ``--adv-bn-mode`` is not given.
+    default_bn_mode: str = 'train'
+    #: Attack settings used when the matching ``--adv-*`` flag is not given.
+    attack_defaults: Dict[str, Any] = dict(eps=8 / 255, steps=10, norm='linf', random_start=True)
+
+    def __init__(
+            self,
+            model: nn.Module,
+            criterion: Union[nn.Module, Callable],
+            attack: Optional[PGDAttack] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = True,
+    ):
+        super().__init__(model, criterion, device=device, dtype=dtype, verbose=verbose)
+        self.attack = attack
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        """The trained model without its DDP wrapper."""
+        return unwrap_ddp(self.trainable_module)
+
+    @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        """Adds this method's own flags (``--adv-<method>-*``) to the parser."""
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module, args: argparse.Namespace) -> nn.Module:
+        """Converts the model for this method; called before optimiser, EMA and DDP are created."""
+        return model
+
+    @classmethod
+    def attack_from_args(cls, args: argparse.Namespace, mean=None, std=None) -> PGDAttack:
+        """The method's attack from the common ``--adv-*`` flags, filling gaps with its defaults."""
+        d = cls.attack_defaults
+
+        def pick(name):
+            value = getattr(args, f'adv_{name}', None)
+            return d.get(name) if value is None else value
+
+        return create_attack(
+            eps=pick('eps'),
+            steps=pick('steps'),
+            step_size=pick('step_size'),
+            norm=pick('norm'),
+            random_start=pick('random_start'),
+            targeted=pick('targeted'),
+            bn_mode=getattr(args, 'adv_bn_mode', None) or cls.default_bn_mode,
+            mean=mean,
+            std=std,
+        )
+
+    @classmethod
+    def from_args(
+            cls,
+            model: nn.Module,
+            criterion: Union[nn.Module, Callable],
+            args: argparse.Namespace,
+            mean=None,
+            std=None,
+            device: Optional[torch.device] = None,
+    ) -> 'AdversarialTask':
+        """Builds the task from parsed arguments."""
+        return cls(model, criterion, attack=cls.attack_from_args(args, mean, std), device=device)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called by the training loop before each epoch."""
+
+    def export_model(self) -> nn.Module:
+        """The plain model for evaluation and export (training-only parts removed)."""
+        return self.unwrapped_model
