@@ -230,7 +230,7 @@ def test_ddp_attack_does_not_sync_or_touch_grads():
         model = DDP(_model())
         x, y = _batch()
         calls = []
-        hook = model.register_comm_hook(None, lambda _, bucket: calls.append(1) or _fut(bucket.buffer()))
+        model.register_comm_hook(None, lambda _, bucket: calls.append(1) or _fut(bucket.buffer()))
         PGDAttack(8 / 255, steps=2, bn_mode='train')(model, x, y)
         assert calls == [] and all(p.grad is None for p in model.parameters())
         F.cross_entropy(model(x), y).backward()  # a real training step does sync
