@@ -24,7 +24,7 @@ from timm.data import create_loader, resolve_data_config
 from timm.models import create_model
 
 from timm_adv.attacks import NORMS, create_attack, parse_eps
-from timm_adv.data import DEFAULT_DATASET, apply_bundled_defaults, create_dataset
+from timm_adv.data import DEFAULT_DATASET, TransformSubset, apply_bundled_defaults, create_dataset
 from timm_adv.evaluation import (IMAGENET_C_CORRUPTIONS, SEVERITIES, SHIFT_TYPES, evaluate_accuracy, evaluate_autoattack,
                                  evaluate_corruption_folder, evaluate_generated_corruptions, evaluate_shift,
                                  report_to_markdown, save_report)
@@ -181,7 +181,7 @@ def validate(args) -> OrderedDict:
     dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, class_map=args.class_map,
                              download=args.dataset_download)
     if args.num_samples is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(args.num_samples, len(dataset))))
+        dataset = TransformSubset(dataset, range(min(args.num_samples, len(dataset))))
     loader_args = dict(
         input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
@@ -206,7 +206,7 @@ def validate(args) -> OrderedDict:
     if args.attack != 'none':
         attack_loader = loader
         if args.attack_samples is not None and args.attack_samples < len(dataset):
-            subset = torch.utils.data.Subset(dataset, range(args.attack_samples))
+            subset = TransformSubset(dataset, range(args.attack_samples))
             attack_loader = create_loader(subset, **loader_args)
             subset_clean = evaluate_accuracy(model, attack_loader, log_prefix='Clean subset', **eval_kwargs)
             results['attack_subset_top1'] = round(subset_clean['top1'], 4)

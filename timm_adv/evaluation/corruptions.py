@@ -318,6 +318,7 @@ def evaluate_corruption_folder(
         >>> evaluate_corruption_folder(model, '/data/imagenet-c', data_config)['mce']
     """
     from timm.data import create_dataset, create_loader
+    from timm_adv.data import TransformSubset
     from .accuracy import evaluate_accuracy
     _check_severities(severities, '--severities')
     paths = scan_corruption_folder(root, corruptions, severities)
@@ -331,7 +332,7 @@ def evaluate_corruption_folder(
                 [d.name for d in os.scandir(path) if d.is_dir()], label_names, getattr(model, 'num_classes', None))
             dataset = create_dataset('', root=path, class_map=class_map or '')
             if num_samples is not None:
-                dataset = torch.utils.data.Subset(dataset, range(min(num_samples, len(dataset))))
+                dataset = TransformSubset(dataset, range(min(num_samples, len(dataset))))
             loader = create_loader(
                 dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
                 interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],

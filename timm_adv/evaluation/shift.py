@@ -90,6 +90,7 @@ def evaluate_shift(
         >>> evaluate_shift(model, '/data/imagenet-a', 'imagenet-a', data_config)['top1']
     """
     from timm.data import create_dataset, create_loader
+    from timm_adv.data import TransformSubset
     from .accuracy import evaluate_accuracy
     if shift_type not in SHIFT_TYPES:
         raise ValueError(f'--shift-type must be one of {", ".join(SHIFT_TYPES)}, got {shift_type!r}.')
@@ -111,7 +112,7 @@ def evaluate_shift(
         eval_model = eval_model.to(device)
     dataset = create_dataset('', root=root)
     if num_samples is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(num_samples, len(dataset))))
+        dataset = TransformSubset(dataset, range(min(num_samples, len(dataset))))
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],

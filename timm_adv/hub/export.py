@@ -288,7 +288,8 @@ def export_from_task(
                 yaml.safe_dump({k: _plain(v) for k, v in vars(train_args).items()}, f, default_flow_style=False)
         loaded = create_model(f'local-dir:{staging}', pretrained=True)
         diff = compare_outputs(reference, loaded, sample)
-        scale = 1.0 + float(reference(sample.to(next(reference.parameters()).device)).abs().max())
+        with torch.no_grad():
+            scale = 1.0 + float(reference(sample.to(next(reference.parameters()).device)).abs().max())
         if not diff <= atol * scale:
             fix = (f"the method's export_model() ({type(task).__name__}) must return a model whose eval outputs "
                    f"equal the trained model's" if task is not None else

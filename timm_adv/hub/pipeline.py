@@ -36,8 +36,11 @@ REQUIRED_KEYS = ('repo_id', 'status', 'architecture', 'method', 'dataset', 'lice
 _STATUSES = ('trained', 'not-yet-trained')
 
 
-def load_hub_config(path: str) -> Dict:
-    """Reads and checks a hub config; errors name the missing or bad key."""
+def load_hub_config(path: str, check_method: bool = True) -> Dict:
+    """Reads and checks a hub config; errors name the missing or bad key.
+
+    ``check_method=False`` skips the check that the method is registered in this installation.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f'Hub config {path!r} does not exist; see hub_configs/ for examples.')
     with open(path) as f:
@@ -52,8 +55,9 @@ def load_hub_config(path: str) -> Dict:
     import timm
     if not timm.is_model(config['architecture']):
         raise ValueError(f'Hub config {path!r}: architecture {config["architecture"]!r} is unknown to timm.')
-    from timm_adv.tasks import get_method
-    get_method(config['method'])
+    if check_method:
+        from timm_adv.tasks import get_method
+        get_method(config['method'])
     return config
 
 
