@@ -27,7 +27,7 @@ from timm_adv.attacks import NORMS, create_attack, parse_eps
 from timm_adv.data import DEFAULT_DATASET, TransformSubset, apply_bundled_defaults, create_dataset
 from timm_adv.evaluation import (IMAGENET_C_CORRUPTIONS, SEVERITIES, SHIFT_TYPES, evaluate_accuracy, evaluate_autoattack,
                                  evaluate_corruption_folder, evaluate_generated_corruptions, evaluate_shift,
-                                 report_to_markdown, save_report)
+                                 report_to_markdown, save_report, scan_corruption_folder)
 from timm_adv.evaluation.autoattack import AUTOATTACK_VERSIONS
 from timm_adv.utils import load_training_checkpoint
 
@@ -162,8 +162,15 @@ def validate(args) -> OrderedDict:
     if args.data_dir and not os.path.exists(args.data_dir) and not args.dataset_download:
         raise FileNotFoundError(f'--data-dir {args.data_dir!r} does not exist; point it at your dataset, or omit '
                                 f'--data-dir/--dataset to use the bundled dataset {DEFAULT_DATASET}.')
+    if args.corruption_dir:  # bad robustness inputs fail before any evaluation
+        scan_corruption_folder(args.corruption_dir, args.corruptions, args.severities)
+    if args.shift_dir and not os.path.isdir(args.shift_dir):
+        raise FileNotFoundError(f'--shift-dir {args.shift_dir!r} is not a folder; point it at the extracted '
+                                f'{args.shift_type} dataset.')
 
-    model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
+    # a hub or folder model without --checkpoint is only meaningful with its own weights
+    pretrained = args.pretrained or (args.model.startswith(('hf-hub:', 'local-dir:')) and not args.checkpoint)
+    model = create_model(args.model, pretrained=pretrained, num_classes=args.num_classes,
                          in_chans=args.in_chans or 3, global_pool=args.gp, **args.model_kwargs)
     if args.checkpoint:
         model = load_training_checkpoint(model, args.checkpoint, use_ema=args.use_ema)

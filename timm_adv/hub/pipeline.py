@@ -111,7 +111,7 @@ def train_command(config: Mapping, output: str, experiment: str, data_dir: Optio
 
 def validate_command(config: Mapping, model: str, report_dir: str, data_dir: Optional[str] = None) -> List[str]:
     """The validate.py command line evaluating an exported folder as configured."""
-    argv = ['validate.py', '--model', model] + _data_flags(config, data_dir)
+    argv = ['validate.py', '--model', model, '--pretrained'] + _data_flags(config, data_dir)
     argv += _flags(config['evaluation'])
     argv += ['--report-dir', report_dir]
     return argv
