@@ -28,7 +28,8 @@ from timm_adv.data import DEFAULT_DATASET, TransformSubset, apply_bundled_defaul
 from timm_adv.evaluation import (IMAGENET_C_CORRUPTIONS, SEVERITIES, SHIFT_TYPES, evaluate_accuracy, evaluate_autoattack,
                                  evaluate_corruption_folder, evaluate_generated_corruptions, evaluate_shift,
                                  report_to_markdown, save_report, scan_corruption_folder)
-from timm_adv.evaluation.autoattack import AUTOATTACK_VERSIONS
+from timm_adv.evaluation.autoattack import AUTOATTACK_VERSIONS, import_autoattack
+from timm_adv.evaluation.corruptions import import_imagecorruptions
 from timm_adv.utils import load_training_checkpoint
 
 _logger = logging.getLogger('validate')
@@ -162,7 +163,12 @@ def validate(args) -> OrderedDict:
     if args.data_dir and not os.path.exists(args.data_dir) and not args.dataset_download:
         raise FileNotFoundError(f'--data-dir {args.data_dir!r} does not exist; point it at your dataset, or omit '
                                 f'--data-dir/--dataset to use the bundled dataset {DEFAULT_DATASET}.')
-    if args.corruption_dir:  # bad robustness inputs fail before any evaluation
+    # bad robustness inputs and missing optional packages fail before any evaluation
+    if args.autoattack != 'none':
+        import_autoattack()
+    if args.corruptions_generated:
+        import_imagecorruptions()
+    if args.corruption_dir:
         scan_corruption_folder(args.corruption_dir, args.corruptions, args.severities)
     if args.shift_dir and not os.path.isdir(args.shift_dir):
         raise FileNotFoundError(f'--shift-dir {args.shift_dir!r} is not a folder; point it at the extracted '

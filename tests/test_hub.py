@@ -409,6 +409,10 @@ def test_autoattack_bad_input(monkeypatch):
     monkeypatch.setitem(sys.modules, 'pyautoattack', None)
     with pytest.raises(ImportError, match=r"pip install 'timm-adv\[eval\]'"):
         evaluate_autoattack(model, [], eps=0.1, mean=(0.5,), std=(0.5,))
+    import validate
+    with pytest.raises(SystemExit) as exit_info:  # before any evaluation work
+        validate.main(['--model', 'test_resnet', '--num-samples', '4', '--workers', '0', '--autoattack', 'standard'])
+    assert exit_info.value.code == 2
 
 
 # ---------------------------------------------------------------- distribution shift and reports
