@@ -223,6 +223,7 @@ def validate(args) -> OrderedDict:
             attack_loader = create_loader(subset, **loader_args)
             subset_clean = evaluate_accuracy(model, attack_loader, log_prefix='Clean subset', **eval_kwargs)
             results['attack_subset_top1'] = round(subset_clean['top1'], 4)
+            report['attack_subset_clean'] = dict(top1=subset_clean['top1'], samples=subset_clean['samples'])
         results['attack_samples'] = len(attack_loader.dataset)
         results['attack'] = args.attack
         results['norm'] = args.norm

@@ -3,7 +3,7 @@
 Report layout (every key optional)::
 
     {'model': str, 'dataset': str,
-     'clean': {'top1', 'top5', 'samples'},
+     'clean': {'top1', 'top5', 'samples'}, 'attack_subset_clean': {'top1', 'samples'},
      'pgd': [{'attack', 'eps', 'norm', 'steps', 'step_size', 'restarts', 'samples', 'top1'}, ...],
      'autoattack': {'version', 'attacks', 'norm', 'eps', 'samples', 'clean_top1', 'robust_top1', ...},
      'corruptions': {'source': 'folder' | 'generated', 'top1': {c: {s: acc}}, 'mean_top1', 'mce', ...},
@@ -21,7 +21,9 @@ _logger = logging.getLogger(__name__)
 
 
 def format_eps(eps: float) -> str:
-    """``0.0156862`` -> ``'4/255'`` when it is a whole multiple of 1/255, else ``'0.1'``."""
+    """``0.2`` -> ``'0.2'``; ``0.0156862...`` -> ``'4/255'`` (a whole multiple of 1/255 without a short decimal)."""
+    if round(eps, 4) == eps:
+        return f'{eps:g}'
     k = eps * 255
     if abs(k - round(k)) < 1e-6 and round(k) > 0:
         return f'{round(k)}/255'
@@ -34,6 +36,9 @@ def report_rows(report: Dict) -> List[Dict[str, str]]:
     if 'clean' in report:
         c = report['clean']
         rows.append(dict(evaluation='Clean', setting='-', samples=c['samples'], top1=c['top1']))
+    subset = report.get('attack_subset_clean')
+    if subset:
+        rows.append(dict(evaluation='Clean (attack subset)', setting='-', samples=subset['samples'], top1=subset['top1']))
     for p in report.get('pgd', []):
         name = 'FGSM' if p.get('steps') == 1 and p.get('attack') == 'fgsm' else f'PGD-{p["steps"]}'
         setting = f'{p["norm"]} eps={format_eps(p["eps"])}'
@@ -107,6 +112,9 @@ def _pyplot():
 def plot_accuracy_vs_eps(report: Dict, path: str) -> Optional[str]:
     """Top-1 against eps for each PGD/FGSM setting (eps 0 is the clean accuracy). None if < 2 eps."""
     groups: Dict[str, list] = {}
+    subset = report.get('attack_subset_clean')
+    if subset:
+        rows.append(dict(evaluation='Clean (attack subset)', setting='-', samples=subset['samples'], top1=subset['top1']))
     for p in report.get('pgd', []):
         key = f'{"FGSM" if p.get("attack") == "fgsm" else "PGD-" + str(p["steps"])} ({p["norm"]})'
         groups.setdefault(key, []).append((p['eps'], p['top1']))
