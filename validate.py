@@ -24,8 +24,12 @@ from timm.data import create_loader, resolve_data_config
 from timm.models import create_model
 
 from timm_adv.attacks import NORMS, create_attack, parse_eps
-from timm_adv.data import DEFAULT_DATASET, apply_bundled_defaults, create_dataset
-from timm_adv.evaluation import evaluate_accuracy
+from timm_adv.data import DEFAULT_DATASET, TransformSubset, apply_bundled_defaults, create_dataset
+from timm_adv.evaluation import (IMAGENET_C_CORRUPTIONS, SEVERITIES, SHIFT_TYPES, evaluate_accuracy, evaluate_autoattack,
+                                 evaluate_corruption_folder, evaluate_generated_corruptions, evaluate_shift,
+                                 report_to_markdown, save_report, scan_corruption_folder)
+from timm_adv.evaluation.autoattack import AUTOATTACK_VERSIONS, import_autoattack
+from timm_adv.evaluation.corruptions import import_imagecorruptions
 from timm_adv.utils import load_training_checkpoint
 
 _logger = logging.getLogger('validate')
@@ -81,6 +85,35 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--restarts', type=int, default=1, metavar='R', help='PGD random restarts (default: 1)')
     group.add_argument('--attack-samples', type=int, default=None, metavar='N',
                        help='attack only the first N samples of the split (default: all)')
+
+    group = parser.add_argument_group('Robustness evaluation (timm_adv.evaluation)')
+    group.add_argument('--autoattack', choices=('none',) + AUTOATTACK_VERSIONS, default='none',
+                       help='official AutoAttack (pyautoattack): standard, rand, plus, or custom with --aa-attacks')
+    group.add_argument('--aa-attacks', nargs='+', default=None, metavar='NAME',
+                       help='attacks of --autoattack custom, e.g. apgd-ce apgd-t')
+    group.add_argument('--aa-eps', default=None, metavar='EPS', help='AutoAttack radius (default: the first --eps)')
+    group.add_argument('--aa-norm', choices=('linf', 'l2', 'l1'), default=None, help='AutoAttack norm (default: --norm)')
+    group.add_argument('--aa-samples', type=int, default=1000, metavar='N',
+                       help='AutoAttack on the first N samples of the split (default: 1000)')
+    group.add_argument('--aa-batch-size', type=int, default=250, metavar='N', help='AutoAttack batch size (default: 250)')
+    group.add_argument('--aa-iters', type=int, default=None, metavar='K',
+                       help='APGD/FAB iterations, --autoattack custom only (quick checks; presets keep 100)')
+    group.add_argument('--corruption-dir', default=None, metavar='DIR',
+                       help='ImageNet-C style folder <corruption>/<severity>/<class>/<image>: top-1 and mCE')
+    group.add_argument('--corruptions-generated', action='store_true',
+                       help='generate corruptions on the fly with imagecorruptions on the evaluated split')
+    group.add_argument('--corruptions', nargs='+', default=list(IMAGENET_C_CORRUPTIONS), metavar='NAME',
+                       help='corruptions to evaluate (default: the 15 ImageNet-C ones)')
+    group.add_argument('--severities', nargs='+', type=int, default=list(SEVERITIES), metavar='S',
+                       help='severities to evaluate (default: 1 2 3 4 5)')
+    group.add_argument('--corruption-samples', type=int, default=None, metavar='N',
+                       help='images per corruption and severity (default: all)')
+    group.add_argument('--shift-dir', default=None, metavar='DIR', help='distribution-shift folder <class>/<image>')
+    group.add_argument('--shift-type', choices=tuple(SHIFT_TYPES), default=None,
+                       help='dataset in --shift-dir (imagenet-a/-r use their 200-class logit subsets)')
+    group.add_argument('--report-dir', default=None, metavar='DIR',
+                       help='write robustness.json, robustness.md and PNG plots (accuracy vs eps / severity) here')
+    group.add_argument('--no-plots', action='store_true', help='with --report-dir: skip the PNG plots')
     return parser
 
 
@@ -99,6 +132,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f'--restarts must be >= 1, got {args.restarts}.')
     if args.attack_samples is not None and args.attack_samples < 1:
         parser.error(f'--attack-samples must be >= 1, got {args.attack_samples}.')
+    if args.aa_samples < 1:
+        parser.error(f'--aa-samples must be >= 1, got {args.aa_samples}.')
+    try:
+        args.aa_eps = parse_eps(args.aa_eps, '--aa-eps') if args.aa_eps is not None else args.eps[0]
+    except ValueError as e:
+        parser.error(str(e))
+    if bool(args.shift_dir) != bool(args.shift_type):
+        parser.error('--shift-dir and --shift-type go together, e.g. --shift-dir /data/imagenet-a --shift-type imagenet-a.')
+    if args.corruption_dir and args.corruptions_generated:
+        parser.error('--corruption-dir and --corruptions-generated are exclusive; pick the released folder or regeneration.')
     if args.results_format not in ('csv', 'json'):
         parser.error(f'--results-format must be csv or json, got {args.results_format!r}.')
     return args
@@ -120,8 +163,20 @@ def validate(args) -> OrderedDict:
     if args.data_dir and not os.path.exists(args.data_dir) and not args.dataset_download:
         raise FileNotFoundError(f'--data-dir {args.data_dir!r} does not exist; point it at your dataset, or omit '
                                 f'--data-dir/--dataset to use the bundled dataset {DEFAULT_DATASET}.')
+    # bad robustness inputs and missing optional packages fail before any evaluation
+    if args.autoattack != 'none':
+        import_autoattack()
+    if args.corruptions_generated:
+        import_imagecorruptions()
+    if args.corruption_dir:
+        scan_corruption_folder(args.corruption_dir, args.corruptions, args.severities)
+    if args.shift_dir and not os.path.isdir(args.shift_dir):
+        raise FileNotFoundError(f'--shift-dir {args.shift_dir!r} is not a folder; point it at the extracted '
+                                f'{args.shift_type} dataset.')
 
-    model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes,
+    # a hub or folder model without --checkpoint is only meaningful with its own weights
+    pretrained = args.pretrained or (args.model.startswith(('hf-hub:', 'local-dir:')) and not args.checkpoint)
+    model = create_model(args.model, pretrained=pretrained, num_classes=args.num_classes,
                          in_chans=args.in_chans or 3, global_pool=args.gp, **args.model_kwargs)
     if args.checkpoint:
         model = load_training_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
@@ -139,7 +194,7 @@ def validate(args) -> OrderedDict:
     dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, class_map=args.class_map,
                              download=args.dataset_download)
     if args.num_samples is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(args.num_samples, len(dataset))))
+        dataset = TransformSubset(dataset, range(min(args.num_samples, len(dataset))))
     loader_args = dict(
         input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
@@ -159,13 +214,16 @@ def validate(args) -> OrderedDict:
         img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
         interpolation=data_config['interpolation'],
     )
+    report = OrderedDict(model=args.model, dataset=args.dataset or args.data_dir, split=args.split,
+                         clean=dict(top1=clean['top1'], top5=clean['top5'], samples=clean['samples']))
     if args.attack != 'none':
         attack_loader = loader
         if args.attack_samples is not None and args.attack_samples < len(dataset):
-            subset = torch.utils.data.Subset(dataset, range(args.attack_samples))
+            subset = TransformSubset(dataset, range(args.attack_samples))
             attack_loader = create_loader(subset, **loader_args)
             subset_clean = evaluate_accuracy(model, attack_loader, log_prefix='Clean subset', **eval_kwargs)
             results['attack_subset_top1'] = round(subset_clean['top1'], 4)
+            report['attack_subset_clean'] = dict(top1=subset_clean['top1'], samples=subset_clean['samples'])
         results['attack_samples'] = len(attack_loader.dataset)
         results['attack'] = args.attack
         results['norm'] = args.norm
@@ -184,8 +242,52 @@ def validate(args) -> OrderedDict:
             adv = evaluate_accuracy(model, attack_loader, attack=attack, log_prefix=f'Attack eps={eps:.4g}',
                                     **eval_kwargs)
             results[_attack_key(args, eps)] = round(adv['top1'], 4)
+            report.setdefault('pgd', []).append(dict(
+                attack=args.attack, eps=eps, norm=args.norm, steps=attack.steps, step_size=attack.step_size,
+                restarts=attack.restarts, samples=adv['samples'], top1=adv['top1']))
         results['eps'] = ' '.join(f'{e:.6g}' for e in args.eps)
+    _evaluate_robustness(args, model, data_config, loader, device, results, report)
+    if args.report_dir:
+        save_report(report, args.report_dir, plots=not args.no_plots)
+    results['report'] = report
     return results
+
+
+def _evaluate_robustness(args, model, data_config, loader, device, results, report) -> None:
+    """AutoAttack, corruptions and distribution shift, as requested; fills the flat results and the report."""
+    if args.autoattack != 'none':
+        aa = evaluate_autoattack(
+            model, loader, eps=args.aa_eps, mean=data_config['mean'], std=data_config['std'],
+            norm=args.aa_norm or args.norm, version=args.autoattack, attacks=args.aa_attacks,
+            num_samples=args.aa_samples, batch_size=args.aa_batch_size, device=device, seed=args.seed,
+            n_iter=args.aa_iters)
+        report['autoattack'] = aa
+        results['aa_top1'] = round(aa['robust_top1'], 4)
+        results['aa_clean_top1'] = round(aa['clean_top1'], 4)
+        results['aa_samples'] = aa['samples']
+    corruption_kwargs = dict(corruptions=args.corruptions, severities=args.severities,
+                             num_samples=args.corruption_samples, batch_size=args.batch_size, workers=args.workers,
+                             device=device)
+    if args.corruption_dir:
+        corr = evaluate_corruption_folder(model, args.corruption_dir, data_config,
+                                          label_names=model.pretrained_cfg.get('label_names'), **corruption_kwargs)
+    elif args.corruptions_generated:
+        raw = create_dataset(args.dataset, root=args.data_dir, split=args.split, class_map=args.class_map,
+                             download=args.dataset_download)
+        corr = evaluate_generated_corruptions(model, raw, data_config, seed=args.seed, **corruption_kwargs)
+    else:
+        corr = None
+    if corr is not None:
+        report['corruptions'] = corr
+        prefix = 'c' if corr['source'] == 'folder' else 'cgen'
+        results[f'{prefix}_mean_top1'] = round(corr['mean_top1'], 4)
+        if 'mce' in corr:
+            results[f'{prefix}_mce'] = round(corr['mce'], 4)
+    if args.shift_dir:
+        shift = evaluate_shift(model, args.shift_dir, args.shift_type, data_config, batch_size=args.batch_size,
+                               workers=args.workers, device=device)
+        report.setdefault('shift', {})[args.shift_type] = shift
+        results[f'{args.shift_type}_top1'] = round(shift['top1'], 4)
 
 
 def format_table(results: dict) -> str:
@@ -212,10 +314,13 @@ def main(argv=None) -> OrderedDict:
     args = parse_args(argv)
     try:
         results = validate(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f'validate.py: error: {e}', file=sys.stderr)
         sys.exit(2)
+    report = results.pop('report')
     print(format_table(results))
+    if len(report) > 4:
+        print(report_to_markdown(report))
     print(f'--result\n{json.dumps(results, indent=4)}')
     if args.results_file:
         write_results(args.results_file, results, format=args.results_format)

@@ -1,1 +1,7 @@
 from .accuracy import evaluate_accuracy
+from .autoattack import PixelSpaceModel, collect_samples, evaluate_autoattack
+from .corruptions import (ALEXNET_ERRORS, IMAGENET_C_CORRUPTIONS, SEVERITIES, CorruptedDataset, CorruptionFolderError,
+                          compute_mce, evaluate_corruption_folder, evaluate_generated_corruptions,
+                          scan_corruption_folder)
+from .report import report_to_markdown, save_plots, save_report
+from .shift import IMAGENET_A_INDICES, IMAGENET_R_INDICES, SHIFT_TYPES, LogitSubset, evaluate_shift

@@ -1,0 +1,202 @@
+"""Official AutoAttack (Croce & Hein, ICML 2020) through the ``pyautoattack`` package.
+
+``pyautoattack`` on PyPI is the fra31/auto-attack code (import name ``pyautoattack``). Its
+'standard' version runs APGD-CE, APGD-T, FAB-T and Square with 100 iterations / 5,000 queries;
+weaker re-implementations (e.g. torchattacks' 10-step version) must not be reported as AutoAttack.
+AutoAttack works on images in [0, 1], so the model is wrapped with its normalisation inside.
+"""
+import logging
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ['PixelSpaceModel', 'AUTOATTACK_VERSIONS', 'AUTOATTACK_ATTACKS', 'collect_samples', 'evaluate_autoattack',
+           'import_autoattack']
+
+_logger = logging.getLogger(__name__)
+
+AUTOATTACK_VERSIONS = ('standard', 'rand', 'plus', 'custom')
+AUTOATTACK_ATTACKS = ('apgd-ce', 'apgd-dlr', 'apgd-t', 'fab', 'fab-t', 'square')
+_NORMS = {'linf': 'Linf', 'l2': 'L2', 'l1': 'L1'}
+INSTALL_HINT = "pip install 'timm-adv[eval]' (or: pip install pyautoattack)"
+
+
+def import_autoattack():
+    """The ``AutoAttack`` class of the official code; a clear error names the install otherwise."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError:
+        raise ImportError(f'AutoAttack needs the official fra31 code, packaged as pyautoattack: {INSTALL_HINT}.') from None
+    return AutoAttack
+
+
+class PixelSpaceModel(nn.Module):
+    """Wraps a model that takes normalised input so that it takes images in [0, 1].
+
+    Args:
+        model: Model expecting ``(x - mean) / std``.
+        mean: Per-channel mean.
+        std: Per-channel standard deviation.
+
+    Example:
+        >>> pixel_model = PixelSpaceModel(model, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        >>> logits = pixel_model(images_in_0_1)
+    """
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised input back to [0, 1] pixels."""
+        return (x * self.std + self.mean).clamp(0, 1)
+
+
+def collect_samples(loader, num_samples: int, device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first ``num_samples`` (input, target) pairs of a loader, concatenated (a fixed subset)."""
+    inputs, targets, count = [], [], 0
+    for input, target in loader:
+        take = min(num_samples - count, input.shape[0])
+        inputs.append(input[:take].to(device) if device is not None else input[:take])
+        targets.append(target[:take].to(device) if device is not None else target[:take])
+        count += take
+        if count >= num_samples:
+            break
+    if not inputs:
+        raise ValueError('The evaluation loader is empty; check --data-dir / --split.')
+    return torch.cat(inputs), torch.cat(targets)
+
+
+def evaluate_autoattack(
+        model: nn.Module,
+        loader,
+        eps: float,
+        mean: Sequence[float],
+        std: Sequence[float],
+        norm: str = 'linf',
+        version: str = 'standard',
+        attacks: Optional[List[str]] = None,
+        num_samples: int = 1000,
+        batch_size: int = 250,
+        device: Optional[torch.device] = None,
+        seed: int = 0,
+        n_iter: Optional[int] = None,
+) -> Dict:
+    """Robust accuracy under official AutoAttack on a fixed subset (the first N samples of the loader).
+
+    Args:
+        model: Model taking normalised input (as the loader yields it); evaluated in eval mode.
+        loader: Yields normalised ``(input, target)`` batches in a fixed order.
+        eps: Radius in pixel units [0, 1], e.g. 8/255.
+        mean: Normalisation mean of the loader.
+        std: Normalisation std of the loader.
+        norm: ``linf``, ``l2`` or ``l1``.
+        version: ``standard`` (APGD-CE, APGD-T, FAB-T, Square), ``rand`` (for randomised defences),
+            ``plus``, or ``custom`` with ``attacks``.
+        attacks: Attack subset for ``version='custom'``, e.g. ``['apgd-ce', 'apgd-t']``.
+        num_samples: Size of the fixed subset.
+        batch_size: AutoAttack batch size.
+        device: Device of the model.
+        seed: AutoAttack seed.
+        n_iter: Iterations of APGD/FAB for ``custom`` runs only (quick checks); the presets keep the
+            official 100.
+
+    Returns:
+        Dict with the settings, ``clean_top1`` and ``robust_top1`` on the subset (percent), the
+        robust accuracy after each attack (``per_attack``) and the package version.
+
+    Example:
+        >>> evaluate_autoattack(model, loader, eps=8 / 255, mean=mean, std=std, num_samples=1000)
+        {'version': 'standard', 'robust_top1': 48.5, ...}
+    """
+    if version not in AUTOATTACK_VERSIONS:
+        raise ValueError(f'--autoattack must be one of {", ".join(AUTOATTACK_VERSIONS)}, got {version!r}.')
+    if norm not in _NORMS:
+        raise ValueError(f'AutoAttack norm must be one of {", ".join(_NORMS)}, got {norm!r}.')
+    if version == 'custom':
+        if not attacks:
+            raise ValueError("--autoattack custom needs --aa-attacks, e.g. --aa-attacks apgd-ce apgd-t.")
+        unknown = [a for a in attacks if a not in AUTOATTACK_ATTACKS]
+        if unknown:
+            raise ValueError(f'--aa-attacks: unknown attack(s) {unknown}; choose from {", ".join(AUTOATTACK_ATTACKS)}.')
+    elif attacks:
+        raise ValueError(f"--aa-attacks only applies to --autoattack custom (the {version!r} preset fixes its attacks).")
+    if n_iter is not None and version != 'custom':
+        raise ValueError(f"The official {version!r} preset fixes 100 iterations; a reduced n_iter needs version='custom'.")
+    if num_samples < 1:
+        raise ValueError(f'--aa-samples must be >= 1, got {num_samples}.')
+    AutoAttack = import_autoattack()
+    import pyautoattack
+
+    model.eval()
+    pixel_model = PixelSpaceModel(model, mean, std).to(device if device is not None else 'cpu').eval()
+    x, y = collect_samples(loader, num_samples, device)
+    x = pixel_model.to_pixels(x.float())
+    aa_device = device if device is not None else x.device
+    kwargs = dict(eps=float(eps), norm=_NORMS[norm], version=version, seed=seed, device=aa_device)
+    if version == 'custom':
+        kwargs['attacks'] = list(attacks)
+    adversary = AutoAttack(pixel_model, **kwargs)
+    if n_iter is not None:
+        adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = n_iter
+    _logger.info(f'AutoAttack {version} ({", ".join(adversary.attacks_to_run)}), {norm} eps={eps:.4g}, '
+                 f'{x.shape[0]} samples, pyautoattack {pyautoattack.__version__}')
+    start = time.time()
+    per_attack = _run_logged(adversary, x, y, batch_size)
+    clean_top1 = 100.0 * per_attack.pop('clean')
+    robust_top1 = 100.0 * per_attack.pop('final')
+    _logger.info(f'AutoAttack done in {time.time() - start:.1f}s: clean {clean_top1:.2f}%, robust {robust_top1:.2f}%')
+    return dict(
+        version=version, attacks=list(adversary.attacks_to_run), norm=norm, eps=float(eps), samples=int(x.shape[0]),
+        seed=seed, n_iter=n_iter if n_iter is not None else 100, clean_top1=clean_top1, robust_top1=robust_top1,
+        per_attack={k: 100.0 * float(v) for k, v in per_attack.items()},
+        package=f'pyautoattack {pyautoattack.__version__}',
+    )
+
+
+class _AccuracyRecorder(logging.Handler):
+    """Reads the per-attack robust accuracies that AutoAttack reports through its logger."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.accuracy: Dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        _logger.info(f'[autoattack] {message}')
+        if message.startswith('initial accuracy: '):
+            self.accuracy['clean'] = float(message.split(': ')[1].rstrip('%')) / 100
+        elif message.startswith('robust accuracy after '):
+            name = message[len('robust accuracy after '):].split(':')[0].lower()
+            self.accuracy[name] = float(message.split(': ')[1].split('%')[0]) / 100
+
+
+def _run_logged(adversary, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Dict[str, float]:
+    """Runs the evaluation, relaying AutoAttack's progress lines and collecting its accuracies."""
+    aa_logger = adversary.logger
+    recorder = _AccuracyRecorder()
+    old_level, old_propagate = aa_logger.level, aa_logger.propagate
+    aa_logger.addHandler(recorder)
+    aa_logger.setLevel(logging.DEBUG)
+    aa_logger.propagate = False
+    try:
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    finally:
+        aa_logger.removeHandler(recorder)
+        aa_logger.setLevel(old_level)
+        aa_logger.propagate = old_propagate
+    with torch.no_grad():
+        final = float((adversary.get_logits(x_adv).argmax(1) == y).float().mean())
+    accuracy = recorder.accuracy
+    if 'clean' not in accuracy:
+        with torch.no_grad():
+            accuracy['clean'] = float((adversary.get_logits(x).argmax(1) == y).float().mean())
+    accuracy['final'] = final
+    return accuracy

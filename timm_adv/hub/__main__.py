@@ -1,0 +1,114 @@
+"""Command line: ``python -m timm_adv.hub {export,publish,cache,compare,pipeline} ...``.
+
+    python -m timm_adv.hub export output/train/run/last.pth.tar --out hub/run --repo-id me/resnet10t.pgd_mnist
+    python -m timm_adv.hub publish hub/run --repo-id me/resnet10t.pgd_mnist --dry-run
+    python -m timm_adv.hub cache hub/run --repo-id me/resnet10t.pgd_mnist --cache-dir /tmp/hf/hub
+    python -m timm_adv.hub compare hf-hub:me/resnet10t.pgd_mnist local-dir:hub/run
+    python -m timm_adv.hub pipeline hub_configs/resnet10t_pgd_mnist.yaml --out /tmp/hub-demo
+"""
+import argparse
+import json
+import logging
+import sys
+
+from timm import utils
+
+_logger = logging.getLogger('timm_adv.hub')
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='python -m timm_adv.hub', description=__doc__.split('\n')[0])
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('export', help='training checkpoint -> verified plain-timm Hub folder with model card')
+    p.add_argument('checkpoint', help='timm-adv training checkpoint (last.pth.tar, model_best.pth.tar, ...)')
+    p.add_argument('--out', required=True, help='folder to write')
+    p.add_argument('--repo-id', default=None, help='org/name shown in the model card (default: timm-adv/<run name>)')
+    p.add_argument('--use-ema', action='store_true', help='export the EMA weights')
+    p.add_argument('--license', default='apache-2.0', help='licence identifier (default: apache-2.0)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --out folder')
+
+    p = sub.add_parser('publish', help='upload an export folder to the Hub (needs a token) or check it (--dry-run)')
+    p.add_argument('folder')
+    p.add_argument('--repo-id', required=True, help='org/name')
+    p.add_argument('--private', action='store_true', help='create the repo private')
+    p.add_argument('--revision', default=None, help='branch to upload to (default: main)')
+    p.add_argument('--commit-message', default='Upload timm-adv robust model')
+    p.add_argument('--token', default=None, help='Hub token (default: HF_TOKEN or the saved login)')
+    p.add_argument('--dry-run', action='store_true', help='only check the folder and list what would be uploaded')
+
+    p = sub.add_parser('cache', help='place an export folder in a Hub cache for offline hf-hub: loading')
+    p.add_argument('folder')
+    p.add_argument('--repo-id', required=True, help='org/name to load it as')
+    p.add_argument('--cache-dir', default=None, help='Hub cache root (default: $HF_HUB_CACHE or $HF_HOME/hub)')
+    p.add_argument('--revision', default='main')
+
+    p = sub.add_parser('compare', help='max |output difference| of two models on a fixed sample batch')
+    p.add_argument('model_a', help='e.g. hf-hub:org/name')
+    p.add_argument('model_b', help='e.g. local-dir:/path')
+    p.add_argument('--tolerance', type=float, default=1e-5, help='fail above this difference (default: 1e-5)')
+
+    p = sub.add_parser('pipeline', help='hub config -> train -> export -> evaluate -> model card')
+    p.add_argument('config', help='hub_configs/*.yaml')
+    p.add_argument('--out', required=True, help='working folder')
+    p.add_argument('--data-dir', default=None, help='dataset location (overrides the config)')
+    p.add_argument('--checkpoint', default=None, help='skip training: export and evaluate this checkpoint')
+    p.add_argument('--publish', action='store_true', help='upload at the end (with --dry-run: only check)')
+    p.add_argument('--dry-run', action='store_true', help='with --publish: build and check, do not upload')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing export folder')
+    return parser
+
+
+def _export(args) -> dict:
+    import os
+    from .export import export_checkpoint
+    from .model_card import write_model_card
+    exported, train_args = export_checkpoint(args.checkpoint, args.out, use_ema=args.use_ema, license=args.license,
+                                             overwrite=args.overwrite)
+    run_name = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) or train_args.model
+    repo_id = args.repo_id or f'timm-adv/{run_name}'
+    card = write_model_card(args.out, repo_id)
+    return dict(folder=args.out, architecture=exported.architecture, max_abs_diff=exported.max_abs_diff,
+                model_card=card)
+
+
+def _compare(args) -> dict:
+    import timm
+    from timm.data import resolve_data_config
+    from .export import compare_outputs, sample_batch
+    a = timm.create_model(args.model_a, pretrained=True)
+    b = timm.create_model(args.model_b, pretrained=True)
+    sample = sample_batch(resolve_data_config({}, model=a))
+    diff = compare_outputs(a, b, sample)
+    if not diff <= args.tolerance:
+        raise ValueError(f'{args.model_a} and {args.model_b} differ: max |output diff| {diff:.3g} > {args.tolerance}.')
+    return dict(max_abs_diff=diff, samples=int(sample.shape[0]), identical=diff == 0.0)
+
+
+def main(argv=None) -> dict:
+    utils.setup_default_logging()
+    args = _parser().parse_args(argv)
+    from . import cache, pipeline, publish
+    try:
+        if args.command == 'export':
+            result = _export(args)
+        elif args.command == 'publish':
+            result = publish.publish_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                                            commit_message=args.commit_message, token=args.token, dry_run=args.dry_run)
+        elif args.command == 'cache':
+            result = dict(snapshot=cache.populate_hf_cache(args.folder, args.repo_id, args.cache_dir, args.revision))
+        elif args.command == 'compare':
+            result = _compare(args)
+        else:
+            result = pipeline.run_pipeline(args.config, args.out, data_dir=args.data_dir, checkpoint=args.checkpoint,
+                                           publish=args.publish, dry_run=args.dry_run, overwrite=args.overwrite)
+            result = {k: v for k, v in result.items() if k != 'report'}
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+        print(f'python -m timm_adv.hub {args.command}: error: {e}', file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result, indent=2, default=str))
+    return result
+
+
+if __name__ == '__main__':
+    main()

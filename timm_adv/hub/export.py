@@ -1,0 +1,353 @@
+"""Export a trained model to a plain timm architecture and a Hugging Face Hub folder.
+
+The method's own ``task.export_model()`` hook strips training-only parts (auxiliary BNs, AdvBN
+layers, generators, wrappers), so new methods plug in by overriding it. The written folder is then
+loaded back exactly as users will load it (``timm.create_model('local-dir:...', pretrained=True)``)
+and its outputs are compared with the trained model on a sample batch: an export that changes
+them is refused.
+"""
+import argparse
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+import yaml
+from timm.data import resolve_data_config
+from timm.models import create_model, save_for_hf
+
+from timm_adv.utils import check_state_dict_matches, checkpoint_state_dict, read_checkpoint
+
+__all__ = ['ExportError', 'ExportedModel', 'task_from_checkpoint', 'export_from_task', 'export_checkpoint',
+           'sample_batch', 'compare_outputs', 'label_names_for', 'METADATA_KEY']
+
+_logger = logging.getLogger(__name__)
+
+#: Top-level config.json key holding training metadata; timm's loader ignores unknown top-level keys.
+METADATA_KEY = 'timm_adv'
+_ATOL = 1e-5
+_CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+
+
+class ExportError(ValueError):
+    """A model that cannot be exported as a plain timm model (unreadable checkpoints raise CheckpointError)."""
+
+
+class ExportedModel:
+    """What :func:`export_from_task` returns: the plain model, its folder and the check it passed."""
+
+    def __init__(self, model: nn.Module, folder: str, architecture: str, data_config: Dict, max_abs_diff: float):
+        self.model = model
+        self.folder = folder
+        self.architecture = architecture
+        self.data_config = data_config
+        self.max_abs_diff = max_abs_diff
+
+
+def _train_args_with_defaults(train_args: Any) -> argparse.Namespace:
+    """Training args from a checkpoint, with flags added to timm-adv since then at their defaults."""
+    from timm_adv.tasks import add_adv_args
+    parser = argparse.ArgumentParser(add_help=False)
+    add_adv_args(parser)
+    args = parser.parse_args([])
+    source = vars(train_args) if isinstance(train_args, argparse.Namespace) else dict(train_args)
+    for key, value in source.items():
+        setattr(args, key, value)
+    return args
+
+
+def task_from_checkpoint(path: str, use_ema: bool = False, device: str = 'cpu', flag: str = '--checkpoint'):
+    """Rebuilds the training task of a timm-adv checkpoint (as train.py built it) with its weights.
+
+    Args:
+        path: A timm-adv training checkpoint (``last.pth.tar``, ``model_best.pth.tar``...).
+        use_ema: Load the EMA weights.
+        device: Device for the task.
+        flag: Command-line flag named in errors.
+
+    Returns:
+        ``(task, train_args, data_config)``.
+
+    Raises:
+        ExportError: No training args, unknown architecture, or unknown method.
+        CheckpointError: Unreadable checkpoint, or weights that do not fit.
+
+    Example:
+        >>> task, train_args, data_config = task_from_checkpoint('output/train/run/last.pth.tar')
+        >>> plain = task.export_model()
+    """
+    from timm_adv.data import apply_bundled_defaults
+    from timm_adv.tasks import get_method
+    checkpoint = read_checkpoint(path, flag)
+    if not isinstance(checkpoint, Mapping) or checkpoint.get('args') is None:
+        raise ExportError(f'{flag} {path!r} holds no training arguments (it was not written by timm-adv train.py); '
+                          f'export a live model with timm_adv.hub.export_from_task(model, ...) instead.')
+    args = _train_args_with_defaults(checkpoint['args'])
+    if not timm.is_model(args.model):
+        raise ExportError(f'{flag} {path!r}: architecture {args.model!r} is unknown to timm {timm.__version__}; '
+                          f'install the timm version that trained it (pip install -U timm) or register the model '
+                          f'before exporting.')
+    try:
+        method = get_method(args.adv_method)
+    except ValueError as e:
+        raise ExportError(f'{flag} {path!r}: {e} Install the timm-adv version that trained it.') from None
+    if not getattr(args, 'dataset', None) and not getattr(args, 'data_dir', None):
+        from timm_adv.data import DEFAULT_DATASET
+        args.dataset = DEFAULT_DATASET
+    apply_bundled_defaults(args)
+    model_kwargs = dict(getattr(args, 'model_kwargs', None) or {})
+    model = create_model(args.model, num_classes=args.num_classes, in_chans=getattr(args, 'in_chans', None) or 3,
+                         global_pool=getattr(args, 'gp', None), bn_eps=getattr(args, 'bn_eps', None), **model_kwargs)
+    data_config = resolve_data_config(vars(args), model=model)
+    model = method.prepare_model(model, args)
+    state_dict = checkpoint_state_dict(checkpoint, ema=use_ema)
+    check_state_dict_matches(state_dict, model, flag, arch=args.model)
+    model.load_state_dict(state_dict)
+    task = method.from_args(model, nn.CrossEntropyLoss(), args, mean=data_config['mean'], std=data_config['std'],
+                            device=torch.device(device))
+    if checkpoint.get('task_state') and hasattr(task, 'load_task_state'):
+        task.load_task_state(checkpoint['task_state'], strict=False)
+    return task, args, data_config
+
+
+def sample_batch(data_config: Mapping, batch_size: int = 8, seed: int = 0) -> torch.Tensor:
+    """A fixed batch of random images in [0, 1], normalised with the data config's mean/std."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand((batch_size, *data_config['input_size']), generator=generator)
+    mean = torch.tensor(data_config['mean']).view(1, -1, 1, 1)
+    std = torch.tensor(data_config['std']).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def compare_outputs(reference: nn.Module, candidate: nn.Module, sample: torch.Tensor) -> float:
+    """Max absolute difference of the two models' eval-mode outputs on ``sample``."""
+    reference.eval()
+    candidate.eval()
+    device = next(reference.parameters()).device
+    a = reference(sample.to(device)).float().cpu()
+    b = candidate.to(device)(sample.to(device)).float().cpu()
+    if a.shape != b.shape:
+        return float('inf')
+    return float((a - b).abs().max())
+
+
+def label_names_for(dataset: Optional[str], num_classes: int) -> Optional[list]:
+    """Class names for known datasets: bundled ones, ImageNet-1k (WordNet ids), CIFAR-10/100."""
+    from timm_adv.data import BUNDLED_DATASETS, is_bundled
+    if is_bundled(dataset):
+        classes = list(getattr(BUNDLED_DATASETS[dataset.lower()], 'classes', []))
+        return classes if len(classes) == num_classes else None
+    if num_classes == 1000:
+        from timm.data import ImageNetInfo
+        return list(ImageNetInfo('imagenet-1k').label_names())
+    if (dataset or '').lower().split('/')[-1] == 'cifar10' and num_classes == 10:
+        return list(_CIFAR10_CLASSES)
+    return None
+
+
+def _training_metadata(train_args: Optional[argparse.Namespace], task, extra: Optional[Mapping]) -> Dict:
+    from timm_adv import __version__
+    meta: Dict[str, Any] = dict(version=__version__)
+    if task is not None:
+        meta['method'] = getattr(task, 'method_name', '') or type(task).__name__
+        if getattr(task, 'attack', None) is not None:
+            meta['attack'] = repr(task.attack)
+    if train_args is not None:
+        args = vars(train_args)
+        meta['method_args'] = {k: _plain(v) for k, v in sorted(args.items()) if k.startswith('adv_')}
+        meta['base_weights'] = _base_weights(train_args)
+        meta['dataset'] = args.get('dataset') or args.get('data_dir')
+        meta['recipe'] = {k: _plain(args.get(k)) for k in (
+            'model', 'epochs', 'batch_size', 'opt', 'lr', 'weight_decay', 'momentum', 'sched', 'warmup_epochs',
+            'smoothing', 'mixup', 'cutmix', 'aa', 'reprob', 'drop_path', 'model_ema', 'amp', 'input_size',
+            'seed') if k in args}
+        if args.get('model_ema'):
+            meta['recipe']['model_ema_decay'] = args.get('model_ema_decay')
+    if extra:
+        meta.update(extra)
+    return meta
+
+
+def _base_weights(train_args) -> str:
+    if getattr(train_args, 'pretrained_path', None):
+        return str(train_args.pretrained_path)
+    if getattr(train_args, 'initial_checkpoint', None):
+        return str(train_args.initial_checkpoint)
+    if getattr(train_args, 'pretrained', False):
+        return f'timm/{train_args.model} (timm default pretrained tag)'
+    return 'none (trained from scratch)'
+
+
+def _plain(value):
+    """YAML/JSON friendly copy of an argument value."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def export_from_task(
+        task_or_model,
+        out_dir: str,
+        data_config: Mapping,
+        architecture: Optional[str] = None,
+        label_names: Optional[Sequence[str]] = None,
+        license: str = 'apache-2.0',
+        train_args: Optional[argparse.Namespace] = None,
+        metadata: Optional[Mapping] = None,
+        sample: Optional[torch.Tensor] = None,
+        atol: float = _ATOL,
+        overwrite: bool = False,
+) -> ExportedModel:
+    """Strips a trained model to plain timm and writes a verified Hub folder.
+
+    Writes ``config.json`` (plain timm ``architecture``, ``num_classes``, ``label_names``, a full
+    ``pretrained_cfg`` with the training input size, mean/std, crop, interpolation and licence, and
+    training metadata under the top-level ``timm_adv`` key), ``model.safetensors`` and, when
+    ``train_args`` is given, ``training_args.yaml`` (``python train.py --config`` reruns it).
+    The model card is written separately (:func:`timm_adv.hub.write_model_card`).
+
+    Args:
+        task_or_model: An :class:`AdversarialTask` (its ``export_model()`` is used) or a plain timm model.
+        out_dir: Folder to create (refused if it exists and is not empty, unless ``overwrite``).
+        data_config: The training data config (input_size, mean, std, crop_pct, interpolation...).
+        architecture: timm architecture name (default: the model's ``pretrained_cfg``).
+        label_names: Class names, one per output.
+        license: Licence identifier for the Hub (``pretrained_cfg['license']``).
+        train_args: Training arguments, recorded as metadata and ``training_args.yaml``.
+        metadata: Extra entries for the ``timm_adv`` key.
+        sample: Normalised input batch for the output check (default: fixed random images).
+        atol: Largest accepted output difference, relative to ``1 + max|logit|``.
+        overwrite: Replace an existing folder.
+
+    Raises:
+        ExportError: Unknown architecture, training-only parts left in the state dict, or changed outputs.
+
+    Example:
+        >>> task, args, data_config = task_from_checkpoint('run/last.pth.tar')
+        >>> export_from_task(task, 'hub/resnet10t.pgd_mnist', data_config, train_args=args)
+    """
+    task = task_or_model if hasattr(task_or_model, 'export_model') else None
+    reference = task.unwrapped_model if task is not None else task_or_model
+    plain = task.export_model() if task is not None else task_or_model
+    architecture = architecture or getattr(plain, 'pretrained_cfg', {}).get('architecture') \
+        or (getattr(train_args, 'model', None) if train_args is not None else None)
+    if not architecture or not timm.is_model(architecture):
+        raise ExportError(f'Cannot export: {architecture!r} is not a timm architecture. Pass architecture= with the '
+                          f'timm model name the weights belong to.')
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ExportError(f'Export folder {out_dir!r} exists and is not empty; choose a new --out or pass --overwrite.')
+    if sample is None:
+        sample = sample_batch(data_config)
+    plain.eval()
+    reference.eval()
+    _check_plain_state_dict(plain, architecture, task)
+
+    data_config = dict(data_config)
+    num_classes = plain.num_classes
+    if label_names is not None and len(label_names) != num_classes:
+        raise ExportError(f'{len(label_names)} label names for a model with {num_classes} outputs; give one name per class.')
+    pretrained_cfg = dict(
+        input_size=tuple(data_config['input_size']), mean=tuple(data_config['mean']), std=tuple(data_config['std']),
+        crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode', 'center'),
+        interpolation=data_config['interpolation'], license=license, num_classes=num_classes,
+        tag=(metadata or {}).get('tag') or f'timm_adv_{getattr(task, "method_name", "") or "export"}')
+    model_config = dict(pretrained_cfg=pretrained_cfg,
+                        **{METADATA_KEY: _training_metadata(train_args, task, metadata)})
+    if label_names:
+        model_config['label_names'] = list(label_names)
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix='.export-', dir=parent)
+    try:
+        plain_cpu = plain.to('cpu')
+        if getattr(plain_cpu, 'pretrained_cfg', None) is None or 'architecture' not in plain_cpu.pretrained_cfg:
+            plain_cpu.pretrained_cfg = dict(getattr(plain_cpu, 'pretrained_cfg', None) or {}, architecture=architecture)
+        save_kwargs = {}
+        if 'data_config' in inspect.signature(save_for_hf).parameters:  # timm >= 1.0.28 resolves it itself
+            save_kwargs['data_config'] = {k: data_config[k] for k in ('input_size', 'crop_pct', 'interpolation')}
+        save_for_hf(plain_cpu, staging, model_config=model_config, safe_serialization=True, **save_kwargs)
+        with open(os.path.join(staging, 'config.json')) as f:
+            written = json.load(f)
+        if written.get('architecture') != architecture:
+            raise ExportError(f'The model reports architecture {written.get("architecture")!r}, expected '
+                              f'{architecture!r}; pass architecture= explicitly.')
+        if train_args is not None:
+            with open(os.path.join(staging, 'training_args.yaml'), 'w') as f:
+                yaml.safe_dump({k: _plain(v) for k, v in vars(train_args).items()}, f, default_flow_style=False)
+        loaded = create_model(f'local-dir:{staging}', pretrained=True)
+        diff = compare_outputs(reference, loaded, sample)
+        with torch.no_grad():
+            scale = 1.0 + float(reference(sample.to(next(reference.parameters()).device)).abs().max())
+        if not diff <= atol * scale:
+            fix = (f"the method's export_model() ({type(task).__name__}) must return a model whose eval outputs "
+                   f"equal the trained model's" if task is not None else
+                   'the model holds parts that a plain timm model does not rebuild; export through its task')
+            raise ExportError(f'Refusing to export: the plain {architecture} loaded from the folder changes the '
+                              f'outputs on a sample batch (max |diff| {diff:.3g} > {atol * scale:.3g}). Fix: {fix}.')
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+    _logger.info(f'Exported plain {architecture} to {out_dir} (max |output diff| {diff:.2e} on {sample.shape[0]} samples)')
+    return ExportedModel(loaded, out_dir, architecture, data_config, diff)
+
+
+def _check_plain_state_dict(plain: nn.Module, architecture: str, task) -> None:
+    """Every exported key must be one that a freshly built plain timm model has."""
+    try:
+        from timm.models._input import get_model_args
+        model_args = get_model_args(plain)
+    except ImportError:  # older timm: the factory arguments it kept, plus the head and input size
+        model_args = dict(getattr(plain, '_model_args', {}), num_classes=plain.num_classes)
+    try:
+        fresh = create_model(architecture, **model_args)
+    except Exception as e:  # arguments the architecture does not take
+        raise ExportError(f'Cannot rebuild {architecture} from the exported model arguments ({e}).') from None
+    expected = set(fresh.state_dict())
+    extra = sorted(set(plain.state_dict()) - expected)
+    missing = sorted(expected - set(plain.state_dict()))
+    if extra or missing:
+        owner = f"{type(task).__name__}.export_model()" if task is not None else 'the model'
+        detail = (f'{len(extra)} training-only keys (e.g. {extra[0]})' if extra else '') + \
+                 ('; ' if extra and missing else '') + (f'{len(missing)} missing keys (e.g. {missing[0]})' if missing else '')
+        raise ExportError(f'{owner} did not give a plain {architecture}: {detail}. Strip training-only parts in the '
+                          f"task's export_model() hook.")
+
+
+def export_checkpoint(
+        checkpoint: str,
+        out_dir: str,
+        use_ema: bool = False,
+        label_names: Optional[Sequence[str]] = None,
+        license: str = 'apache-2.0',
+        metadata: Optional[Mapping] = None,
+        overwrite: bool = False,
+) -> Tuple[ExportedModel, argparse.Namespace]:
+    """Checkpoint -> task -> ``export_model()`` -> verified Hub folder (see :func:`export_from_task`).
+
+    Example:
+        >>> exported, train_args = export_checkpoint('output/train/run/last.pth.tar', 'hub/resnet10t.pgd_mnist')
+    """
+    task, train_args, data_config = task_from_checkpoint(checkpoint, use_ema=use_ema)
+    if label_names is None:
+        label_names = label_names_for(getattr(train_args, 'dataset', None), train_args.num_classes)
+    meta = dict(metadata or {})
+    meta.setdefault('checkpoint', os.path.basename(checkpoint) + (' (EMA weights)' if use_ema else ''))
+    exported = export_from_task(task, out_dir, data_config, architecture=train_args.model, label_names=label_names,
+                                license=license, train_args=train_args, metadata=meta, overwrite=overwrite)
+    return exported, train_args
+

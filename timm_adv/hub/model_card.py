@@ -1,0 +1,206 @@
+"""Model cards (README.md) generated from the export's config, the hub config and measured results.
+
+Nothing in a card is typed by hand: the method and its paper come from the method registry (a task
+class may set ``paper`` / ``citation``), the recipe from the training arguments, and the numbers
+from the robustness report.
+"""
+import json
+import os
+from typing import Dict, List, Mapping, Optional
+
+import yaml
+
+from timm_adv.evaluation.report import report_to_markdown
+
+__all__ = ['METHOD_PAPERS', 'method_reference', 'render_model_card', 'write_model_card']
+
+_TIMM_CITATION = """@misc{rw2019timm,
+  author = {Ross Wightman},
+  title = {PyTorch Image Models},
+  year = {2019},
+  publisher = {GitHub},
+  journal = {GitHub repository},
+  doi = {10.5281/zenodo.4414861},
+  howpublished = {\\url{https://github.com/huggingface/pytorch-image-models}}
+}"""
+
+#: Method name -> (paper, arXiv id or URL, BibTeX). Task classes may override with ``paper`` / ``citation``.
+METHOD_PAPERS: Dict[str, Dict[str, str]] = {
+    'none': dict(paper='Standard training (no adversarial examples)', url='', citation=''),
+    'pgd': dict(
+        paper='Towards Deep Learning Models Resistant to Adversarial Attacks (Madry et al., ICLR 2018)',
+        url='https://arxiv.org/abs/1706.06083',
+        citation='@inproceedings{madry2018towards,\n  title = {Towards Deep Learning Models Resistant to Adversarial '
+                 'Attacks},\n  author = {Madry, Aleksander and Makelov, Aleksandar and Schmidt, Ludwig and Tsipras, '
+                 'Dimitris and Vladu, Adrian},\n  booktitle = {ICLR},\n  year = {2018}\n}'),
+    'advprop': dict(
+        paper='Adversarial Examples Improve Image Recognition (Xie et al., CVPR 2020)',
+        url='https://arxiv.org/abs/1911.09665',
+        citation='@inproceedings{xie2020adversarial,\n  title = {Adversarial Examples Improve Image Recognition},\n'
+                 '  author = {Xie, Cihang and Tan, Mingxing and Gong, Boqing and Wang, Jiang and Yuille, Alan L. and '
+                 'Le, Quoc V.},\n  booktitle = {CVPR},\n  year = {2020}\n}'),
+    'advbn': dict(
+        paper='Encoding Robustness to Image Style via Adversarial Feature Perturbations (Shu et al., NeurIPS 2021)',
+        url='https://arxiv.org/abs/2009.08965',
+        citation='@inproceedings{shu2021encoding,\n  title = {Encoding Robustness to Image Style via Adversarial '
+                 'Feature Perturbations},\n  author = {Shu, Manli and Wu, Zuxuan and Goldblum, Micah and Goldstein, '
+                 'Tom},\n  booktitle = {NeurIPS},\n  year = {2021}\n}'),
+    'fgsm_sdi': dict(
+        paper='Boosting Fast Adversarial Training with Learnable Adversarial Initialization (Jia et al., IEEE TIP 2022)',
+        url='https://arxiv.org/abs/2110.05007',
+        citation='@article{jia2022boosting,\n  title = {Boosting Fast Adversarial Training with Learnable Adversarial '
+                 'Initialization},\n  author = {Jia, Xiaojun and Zhang, Yong and Wu, Baoyuan and Wang, Jue and Cao, '
+                 'Xiaochun},\n  journal = {IEEE Transactions on Image Processing},\n  year = {2022}\n}'),
+    'dat': dict(
+        paper='Enhance the Visual Representation via Discrete Adversarial Training (Mao et al., NeurIPS 2022)',
+        url='https://arxiv.org/abs/2209.07735',
+        citation='@inproceedings{mao2022enhance,\n  title = {Enhance the Visual Representation via Discrete '
+                 'Adversarial Training},\n  author = {Mao, Xiaofeng and Chen, Yuefeng and Duan, Ranjie and Zhu, Yao '
+                 'and Qi, Gege and Ye, Shaokai and Li, Xiaodan and Zhang, Rong and Xue, Hui},\n  booktitle = '
+                 '{NeurIPS},\n  year = {2022}\n}'),
+    'ssat': dict(
+        paper='Self-Supervised Adversarial Training (Chen et al., ICASSP 2020)',
+        url='https://arxiv.org/abs/1911.06470',
+        citation='@inproceedings{chen2020self,\n  title = {Self-Supervised Adversarial Training},\n  author = {Chen, '
+                 'Kejiang and Chen, Yuefeng and Zhou, Hang and Mao, Xiaofeng and Li, Yuhong and He, Yuan and Xue, '
+                 'Hui and Zhang, Weiming and Yu, Nenghai},\n  booktitle = {ICASSP},\n  year = {2020}\n}'),
+}
+
+
+def method_reference(name: str) -> Dict[str, str]:
+    """Paper, URL and BibTeX of a method: the task class's own attributes first, then the table."""
+    key = (name or 'none').lower().replace('-', '_')
+    ref = dict(METHOD_PAPERS.get(key) or METHOD_PAPERS.get(key.split('_')[0]) or
+               dict(paper=f'{name} (see the timm-adv documentation)', url='', citation=''))
+    try:
+        from timm_adv.tasks import get_method
+        cls = get_method(name)
+        for attr in ('paper', 'url', 'citation'):
+            if getattr(cls, attr, None):
+                ref[attr] = getattr(cls, attr)
+    except ValueError:
+        pass
+    return ref
+
+
+def _front_matter(config: Mapping, meta: Mapping, hub_config: Mapping) -> str:
+    data = dict(
+        tags=['image-classification', 'timm', 'timm-adv', 'adversarial-training', 'robustness'],
+        library_name='timm',
+        license=config.get('pretrained_cfg', {}).get('license', 'apache-2.0'),
+    )
+    dataset = hub_config.get('dataset_hub_id')
+    if dataset:
+        data['datasets'] = [dataset]
+    return '---\n' + yaml.safe_dump(data, sort_keys=False) + '---\n'
+
+
+def render_model_card(
+        folder: str,
+        repo_id: str,
+        report: Optional[Mapping] = None,
+        hub_config: Optional[Mapping] = None,
+        train_command: Optional[str] = None,
+        plots: Optional[Mapping[str, str]] = None,
+) -> str:
+    """The README.md text of an export folder.
+
+    Args:
+        folder: Export folder (its config.json supplies architecture, preprocessing and metadata).
+        repo_id: ``org/name`` used in the loading snippet.
+        report: Robustness report (see :mod:`timm_adv.evaluation.report`); None: not evaluated yet.
+        hub_config: The hub_configs YAML, for intended use, limits and reference numbers.
+        train_command: The exact command that trained the weights.
+        plots: Plot name -> file name inside ``folder``.
+
+    Example:
+        >>> text = render_model_card('hub/run', 'me/resnet10t.pgd_mnist', report=report)
+    """
+    with open(os.path.join(folder, 'config.json')) as f:
+        config = json.load(f)
+    hub_config = hub_config or {}
+    meta = config.get('timm_adv', {})
+    cfg = config.get('pretrained_cfg', {})
+    method = meta.get('method', 'none')
+    ref = method_reference(method)
+    arch = config['architecture']
+    lines: List[str] = [_front_matter(config, meta, hub_config)]
+    lines.append(f'# Model card for {repo_id.split("/")[-1]}\n')
+    lines.append(f'A {arch} image classifier trained with **{method}** adversarial training using '
+                 f'timm-adv and exported as a plain timm model: every training-only part '
+                 f'was removed and the exported weights reproduce the trained model\'s outputs.\n')
+    lines.append('## Model details\n')
+    details = [
+        ('Architecture', f'`{arch}` (plain timm, no custom code)'),
+        ('Method', f'{method}: {ref["paper"]}' + (f' ({ref["url"]})' if ref['url'] else '')),
+        ('Classes', str(config.get('num_classes'))),
+        ('Input size', ' x '.join(str(v) for v in cfg.get('input_size', []))),
+        ('Preprocessing', f'mean {tuple(cfg.get("mean", ()))}, std {tuple(cfg.get("std", ()))}, crop_pct '
+                          f'{cfg.get("crop_pct")}, interpolation {cfg.get("interpolation")}'),
+        ('Dataset', str(hub_config.get('dataset') or meta.get('dataset'))),
+        ('Base weights', str(hub_config.get('base_weights') or meta.get('base_weights'))),
+        ('Licence', str(cfg.get('license'))),
+    ]
+    if meta.get('attack'):
+        details.append(('Training attack', f'`{meta["attack"]}`'))
+    lines.append('| | |\n|---|---|\n' + '\n'.join(f'| {k} | {v} |' for k, v in details) + '\n')
+    lines.append('## How to use\n')
+    lines.append('```python\nimport timm, torch\n'
+                 f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()\n"
+                 'cfg = timm.data.resolve_data_config({}, model=model)\n'
+                 'transform = timm.data.create_transform(**cfg)\n'
+                 'logits = model(transform(img).unsqueeze(0))\n```\n')
+    lines.append('The model expects the preprocessing above (timm applies it from `pretrained_cfg`). '
+                 'Attacks and robustness numbers below are in pixel space [0, 1] (eps k/255).\n')
+    lines.append('## Training\n')
+    if train_command:
+        lines.append('Exact command:\n\n```bash\n' + train_command + '\n```\n')
+    if os.path.isfile(os.path.join(folder, 'training_args.yaml')):
+        lines.append('All arguments are in `training_args.yaml`; `python train.py --config training_args.yaml` '
+                     'reruns the recipe.\n')
+    recipe = meta.get('recipe', {})
+    method_args = {k: v for k, v in meta.get('method_args', {}).items() if v is not None}
+    if recipe or method_args:
+        rows = [(k, v) for k, v in recipe.items() if v not in (None, '', 0.0) or k in ('epochs', 'lr')]
+        rows += sorted(method_args.items())
+        lines.append('| Hyper-parameter | Value |\n|---|---|\n' +
+                     '\n'.join(f'| {k} | {v} |' for k, v in rows) + '\n')
+    lines.append('## Evaluation\n')
+    if report:
+        lines.append(f'Measured by `timm_adv` on {report.get("dataset", "the validation split")}'
+                     f'{" (" + report["split"] + " split)" if report.get("split") else ""}. '
+                     'Top-1 accuracy in percent; attacks run on the exported model in eval mode; eps in pixel '
+                     'units. AutoAttack is the official code (pyautoattack, fra31/auto-attack).\n')
+        lines.append(report_to_markdown(report) + '\n')
+        for name, file in (plots or {}).items():
+            lines.append(f'![{name.replace("_", " ")}]({file})\n')
+    else:
+        lines.append('Not evaluated yet.\n')
+    reference = hub_config.get('paper_results')
+    if reference:
+        lines.append('Published reference numbers for this recipe (not measured on these weights): ' +
+                     ', '.join(f'{k}: {v}' for k, v in reference.items()) + '.\n')
+    lines.append('## Intended use and limitations\n')
+    intended = hub_config.get('intended_use') or (
+        'Research on adversarial robustness and as a robust backbone for fine-tuning. The robustness holds '
+        'only for the threat model it was trained and evaluated for (see the attack settings above); it is '
+        'not a certificate, and adaptive attacks beyond those listed may lower the numbers.')
+    lines.append(intended + '\n')
+    for limit in hub_config.get('limitations', []):
+        lines.append(f'- {limit}')
+    if hub_config.get('limitations'):
+        lines.append('')
+    lines.append('## Citation\n')
+    citations = [c for c in (ref.get('citation'), _TIMM_CITATION) if c]
+    lines.append('```bibtex\n' + '\n\n'.join(citations) + '\n```\n')
+    return '\n'.join(lines)
+
+
+def write_model_card(folder: str, repo_id: str, **kwargs) -> str:
+    """Writes ``README.md`` into the export folder (see :func:`render_model_card`); returns its path."""
+    path = os.path.join(folder, 'README.md')
+    with open(path, 'w') as f:
+        f.write(render_model_card(folder, repo_id, **kwargs))
+    return path
+
+

@@ -1,0 +1,182 @@
+"""hub_configs/*.yaml -> train -> export -> evaluate -> model card, in one command.
+
+A hub config describes one model we intend to publish::
+
+    repo_id: org/resnet10t.pgd_bundled_mnist
+    status: trained | not-yet-trained
+    architecture: resnet10t
+    method: pgd
+    method_args: {adv-eps: 0.1, adv-steps: 3}          # --adv-* flags of train.py
+    base_weights: null                                  # or a timm name/tag, trained with --pretrained
+    dataset: bundled/mnist                              # train.py --dataset
+    data_dir: null                                      # or a path (overridable on the command line)
+    train_args: {epochs: 3, batch-size: 64, lr: 0.05}   # any other train.py flags
+    evaluation: {num-samples: 1000, attack: pgd, eps: [0.05, 0.1], steps: 20, autoattack: standard, ...}
+    license: apache-2.0
+
+Training and evaluation run ``train.py`` and ``validate.py`` as the user would, so the command in
+the card is the exact one that produced the weights; the evaluation runs on the exported folder
+(``local-dir:``), i.e. on exactly what gets published.
+"""
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from typing import Dict, List, Mapping, Optional
+
+import yaml
+
+__all__ = ['REQUIRED_KEYS', 'load_hub_config', 'train_command', 'validate_command', 'run_pipeline']
+
+_logger = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ('repo_id', 'status', 'architecture', 'method', 'dataset', 'license', 'evaluation')
+_STATUSES = ('trained', 'not-yet-trained')
+
+
+def load_hub_config(path: str, check_method: bool = True) -> Dict:
+    """Reads and checks a hub config; errors name the missing or bad key.
+
+    ``check_method=False`` skips the check that the method is registered in this installation.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'Hub config {path!r} does not exist; see hub_configs/ for examples.')
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise ValueError(f'Hub config {path!r} lacks {", ".join(missing)}.')
+    if config['status'] not in _STATUSES:
+        raise ValueError(f'Hub config {path!r}: status must be one of {_STATUSES}, got {config["status"]!r}.')
+    if str(config['repo_id']).count('/') != 1:
+        raise ValueError(f'Hub config {path!r}: repo_id must look like org/name, got {config["repo_id"]!r}.')
+    import timm
+    if not timm.is_model(config['architecture']):
+        raise ValueError(f'Hub config {path!r}: architecture {config["architecture"]!r} is unknown to timm.')
+    if check_method:
+        from timm_adv.tasks import get_method
+        get_method(config['method'])
+    return config
+
+
+def _flags(options: Optional[Mapping]) -> List[str]:
+    """``{'adv-eps': 0.1, 'no-aug': True, 'eps': [1, 2]}`` -> ``['--adv-eps', '0.1', '--no-aug', '--eps', '1', '2']``."""
+    out: List[str] = []
+    for key, value in (options or {}).items():
+        flag = '--' + str(key).replace('_', '-')
+        if value is None or value is False:
+            continue
+        if value is True:
+            out.append(flag)
+        elif isinstance(value, (list, tuple)):
+            out += [flag] + [str(v) for v in value]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _script(name: str) -> str:
+    path = os.path.join(_repo_root(), name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{name} not found next to the timm_adv package ({path}); run the pipeline from a '
+                                f'clone of the timm-adv repository.')
+    return path
+
+
+def _data_flags(config: Mapping, data_dir: Optional[str]) -> List[str]:
+    flags = ['--dataset', str(config['dataset'])] if config.get('dataset') else []
+    data_dir = data_dir or config.get('data_dir')
+    if data_dir:
+        flags += ['--data-dir', str(data_dir)]
+    return flags
+
+
+def train_command(config: Mapping, output: str, experiment: str, data_dir: Optional[str] = None) -> List[str]:
+    """The train.py command line for a hub config."""
+    argv = ['train.py', '--model', config['architecture'], '--adv-method', config['method']]
+    argv += _data_flags(config, data_dir)
+    if config.get('base_weights'):
+        argv += ['--pretrained']
+    argv += _flags(config.get('method_args'))
+    argv += _flags(config.get('train_args'))
+    argv += ['--output', output, '--experiment', experiment]
+    return argv
+
+
+def validate_command(config: Mapping, model: str, report_dir: str, data_dir: Optional[str] = None) -> List[str]:
+    """The validate.py command line evaluating an exported folder as configured."""
+    argv = ['validate.py', '--model', model, '--pretrained'] + _data_flags(config, data_dir)
+    argv += _flags(config['evaluation'])
+    argv += ['--report-dir', report_dir]
+    return argv
+
+
+def _run(argv: List[str], log_path: str) -> None:
+    """Runs a repository script with this interpreter; output goes to the console and a log file."""
+    command = [sys.executable, _script(argv[0])] + argv[1:]
+    _logger.info('Running: ' + ' '.join(shlex.quote(a) for a in command))
+    with open(log_path, 'w') as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   cwd=_repo_root())
+        for line in process.stdout:
+            log.write(line)
+            sys.stderr.write(line)
+        if process.wait() != 0:
+            raise RuntimeError(f'{argv[0]} failed (exit {process.returncode}); see {log_path}.')
+
+
+def run_pipeline(config_path: str, out_dir: str, data_dir: Optional[str] = None, checkpoint: Optional[str] = None,
+                 publish: bool = False, dry_run: bool = True, overwrite: bool = False) -> Dict:
+    """Config -> train -> export -> evaluate -> model card (-> publish).
+
+    Args:
+        config_path: A hub_configs YAML.
+        out_dir: Working folder: ``train/`` (run), ``export/`` (the Hub folder), logs.
+        data_dir: Dataset location (overrides the config's ``data_dir``).
+        checkpoint: Skip training and export this checkpoint.
+        publish: Upload the folder at the end (dry run unless ``dry_run=False``).
+        dry_run: With ``publish``, only check the folder.
+        overwrite: Replace an existing export folder.
+
+    Returns:
+        Dict with the paths written, the report and the commands run.
+
+    Example:
+        >>> run_pipeline('hub_configs/resnet10t_pgd_mnist.yaml', '/tmp/hub-demo')
+    """
+    from .export import export_checkpoint
+    from .model_card import write_model_card
+    from .publish import publish_folder
+
+    config = load_hub_config(config_path)
+    os.makedirs(out_dir, exist_ok=True)
+    experiment = config['repo_id'].split('/')[-1]
+    train_argv = train_command(config, os.path.join(out_dir, 'train'), experiment, data_dir)
+    if checkpoint is None:
+        _run(train_argv, os.path.join(out_dir, 'train.log'))
+        checkpoint = os.path.join(out_dir, 'train', experiment, 'last.pth.tar')
+    export_dir = os.path.join(out_dir, 'export')
+    exported, _ = export_checkpoint(checkpoint, export_dir, license=config['license'],
+                                    metadata=dict(repo_id=config['repo_id'], hub_config=os.path.basename(config_path),
+                                                  train_command=' '.join(shlex.quote(a) for a in train_argv)),
+                                    overwrite=overwrite)
+    validate_argv = validate_command(config, f'local-dir:{export_dir}', export_dir, data_dir)
+    _run(validate_argv, os.path.join(out_dir, 'validate.log'))
+    with open(os.path.join(export_dir, 'robustness.json')) as f:
+        report = json.load(f)
+    plots = {name: f'{name}.png' for name in ('accuracy_vs_eps', 'accuracy_vs_severity')
+             if os.path.isfile(os.path.join(export_dir, f'{name}.png'))}
+    card = write_model_card(export_dir, config['repo_id'], report=report, hub_config=config, plots=plots,
+                            train_command='python ' + ' '.join(shlex.quote(a) for a in train_argv))
+    result = dict(checkpoint=checkpoint, export_dir=export_dir, model_card=card, report=report,
+                  train_command=train_argv, validate_command=validate_argv, max_abs_diff=exported.max_abs_diff)
+    if publish:
+        result['publish'] = publish_folder(export_dir, config['repo_id'], private=bool(config.get('private', False)),
+                                           dry_run=dry_run)
+    return result
