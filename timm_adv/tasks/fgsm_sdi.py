@@ -4,7 +4,8 @@ Jia et al., "Boosting Fast Adversarial Training with Learnable Adversarial Initi
 IEEE TIP 2022. Per batch (about three forward-backward passes):
 
 1. ``g = grad_x CE(f(x), y)`` (input gradient only);
-2. ``delta0 = G(x, sign(g))``, a perturbation in the eps ball from the generator (eval mode);
+2. ``delta0 = G(x, sign(g))``, a perturbation in the eps ball from the generator (eval mode), which
+   reads the model's (normalised) input ``x`` as the official code does;
 3. one FGSM step from ``x + delta0``: ``delta = clip_eps(delta0 + alpha * sign(grad CE(f(x + delta0))))``,
    and ``x + delta`` clipped to [0, 1] unless ``--no-adv-sdi-clamp`` (the official code does not clip);
 4. the model's loss is a label-smoothed CE on ``x + delta`` (the true class keeps probability
