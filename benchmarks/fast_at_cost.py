@@ -27,6 +27,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timm_adv.tasks import add_adv_args, create_task  # noqa: E402
@@ -128,6 +129,12 @@ def main(argv=None):
     for name in order:
         ratio = med[name] / plain
         print(f'{name:32s} {1e3 * med[name]:9.1f} {ratio:8.2f} {ideal[name]:6.2f} {ratio / ideal[name]:15.2f}')
+    with torch.no_grad(), FlopCounterMode(display=False) as model_flops:
+        sdi.unwrapped_model(x)
+    with torch.no_grad(), FlopCounterMode(display=False) as gen_flops:
+        sdi.generator(x, grad_sign)
+    print(f'forward FLOPs per image: model {model_flops.get_total_flops() / args.batch_size / 1e6:.1f} M, '
+          f'generator {gen_flops.get_total_flops() / args.batch_size / 1e6:.1f} M')
     attack_pass = (med['pgd-10'] - plain) / 10 / plain
     gen = med['generator forward'] / plain
     print(f'one attack pass (forward + input-gradient backward) = {attack_pass:.2f} plain steps [(pgd-10 - plain) / 10]')
