@@ -147,6 +147,7 @@ class PGDAttack:
         std: Loader normalisation std.
         restarts: Independent random restarts; the strongest per sample is kept.
         clamp: Keep adversarial images in [0, 1].
+        num_classes: Class count, lets ``targeted='random'`` draw targets without a clean forward.
 
     Example:
         >>> attack = PGDAttack(eps=8 / 255, steps=10, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
@@ -167,6 +168,7 @@ class PGDAttack:
             std=None,
             restarts: int = 1,
             clamp: bool = True,
+            num_classes: Optional[int] = None,
     ):
         if not eps > 0:
             raise ValueError(f'eps must be > 0, got {eps} (--adv-eps / --eps, e.g. 8/255).')
@@ -193,6 +195,7 @@ class PGDAttack:
         self.normalizer = PixelNormalizer(mean, std)
         self.restarts = int(restarts)
         self.clamp = clamp
+        self.num_classes = num_classes
 
     def perturb(
             self,
@@ -217,6 +220,8 @@ class PGDAttack:
         with attack_bn_mode(model, self.bn_mode), torch.enable_grad():
             best_delta, best_score = None, None
             goal = attack_target
+            if goal is None and self.targeted is not None:
+                goal = self._choose_target(model, x_pix, target)
             for _ in range(self.restarts):
                 if init is not None:
                     delta = init.detach()
@@ -226,11 +231,6 @@ class PGDAttack:
                     delta = torch.zeros_like(x_pix)
                 delta = project(delta, x_pix, self.eps, self.norm, self.clamp)
                 for _ in range(self.steps):
-                    if goal is None and self.targeted is not None:
-                        # the first pass's logits pick the target, saving a separate clean forward
-                        with torch.no_grad():
-                            logits = model(self.normalizer.from_pixel(x_pix + delta))
-                        goal = select_target(logits, target, self.targeted)
                     grad, _ = input_gradient(
                         model, x_pix, delta, goal if targeted else target, self.normalizer, self.loss_fn, targeted)
                     delta = project(ascent_step(delta, grad, self.step_size, self.norm), x_pix, self.eps, self.norm,
@@ -240,6 +240,15 @@ class PGDAttack:
                 best_delta, best_score = self._keep_strongest(
                     model, x_pix, delta, target, goal, targeted, best_delta, best_score)
         return best_delta.detach()
+
+    @torch.no_grad()
+    def _choose_target(self, model: nn.Module, x_pix: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.targeted == 'random' and self.num_classes is not None:
+            labels = hard_labels(target)
+            offset = torch.randint(1, self.num_classes, labels.shape, device=labels.device)
+            return (labels + offset) % self.num_classes
+        # least-likely needs the clean prediction; random needs the class count from the logits
+        return select_target(model(self.normalizer.from_pixel(x_pix)), target, self.targeted)
 
     @torch.no_grad()
     def _keep_strongest(self, model, x_pix, delta, target, goal, targeted, best_delta, best_score):
