@@ -385,8 +385,8 @@ def setup(args):
         start_epoch = args.start_epoch
 
     if args.distributed:
-        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None,
-                                 broadcast_buffers=not args.no_ddp_bb)
+        ddp_kwargs = dict(broadcast_buffers=False) if args.no_ddp_bb else {}
+        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None, **ddp_kwargs)
 
     updates_per_epoch = len(loader_train)
     lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),

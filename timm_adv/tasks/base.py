@@ -106,6 +106,16 @@ class AdversarialTask(ClassificationTask):
         """Builds the task from parsed arguments."""
         return cls(model, criterion, attack=cls.attack_from_args(args, mean, std), device=device)
 
+    def ideal_cost(self) -> Dict[str, float]:
+        """The method's unavoidable work per batch, for benchmarks.
+
+        ``train_steps``: plain training steps (forward, full backward, optimiser step) of one batch;
+        ``attack_passes``: forward + input-only backward passes of one batch. The benchmark turns it
+        into an ideal time from measured unit costs.
+        """
+        steps = self.attack.steps * self.attack.restarts if self.attack is not None else 0
+        return {'train_steps': 1.0, 'attack_passes': float(steps)}
+
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the training loop before each epoch."""
 

@@ -71,6 +71,12 @@ class PGDTrainingTask(AdversarialTask):
         return cls(model, criterion, attack=cls.attack_from_args(args, mean, std),
                    clean_weight=getattr(args, 'adv_clean_weight', 0.0), device=device)
 
+    def ideal_cost(self) -> Dict[str, float]:
+        cost = super().ideal_cost()
+        if self.clean_weight > 0:
+            cost['train_steps'] = 2.0  # the clean half doubles the trained batch
+        return cost
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         x_adv = self.attack(self.trainable_module, input, target)
         if self.clean_weight == 0.0:

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Per-method training step cost relative to a plain timm step, measured in one process.
+
+For every registered ``--adv-method`` (or those named with ``--methods``) the same model, batch and
+optimiser run ``--steps`` timed steps after warm-up; the median is reported as a ratio to the plain
+step (``none``). Beside it stands the method's ideal cost, ``train_steps * T_plain + attack_passes *
+T_attack``, where ``T_attack`` is one forward + input-only backward pass, measured in the same run.
+Peak memory is the CUDA allocator peak on GPU; on CPU it is the rise of peak RSS over that method's
+steps, each method measured in a fresh subprocess (peak RSS never falls within a process).
+
+    python benchmarks/method_cost.py --model resnet10t --img-size 32 --batch-size 64
+"""
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import timm
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train as train_script  # noqa: E402  (the same argument defaults as a real run)
+from timm_adv.attacks import PixelNormalizer, input_gradient  # noqa: E402
+from timm_adv.tasks import create_task, get_method, list_methods  # noqa: E402
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _time_steps(fn, steps: int, warmup: int, device) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(method: str, bench_args, train_argv, device, x, y):
+    args, _ = train_script.parse_args(train_argv + ['--adv-method', method])
+    args.num_classes = bench_args.num_classes
+    torch.manual_seed(0)
+    model = timm.create_model(bench_args.model, num_classes=bench_args.num_classes)
+    model = get_method(method).prepare_model(model, args).to(device)
+    mean, std = model.pretrained_cfg.get('mean'), model.pretrained_cfg.get('std')
+    task = create_task(model, torch.nn.CrossEntropyLoss(), args, mean=mean, std=std, device=device).to(device)
+    task.train()
+    optimizer = torch.optim.SGD(task.unwrapped_model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        loss = task(x, y)['loss']
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = _peak_rss_mb()
+    seconds = _time_steps(step, bench_args.steps, bench_args.warmup, device)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == 'cuda' else _peak_rss_mb() - rss_before
+
+    normalizer = PixelNormalizer(mean, std)
+    x_pix = normalizer.to_pixel(x)
+    delta = torch.zeros_like(x_pix)
+    attack_pass = _time_steps(
+        lambda: input_gradient(task.unwrapped_model, x_pix, delta, y, normalizer), bench_args.steps, 1, device)
+    return seconds, peak, attack_pass, task.ideal_cost()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='resnet10t')
+    parser.add_argument('--img-size', type=int, default=32)
+    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--num-classes', type=int, default=10)
+    parser.add_argument('--steps', type=int, default=7, help='timed steps per method (median reported)')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--methods', nargs='+', default=None, help='methods to measure (default: all registered)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--memory-of', default=None, help=argparse.SUPPRESS)  # internal: one method's CPU memory
+    parser.add_argument('train_args', nargs=argparse.REMAINDER,
+                        help='extra train.py flags after "--", e.g. -- --adv-steps 10 --adv-eps 8/255')
+    bench_args = parser.parse_args()
+    extra = [a for a in bench_args.train_args if a != '--']
+    device = torch.device(bench_args.device)
+    torch.manual_seed(0)
+    x = torch.randn(bench_args.batch_size, 3, bench_args.img_size, bench_args.img_size, device=device)
+    y = torch.randint(0, bench_args.num_classes, (bench_args.batch_size,), device=device)
+    if bench_args.memory_of:
+        print(measure(bench_args.memory_of, bench_args, extra, device, x, y)[1])
+        return
+    methods = bench_args.methods or list_methods()
+    if 'none' in methods:
+        methods = ['none'] + [m for m in methods if m != 'none']
+    else:
+        methods = ['none'] + methods
+
+    results = {m: measure(m, bench_args, extra, device, x, y) for m in methods}
+    if device.type == 'cpu':
+        for m in methods:
+            out = subprocess.run([sys.executable, sys.argv[0], '--memory-of', m, *sys.argv[1:]], capture_output=True, text=True,
+                                 check=True).stdout
+            results[m] = (results[m][0], float(out.strip().splitlines()[-1]), *results[m][2:])
+    plain_time, plain_peak, plain_attack, _ = results['none']
+    mem_unit = 'MiB CUDA peak' if device.type == 'cuda' else 'MiB peak-RSS rise'
+    print(f'model={bench_args.model} img={bench_args.img_size} batch={bench_args.batch_size} device={device} '
+          f'torch={torch.__version__} threads={torch.get_num_threads()} extra={" ".join(extra) or "-"}')
+    print(f'unit costs: plain step {plain_time * 1e3:.1f} ms, attack pass (fwd + input-only bwd) '
+          f'{plain_attack * 1e3:.1f} ms = {plain_attack / plain_time:.2f} plain steps')
+    print(f'| method | step / plain | ideal / plain | measured / ideal | memory ({mem_unit}) |')
+    print('|---|---|---|---|---|')
+    for m, (seconds, peak, _, cost) in results.items():
+        ideal = cost['train_steps'] * plain_time + cost['attack_passes'] * plain_attack
+        print(f'| {m} | {seconds / plain_time:.2f} | {ideal / plain_time:.2f} | {seconds / ideal:.2f} | {peak:.0f} |')
+
+
+if __name__ == '__main__':
+    main()
