@@ -35,7 +35,7 @@ from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 
 from timm_adv.attacks import create_attack, unwrap_ddp
 from timm_adv.data import DEFAULT_DATASET, TransformSubset, apply_bundled_defaults, create_dataset, is_bundled
-from timm_adv.evaluation import evaluate_accuracy
+from timm_adv.evaluation import add_overfit_guard_args, create_overfit_guard, evaluate_accuracy
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
 from timm_adv.utils import CheckpointError, check_state_dict_matches, checkpoint_state_dict, read_checkpoint
 
@@ -176,6 +176,7 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='best metric (default: "top1"; "pgd_top1" ranks by robust accuracy)')
 
     add_adv_args(parser)
+    add_overfit_guard_args(parser)
     return parser
 
 
@@ -399,12 +400,14 @@ def setup(args):
     val_eps = args.adv_val_eps or args.adv_eps or method.attack_defaults.get('eps', 8 / 255)
     val_attack = create_attack(eps=val_eps, steps=args.adv_val_steps, norm=args.adv_norm or 'linf',
                                random_start=True, bn_mode='eval', mean=data_config['mean'], std=data_config['std'])
+    overfit_guard = create_overfit_guard(args, dataset_eval, eval_loader_args, val_eps, mean=data_config['mean'],
+                                         std=data_config['std'], device=device, amp_autocast=amp_autocast)
 
     return dict(
         device=device, task=task, optimizer=optimizer, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
         loader_train=loader_train, loader_eval=loader_eval, loader_robust=loader_robust, mixup_fn=mixup_fn,
         lr_scheduler=lr_scheduler, num_epochs=num_epochs, start_epoch=start_epoch, output_dir=output_dir,
-        data_config=data_config, val_attack=val_attack,
+        data_config=data_config, val_attack=val_attack, overfit_guard=overfit_guard,
     )
 
 
@@ -520,6 +523,8 @@ def train(args, state) -> dict:
             ema_metrics = validate_epoch(task, state['loader_eval'], state['loader_robust'], state['val_attack'],
                                          args, device, amp_autocast=state['amp_autocast'], ema=True)
             eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
+        if state['overfit_guard'] is not None:
+            eval_metrics.update(state['overfit_guard'].check(epoch, task, optimizer))
         if utils.is_primary(args):
             _logger.info('Eval: epoch {}  {}'.format(epoch, '  '.join(f'{k}: {v:.4f}' for k, v in eval_metrics.items())))
             lrs = [g['lr'] for g in optimizer.param_groups]
@@ -527,6 +532,8 @@ def train(args, state) -> dict:
                                  lr=sum(lrs) / len(lrs), write_header=epoch == 0 or not os.path.exists(
                                      os.path.join(output_dir, 'summary.csv')))
             saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
+        if state['overfit_guard'] is not None and state['overfit_guard'].act(task, optimizer):
+            break
         state['lr_scheduler'].step(epoch + 1, eval_metrics.get(args.eval_metric))
     if saver is not None and saver.best_metric is not None:
         _logger.info(f'*** Best metric: {saver.best_metric} (epoch {saver.best_epoch})')

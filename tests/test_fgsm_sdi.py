@@ -1,0 +1,356 @@
+"""FGSM-SDI (generator, task, checkpointing), FGSM-RS and the catastrophic-overfitting guard."""
+import argparse
+import csv
+import logging
+import os
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import train
+from timm_adv.attacks import PGDAttack, create_attack
+from timm_adv.evaluation import GuardRecord, OverfitGuard, detect_collapse
+from timm_adv.models import SDIGenerator, create_sdi_generator
+from timm_adv.tasks import FGSMRSTask, FGSMSDITask, StandardTask, get_method
+from timm_adv.tasks.fgsm_sdi import smooth_targets, smoothed_cross_entropy
+from timm_adv.utils import read_checkpoint
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+EPS = 8 / 255
+
+
+def _sdi_task(num_classes=10, every=20, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = timm.create_model('test_resnet', num_classes=num_classes)
+    attack = create_attack(EPS, steps=1, random_start=False, bn_mode='train', mean=MEAN, std=STD)
+    task = FGSMSDITask(model, nn.CrossEntropyLoss(), attack, create_sdi_generator(EPS, in_chans=3),
+                       generator_every=every, verbose=False, **kwargs)
+    task.train()
+    return task
+
+
+def _batch(n=8, num_classes=10, size=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x_pix = torch.rand(n, 3, size, size, generator=g)
+    x = (x_pix - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    return x, torch.randint(0, num_classes, (n,), generator=g)
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before, module):
+    return sorted(k for k, v in module.state_dict().items() if not torch.equal(before[k], v))
+
+
+@pytest.mark.parametrize('in_chans,hw', [(1, (28, 28)), (3, (32, 32)), (4, (9, 13))])
+def test_generator_output_bounded_by_eps_for_any_input(in_chans, hw):
+    gen = SDIGenerator(eps=EPS, in_chans=in_chans)
+    x = torch.randn(4, in_chans, *hw) * 1e3  # extreme inputs saturate tanh
+    sign = torch.randn_like(x).sign()
+    for mode in (True, False):
+        gen.train(mode)
+        out = gen(x, sign)
+        assert out.shape == x.shape
+        assert out.abs().max() <= EPS
+        assert out.abs().max() > 0.5 * EPS  # a real perturbation, not a constant zero
+    with pytest.raises(ValueError, match='--in-chans'):
+        gen(torch.randn(2, in_chans + 1, *hw), torch.randn(2, in_chans + 1, *hw))
+
+
+def test_generator_step_increases_classifier_loss_on_fixed_batch():
+    task = _sdi_task()
+    x, y = _batch(8)
+    x_pix = task.attack.normalizer.to_pixel(x)
+    grad_sign = torch.randn_like(x).sign()
+
+    def loss_now():
+        task.generator.train()  # the mode the generator is optimised in (BN on batch statistics)
+        with torch.no_grad():
+            delta0 = task.initial_perturbation(x, x_pix, grad_sign)
+        return task.adversarial_loss(task.unwrapped_model, x_pix, delta0, y)[0].item()
+
+    before = loss_now()
+    for _ in range(5):
+        task.generator_step(x, x_pix, grad_sign, y)
+    after = loss_now()
+    assert after > before + 1e-3, (before, after)
+
+
+def test_generator_step_changes_only_generator_and_model_step_only_model():
+    task = _sdi_task(every=2)
+    model, gen = task.unwrapped_model, task.generator
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batch(8)
+
+    # batch 0: generator step (inside forward) then the model's loss
+    model_before, gen_before = _snapshot(model), _snapshot(gen)
+    result = task(x, y)
+    assert all(p.grad is None for p in model.parameters()), 'generator step touched the model .grad'
+    changed_gen = _changed(gen_before, gen)
+    assert any(k.endswith('weight') for k in changed_gen)
+    model_params = {k for k, _ in model.named_parameters()}
+    assert not model_params & set(_changed(model_before, model)), 'model weights moved during the forward'
+
+    gen_before = _snapshot(gen)
+    result['loss'].backward()
+    assert all(p.grad is None for p in gen.parameters()), 'model loss reached the generator'
+    optimizer.step()
+    optimizer.zero_grad()
+    assert model_params & set(_changed(model_before, model))
+    assert not _changed(gen_before, gen)
+
+    # batch 1: no generator step at all
+    gen_before = _snapshot(gen)
+    task(x, y)['loss'].backward()
+    assert not _changed(gen_before, gen)
+    assert all(p.grad is None for p in gen.parameters())
+
+
+def test_attack_passes_leave_running_stats_but_official_mode_updates_them():
+    x, y = _batch(8)
+    for bn_mode, expect_attack_updates in (('train', False), ('train_update', True)):
+        task = _sdi_task(every=1000)
+        task.batches_seen = 1  # no generator step on this batch
+        task.attack.bn_mode = bn_mode
+        bn = task.unwrapped_model.bn1
+        before = bn.num_batches_tracked.item()
+        task(x, y)
+        # the training forward always counts one batch; the two attack passes add two in the official mode
+        assert bn.num_batches_tracked.item() - before == (3 if expect_attack_updates else 1)
+
+
+@pytest.mark.parametrize('num_classes', [10, 100])
+def test_label_smoothing_any_class_count(num_classes):
+    y = torch.tensor([0, num_classes - 1, 3])
+    probs = smooth_targets(y, num_classes, 0.5)
+    assert probs.shape == (3, num_classes)
+    assert torch.allclose(probs.sum(1), torch.ones(3))
+    assert torch.allclose(probs[torch.arange(3), y], torch.full((3,), 0.5))
+    others = probs.clone()
+    others[torch.arange(3), y] = 0
+    assert torch.allclose(others.sum(1), torch.full((3,), 0.5))
+    assert torch.allclose(others[0, 1:], torch.full((num_classes - 1,), 0.5 / (num_classes - 1)))
+    # soft (mixup) targets: a one-hot soft target gives the same result
+    assert torch.allclose(smooth_targets(F.one_hot(y, num_classes).float(), num_classes, 0.5), probs)
+    logits = torch.randn(3, num_classes)
+    expected = -(probs * logits.log_softmax(1)).sum(1).mean()
+    assert torch.allclose(smoothed_cross_entropy(logits, y, 0.5), expected)
+    # confidence 1 is plain cross-entropy
+    assert torch.allclose(smoothed_cross_entropy(logits, y, 1.0), F.cross_entropy(logits, y))
+
+
+def test_sdi_task_trains_100_classes():
+    task = _sdi_task(num_classes=100, every=1)
+    x, y = _batch(4, num_classes=100)
+    out = task(x, y)
+    assert out['output'].shape == (4, 100) and torch.isfinite(out['loss'])
+
+
+def test_sdi_adversarial_example_in_ball_and_box():
+    task = _sdi_task()
+    x, y = _batch(6)
+    x_pix = task.attack.normalizer.to_pixel(x)
+    task.generator.eval()
+    grad_sign = torch.randn_like(x).sign()
+    delta0 = task.initial_perturbation(x, x_pix, grad_sign)
+    assert (x_pix + delta0).min() >= 0 and (x_pix + delta0).max() <= 1
+    captured = {}
+
+    def capture(module, inputs):
+        captured['x'] = task.attack.normalizer.to_pixel(inputs[0].detach())
+
+    handle = task.unwrapped_model.register_forward_pre_hook(capture)
+    task.adversarial_loss(task.unwrapped_model, x_pix, delta0.detach(), y)
+    handle.remove()
+    delta = captured['x'] - x_pix
+    assert delta.abs().max() <= EPS + 1e-6
+    assert captured['x'].min() >= -1e-6 and captured['x'].max() <= 1 + 1e-6
+    assert delta.abs().max() > 0.9 * EPS  # the FGSM step moved away from delta0
+
+
+def test_sdi_bad_flags_fail_early():
+    model = timm.create_model('test_resnet', num_classes=10)
+    two_step = create_attack(EPS, steps=2, bn_mode='train')
+    with pytest.raises(ValueError, match='--adv-steps'):
+        FGSMSDITask(model, None, two_step, create_sdi_generator(EPS))
+    one_step = create_attack(EPS, steps=1, random_start=False, bn_mode='train')
+    with pytest.raises(ValueError, match='--adv-sdi-every'):
+        FGSMSDITask(model, None, one_step, create_sdi_generator(EPS), generator_every=0)
+    with pytest.raises(ValueError, match='--adv-sdi-label-confidence'):
+        FGSMSDITask(model, None, one_step, create_sdi_generator(EPS), label_confidence=1.5)
+
+
+def test_task_state_round_trip_restores_generator_and_its_optimizer(tmp_path):
+    task = _sdi_task(every=1)
+    x, y = _batch(8)
+    for _ in range(3):
+        task(x, y)
+    path = tmp_path / 'state.pth'
+    torch.save(task.get_task_state(), path)
+    state = torch.load(path, weights_only=True)
+    fresh = _sdi_task(every=1, seed=5)
+    fresh.unwrapped_model.load_state_dict(task.unwrapped_model.state_dict())
+    fresh.load_task_state(state)
+    assert fresh.batches_seen == 3
+    for k, v in task.generator.state_dict().items():
+        assert torch.equal(v, fresh.generator.state_dict()[k]), k
+    a, b = task.generator_optimizer.state_dict(), fresh.generator_optimizer.state_dict()
+    assert a['state'].keys() == b['state'].keys() and a['state']
+    for i in a['state']:
+        assert torch.equal(a['state'][i]['exp_avg'], b['state'][i]['exp_avg'])
+    # one more identical step keeps both in lock-step
+    task(x, y), fresh(x, y)
+    for k, v in task.generator.state_dict().items():
+        assert torch.allclose(v, fresh.generator.state_dict()[k]), k
+    assert task.get_task_state(ema=True) == {}
+
+
+def test_fgsm_rs_defaults_and_flags():
+    args = argparse.Namespace(adv_eps=0.1, adv_steps=None, adv_step_size=None, adv_norm=None,
+                              adv_random_start=None, adv_targeted=None, adv_bn_mode=None, adv_clean_weight=0.0)
+    task = get_method('fgsm-rs').from_args(timm.create_model('test_resnet', num_classes=10), nn.CrossEntropyLoss(),
+                                           args, mean=MEAN, std=STD)
+    assert isinstance(task, FGSMRSTask)
+    a = task.attack
+    assert (a.steps, a.random_start, a.norm) == (1, True, 'linf')
+    assert a.step_size == pytest.approx(0.125) and a.eps == pytest.approx(0.1)
+    assert args.adv_step_size is None  # the caller's namespace is not modified
+    with pytest.raises(ValueError, match='--adv-steps'):
+        FGSMRSTask.attack_from_args(argparse.Namespace(**{**vars(args), 'adv_steps': 3}))
+    x, y = _batch(4)
+    task.train()
+    out = task(x, y)
+    assert torch.isfinite(out['loss']) and 'top1_adv' in out
+
+
+# --- catastrophic-overfitting guard -------------------------------------------------------------------------
+
+
+class _CurvedMargin(nn.Module):
+    """Class-0 margin ``1 - curvature * ||x - 0.5||^2``: flat (zero gradient) at the clean images x = 0.5.
+
+    FGSM from the clean point sees no gradient and cannot move; PGD from a random start follows the
+    curvature. A large curvature is the gradient-masking signature of catastrophic overfitting.
+    """
+
+    def __init__(self, curvature: float):
+        super().__init__()
+        self.curvature = nn.Parameter(torch.tensor(float(curvature)))
+
+    def forward(self, x):
+        margin = 1.0 - self.curvature * (x - 0.5).pow(2).flatten(1).sum(1)
+        return torch.stack([margin, -margin], dim=1)
+
+
+def _guard_fixture(action):
+    eps = 0.1
+    x = torch.full((16, 1, 4, 4), 0.5)
+    loader = [(x, torch.zeros(16, dtype=torch.long))]
+    pgd = PGDAttack(eps, steps=5, random_start=True)
+    fgsm = PGDAttack(eps, steps=1, random_start=False)
+    model = _CurvedMargin(curvature=1.0)  # at |delta| = eps everywhere: margin 1 - 16 * 0.01 > 0, robust
+    task = StandardTask(model, nn.CrossEntropyLoss(), verbose=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return OverfitGuard(loader, pgd, fgsm, action=action, min_pgd_drop=10.0), task, model, optimizer
+
+
+def test_detect_collapse_rule():
+    history = [GuardRecord(0, 30.0, 40.0), GuardRecord(1, 45.0, 55.0)]
+    assert detect_collapse(history, 2.0, 85.0) is history[1]   # PGD collapsed, FGSM rose
+    assert detect_collapse(history, 2.0, 55.0) is history[1]   # FGSM held
+    assert detect_collapse(history, 30.0, 40.0) is None        # both fell: plain degradation, not CO
+    assert detect_collapse(history, 40.0, 90.0) is None        # PGD drop under 10 points
+    assert detect_collapse([], 0.0, 100.0) is None
+
+
+@pytest.mark.parametrize('action', ['warn', 'stop', 'rollback'])
+def test_guard_fires_on_contrived_collapse(action, caplog):
+    guard, task, model, optimizer = _guard_fixture(action)
+    healthy = guard.check(0, task, optimizer)
+    assert healthy == {'guard_pgd_top1': 100.0, 'guard_fgsm_top1': 100.0, 'co_detected': 0.0}
+    assert guard.act(task, optimizer) is False
+
+    with torch.no_grad():
+        model.curvature.fill_(100.0)  # PGD now breaks every sample, FGSM still sees a flat point
+    optimizer.state[model.curvature]['momentum_buffer'] = torch.tensor(7.0)
+    with caplog.at_level(logging.WARNING):
+        collapsed = guard.check(1, task, optimizer)
+    assert collapsed == {'guard_pgd_top1': 0.0, 'guard_fgsm_top1': 100.0, 'co_detected': 1.0}
+    assert 'CATASTROPHIC OVERFITTING at epoch 1' in caplog.text
+    stop = guard.act(task, optimizer)
+    assert stop is (action == 'stop')
+    if action == 'rollback':
+        assert model.curvature.item() == 1.0
+        assert 'momentum_buffer' not in optimizer.state[model.curvature]  # optimizer rolled back too
+        assert guard.check(2, task, optimizer)['co_detected'] == 0.0
+    else:
+        assert model.curvature.item() == 100.0
+
+
+def test_guard_rejects_bad_action():
+    with pytest.raises(ValueError, match='--adv-co-action'):
+        OverfitGuard([], PGDAttack(0.1), PGDAttack(0.1, steps=1), action='explode')
+
+
+# --- train.py end to end: checkpoint / resume of the generator and both optimisers ----------------------------
+
+
+@pytest.fixture(scope='module')
+def tiny_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp('digits')
+    rng = np.random.RandomState(0)
+    for split, per_class in (('train', 4), ('validation', 2)):
+        for c in range(10):
+            os.makedirs(root / split / str(c))
+            for i in range(per_class):
+                img = (rng.rand(28, 28) * 60 + c * 19).astype(np.uint8)  # class-dependent brightness
+                Image.fromarray(img, mode='L').convert('RGB').save(root / split / str(c) / f'{i}.png')
+    return root
+
+
+def _train_args(data, out, experiment, epochs, *extra):
+    return [
+        '--data-dir', str(data), '--model', 'test_resnet', '--num-classes', '10', '--img-size', '32',
+        '--adv-method', 'fgsm-sdi', '--adv-eps', '0.1', '--adv-sdi-every', '3', '--epochs', str(epochs),
+        '--sched', 'step', '--decay-epochs', '100', '--warmup-epochs', '0', '--no-aug', '-b', '8', '--lr', '0.05',
+        '--workers', '0', '--seed', '3', '--adv-val-samples', '8', '--adv-val-steps', '2',
+        '--adv-co-samples', '8', '--output', str(out), '--experiment', experiment, '--log-interval', '100', *extra,
+    ]
+
+
+def test_train_resume_restores_generator_and_both_optimizers(tiny_folder, tmp_path):
+    train.main(_train_args(tiny_folder, tmp_path, 'full', 2))
+    train.main(_train_args(tiny_folder, tmp_path, 'part', 1))
+    part_last = tmp_path / 'part' / 'last.pth.tar'
+    ckpt = read_checkpoint(str(part_last))
+    state = ckpt['task_state']
+    assert state['batches_seen'] == 5  # 40 images / batch 8
+    assert state['generator_optimizer']['state'], 'generator Adam state missing'
+    assert not any('generator' in k for k in ckpt['state_dict']), 'generator leaked into the model weights'
+    assert ckpt['optimizer']['state'], 'model optimizer state missing'
+
+    train.main(_train_args(tiny_folder, tmp_path, 'part', 2, '--resume', str(part_last)))
+    full = read_checkpoint(str(tmp_path / 'full' / 'last.pth.tar'))
+    resumed = read_checkpoint(str(part_last))
+    assert resumed['epoch'] == full['epoch'] == 1
+    for key in ('state_dict',):
+        for k, v in full[key].items():
+            assert torch.allclose(v.float(), resumed[key][k].float(), atol=1e-6), k
+    for k, v in full['task_state']['generator'].items():
+        assert torch.allclose(v.float(), resumed['task_state']['generator'][k].float(), atol=1e-6), k
+    assert resumed['task_state']['batches_seen'] == 10
+    gen_a = full['task_state']['generator_optimizer']['state']
+    gen_b = resumed['task_state']['generator_optimizer']['state']
+    assert all(torch.allclose(gen_a[i]['exp_avg_sq'], gen_b[i]['exp_avg_sq'], atol=1e-9) for i in gen_a)
+
+    with open(tmp_path / 'part' / 'summary.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    assert {'eval_guard_pgd_top1', 'eval_guard_fgsm_top1', 'eval_co_detected'} <= set(rows[0])

@@ -1,0 +1,237 @@
+"""Catastrophic-overfitting guard for fast (single-step) adversarial training.
+
+Fast AT can collapse within an epoch: the model learns to mask the single-step gradient, so FGSM
+accuracy climbs while multi-step PGD accuracy falls toward zero (Wong et al. 2020; Jia et al.
+2022). The guard measures PGD and FGSM accuracy on a fixed held-out set after each epoch and
+flags a collapse when
+
+* PGD accuracy is at least ``min_pgd_drop`` points below the best PGD accuracy seen so far, and
+* FGSM accuracy is not below its value at that best epoch (it held or rose while PGD fell).
+
+A collapse is logged as a WARNING, recorded in the epoch metrics (``guard_pgd_top1``,
+``guard_fgsm_top1``, ``co_detected``; ``summary.csv`` prefixes them with ``eval_``) and, depending
+on ``action``, training goes on (``warn``), stops after the epoch is saved (``stop``) or rolls back
+the model, optimiser, task state and EMA to the last epoch without collapse (``rollback``; the
+snapshot is kept on the CPU, so resuming a run restarts the guard's history).
+"""
+import argparse
+import copy
+import logging
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from timm.data import create_loader
+
+from timm_adv.attacks import PGDAttack, unwrap_ddp
+from timm_adv.tasks import get_method
+from .accuracy import evaluate_accuracy
+
+__all__ = ['CO_ACTIONS', 'GuardRecord', 'OverfitGuard', 'detect_collapse', 'add_overfit_guard_args',
+           'create_overfit_guard']
+
+_logger = logging.getLogger(__name__)
+
+CO_ACTIONS = ('warn', 'stop', 'rollback')
+
+
+class GuardRecord:
+    """Held-out PGD and FGSM accuracy (percent) of one epoch."""
+
+    def __init__(self, epoch: int, pgd_top1: float, fgsm_top1: float, collapsed: bool = False):
+        self.epoch = epoch
+        self.pgd_top1 = pgd_top1
+        self.fgsm_top1 = fgsm_top1
+        self.collapsed = collapsed
+
+    def __repr__(self) -> str:
+        return (f'GuardRecord(epoch={self.epoch}, pgd_top1={self.pgd_top1:.2f}, fgsm_top1={self.fgsm_top1:.2f}, '
+                f'collapsed={self.collapsed})')
+
+
+def detect_collapse(history: List[GuardRecord], pgd_top1: float, fgsm_top1: float,
+                    min_pgd_drop: float = 10.0) -> Optional[GuardRecord]:
+    """The best earlier epoch a collapse is measured against, or None when there is no collapse.
+
+    Collapse: PGD accuracy at least ``min_pgd_drop`` points below the best earlier PGD accuracy while
+    FGSM accuracy is at least what it was at that best epoch.
+
+    Example:
+        >>> detect_collapse([GuardRecord(0, 40.0, 55.0)], pgd_top1=3.0, fgsm_top1=80.0)
+        GuardRecord(epoch=0, pgd_top1=40.00, fgsm_top1=55.00, collapsed=False)
+    """
+    if not history:
+        return None
+    best = max(history, key=lambda r: r.pgd_top1)
+    if pgd_top1 <= best.pgd_top1 - min_pgd_drop and fgsm_top1 >= best.fgsm_top1:
+        return best
+    return None
+
+
+def _cpu_copy(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.detach().to('cpu', copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _cpu_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class OverfitGuard:
+    """Watches held-out PGD vs FGSM accuracy each epoch and reacts to catastrophic overfitting.
+
+    Args:
+        loader: Fixed held-out batches ``(input, target)`` (e.g. a slice of the validation split).
+        pgd_attack: Multi-step attack whose accuracy collapses under catastrophic overfitting.
+        fgsm_attack: Single-step attack whose accuracy holds or rises under it.
+        action: ``warn``, ``stop`` or ``rollback`` (see the module docstring).
+        min_pgd_drop: PGD accuracy drop (points) below the best epoch that counts as a collapse.
+        device: Device batches are moved to.
+        amp_autocast: Autocast context factory for the evaluation.
+
+    Example:
+        >>> guard = OverfitGuard(loader, PGDAttack(8 / 255, 10, mean=m, std=s),
+        ...                      PGDAttack(8 / 255, 1, random_start=False, mean=m, std=s), action='rollback')
+        >>> for epoch in range(epochs):
+        ...     train_one_epoch(...)
+        ...     metrics = guard.check(epoch, task, optimizer)   # {'guard_pgd_top1', 'guard_fgsm_top1', 'co_detected'}
+        ...     if guard.act(task, optimizer):
+        ...         break
+    """
+
+    def __init__(
+            self,
+            loader,
+            pgd_attack: PGDAttack,
+            fgsm_attack: PGDAttack,
+            action: str = 'warn',
+            min_pgd_drop: float = 10.0,
+            device: Optional[torch.device] = None,
+            amp_autocast: Callable = nullcontext,
+    ):
+        if action not in CO_ACTIONS:
+            raise ValueError(f'--adv-co-action must be one of {", ".join(CO_ACTIONS)}, got {action!r}.')
+        if not min_pgd_drop > 0:
+            raise ValueError(f'--adv-co-drop must be > 0 accuracy points, got {min_pgd_drop}.')
+        self.loader = loader
+        self.pgd_attack = pgd_attack
+        self.fgsm_attack = fgsm_attack
+        self.action = action
+        self.min_pgd_drop = float(min_pgd_drop)
+        self.device = device
+        self.amp_autocast = amp_autocast
+        self.history: List[GuardRecord] = []
+        self.collapsed = False
+        self._snapshot: Optional[Dict[str, Any]] = None
+
+    def _accuracy(self, model: nn.Module, attack: PGDAttack) -> float:
+        return evaluate_accuracy(model, self.loader, attack=attack, device=self.device,
+                                 amp_autocast=self.amp_autocast)['top1']
+
+    def check(self, epoch: int, task, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, float]:
+        """Measures the epoch, records it, warns on collapse; returns its metrics for ``summary.csv``.
+
+        With ``action='rollback'`` a healthy epoch's model, optimiser and task state become the snapshot
+        to roll back to.
+        """
+        model = unwrap_ddp(task.get_eval_model())
+        was_training = model.training
+        pgd = self._accuracy(model, self.pgd_attack)
+        fgsm = self._accuracy(model, self.fgsm_attack)
+        model.train(was_training)
+        best = detect_collapse(self.history, pgd, fgsm, self.min_pgd_drop)
+        self.collapsed = best is not None
+        self.history.append(GuardRecord(epoch, pgd, fgsm, self.collapsed))
+        if self.collapsed:
+            _logger.warning(
+                f'CATASTROPHIC OVERFITTING at epoch {epoch}: held-out PGD accuracy fell to {pgd:.2f}% from '
+                f'{best.pgd_top1:.2f}% (epoch {best.epoch}) while FGSM accuracy is {fgsm:.2f}% (was '
+                f'{best.fgsm_top1:.2f}%). Action: {self.action}' + (
+                    '' if self.action != 'warn' else ' (pass --adv-co-action stop or rollback to react)'))
+        elif self.action == 'rollback':
+            self._remember(task, optimizer)
+        return {'guard_pgd_top1': pgd, 'guard_fgsm_top1': fgsm, 'co_detected': float(self.collapsed)}
+
+    def act(self, task, optimizer: Optional[torch.optim.Optimizer] = None) -> bool:
+        """Applies ``action`` after a collapse found by the last :meth:`check`; True means stop training."""
+        if not self.collapsed or self.action == 'warn':
+            return False
+        if self.action == 'stop':
+            _logger.warning('Stopping training after catastrophic overfitting (--adv-co-action stop).')
+            return True
+        if self._snapshot is None:
+            _logger.warning('No epoch before the collapse to roll back to; training goes on (--adv-co-action '
+                            'rollback).')
+            return False
+        snap = self._snapshot
+        task.unwrapped_model.load_state_dict(snap['model'])
+        if optimizer is not None and snap['optimizer'] is not None:
+            optimizer.load_state_dict(snap['optimizer'])
+        task.load_task_state(snap['task'] or None)
+        if snap['ema'] is not None and task.has_ema():
+            task.get_trainable_module(ema=True).load_state_dict(snap['ema'])
+        _logger.warning(f'Rolled back model, optimizer and task state to epoch {snap["epoch"]} '
+                        f'(--adv-co-action rollback).')
+        return False
+
+    def _remember(self, task, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        self._snapshot = {
+            'epoch': self.history[-1].epoch,
+            'model': _cpu_copy(task.unwrapped_model.state_dict()),
+            'optimizer': None if optimizer is None else _cpu_copy(optimizer.state_dict()),
+            'task': _cpu_copy(task.get_task_state()),
+            'ema': _cpu_copy(task.get_trainable_module(ema=True).state_dict()) if task.has_ema() else None,
+        }
+
+
+def add_overfit_guard_args(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``--adv-co-*`` flags of the catastrophic-overfitting guard."""
+    group = parser.add_argument_group('Catastrophic-overfitting guard')
+    group.add_argument('--adv-co-guard', action=argparse.BooleanOptionalAction, default=None,
+                       help='each epoch, compare PGD and FGSM accuracy on a fixed held-out subset of the validation '
+                            'split to detect catastrophic overfitting (default: on for single-step methods such '
+                            'as fgsm-sdi and fgsm-rs, off otherwise)')
+    group.add_argument('--adv-co-action', choices=CO_ACTIONS, default='warn',
+                       help='on collapse: warn, stop after saving the epoch, or rollback to the last healthy epoch '
+                            '(default: warn)')
+    group.add_argument('--adv-co-samples', type=int, default=512, metavar='N',
+                       help='size of the held-out set, N evenly spaced validation samples (default: 512)')
+    group.add_argument('--adv-co-drop', type=float, default=10.0, metavar='POINTS',
+                       help='PGD accuracy drop below the best epoch, in points, that signals a collapse when FGSM '
+                            'accuracy did not fall (default: 10)')
+
+
+def create_overfit_guard(
+        args: argparse.Namespace,
+        dataset_eval,
+        loader_kwargs: Dict[str, Any],
+        eps: float,
+        mean=None,
+        std=None,
+        device: Optional[torch.device] = None,
+        amp_autocast: Callable = nullcontext,
+) -> Optional[OverfitGuard]:
+    """The guard configured by the ``--adv-co-*`` flags, or None when it is disabled.
+
+    The held-out set is ``--adv-co-samples`` evenly spaced validation samples (a prefix of a
+    class-sorted split would hold few classes); PGD uses ``--adv-val-steps`` steps at ``eps``.
+    """
+    enabled = args.adv_co_guard
+    if enabled is None:
+        enabled = getattr(get_method(args.adv_method), 'co_guard_default', False)
+    if not enabled:
+        return None
+    if args.adv_co_samples < 1:
+        raise ValueError(f'--adv-co-samples must be >= 1 with the guard on, got {args.adv_co_samples} '
+                         f'(or pass --no-adv-co-guard).')
+    total = len(dataset_eval)
+    n = min(args.adv_co_samples, total)
+    # evenly spaced, not a prefix: folder datasets (and bundled/mnist) are sorted by class
+    held_out = torch.utils.data.Subset(dataset_eval, [i * total // n for i in range(n)])
+    norm = args.adv_norm or 'linf'
+    pgd = PGDAttack(eps, steps=args.adv_val_steps, norm=norm, random_start=True, bn_mode='eval', mean=mean, std=std)
+    fgsm = PGDAttack(eps, steps=1, norm=norm, random_start=False, bn_mode='eval', mean=mean, std=std)
+    return OverfitGuard(create_loader(held_out, **loader_kwargs), pgd, fgsm, action=args.adv_co_action,
+                        min_pgd_drop=args.adv_co_drop, device=device, amp_autocast=amp_autocast)

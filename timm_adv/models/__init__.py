@@ -1,0 +1,1 @@
+from .sdi_generator import PreActResBlock, SDIGenerator, create_sdi_generator
