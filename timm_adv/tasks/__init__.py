@@ -1,4 +1,5 @@
 from .base import AdversarialTask, top1
 from .registry import get_method, list_methods, register_method
 from .standard import PGDTrainingTask, StandardTask
+from .advprop import AdvPropTask
 from .factory import add_adv_args, check_adv_args, create_task

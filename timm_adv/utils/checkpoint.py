@@ -5,7 +5,7 @@ names the command-line flag that supplied the path and what to do about it.
 """
 import argparse
 import os
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Union
 
 import torch
 import torch.nn as nn
@@ -52,10 +52,13 @@ def checkpoint_state_dict(checkpoint: Any, ema: bool = False) -> Dict[str, torch
     return clean_state_dict(checkpoint)
 
 
-def check_state_dict_matches(state_dict: Mapping[str, torch.Tensor], model: nn.Module, flag: str,
-                             arch: str = '') -> None:
-    """Raises a clear error when a state dict was saved for a different architecture or set-up."""
-    expected = model.state_dict()
+def check_state_dict_matches(state_dict: Mapping[str, torch.Tensor],
+                             model: Union[nn.Module, Mapping[str, torch.Tensor]], flag: str, arch: str = '') -> None:
+    """Raises a clear error when a state dict was saved for a different architecture or set-up.
+
+    ``model`` is the model, or the state dict it is expected to match (e.g. what a task saves).
+    """
+    expected = model if isinstance(model, Mapping) else model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
