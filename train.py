@@ -34,7 +34,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 
 from timm_adv.attacks import create_attack, unwrap_ddp
-from timm_adv.data import DEFAULT_DATASET, bundled_data_config, create_dataset, is_bundled
+from timm_adv.data import DEFAULT_DATASET, apply_bundled_defaults, create_dataset, is_bundled
 from timm_adv.evaluation import evaluate_accuracy
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
 from timm_adv.utils import CheckpointError, check_state_dict_matches, checkpoint_state_dict, read_checkpoint
@@ -274,16 +274,7 @@ def setup(args):
         args.data_dir = args.data
     if not args.dataset and not args.data_dir:
         args.dataset = DEFAULT_DATASET
-    if is_bundled(args.dataset):
-        bundled = bundled_data_config(args.dataset)
-        if args.input_size is None and args.img_size is None:
-            args.input_size = list(bundled['input_size'])
-        if args.crop_pct is None:
-            args.crop_pct = bundled['crop_pct']
-        if not args.interpolation:
-            args.interpolation = bundled['interpolation']
-        if args.num_classes is None:
-            args.num_classes = bundled['num_classes']
+    apply_bundled_defaults(args)
 
     method = get_method(args.adv_method)
     factory_kwargs = {}

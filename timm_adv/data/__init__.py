@@ -1,2 +1,2 @@
-from .bundled import BUNDLED_DATASETS, BundledMnist, bundled_data_config, is_bundled
+from .bundled import BUNDLED_DATASETS, BundledMnist, apply_bundled_defaults, is_bundled
 from .dataset_factory import DEFAULT_DATASET, create_dataset

@@ -1,1 +1,3 @@
-from .checkpoint import CheckpointError, check_state_dict_matches, checkpoint_state_dict, read_checkpoint
+from .checkpoint import (
+    CheckpointError, check_state_dict_matches, checkpoint_state_dict, load_training_checkpoint, read_checkpoint,
+)

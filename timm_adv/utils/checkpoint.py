@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 from timm.models import clean_state_dict
 
-__all__ = ['CheckpointError', 'read_checkpoint', 'checkpoint_state_dict', 'check_state_dict_matches']
+__all__ = ['CheckpointError', 'read_checkpoint', 'checkpoint_state_dict', 'check_state_dict_matches',
+           'load_training_checkpoint']
 
 
 class CheckpointError(ValueError):
@@ -76,3 +77,31 @@ def check_state_dict_matches(state_dict: Mapping[str, torch.Tensor],
         raise CheckpointError(
             f'{flag}: the checkpoint does not fit this model: {"; ".join(detail)}.{saved} Use the same --model, '
             f'--num-classes and --adv-method as the run that wrote it.')
+
+
+def load_training_checkpoint(model: nn.Module, path: str, use_ema: bool = False,
+                             flag: str = '--checkpoint') -> nn.Module:
+    """Loads a timm-adv (or timm) training checkpoint into a freshly created plain model.
+
+    If the checkpoint was written by a method that converts the model (``args.adv_method`` in the
+    checkpoint, e.g. AdvProp's dual BN), the same conversion is applied first so every key fits;
+    such models evaluate like the plain model in eval mode. Use the task's ``export_model()`` (or
+    ``timm_adv.hub``) to get the stripped architecture.
+
+    Returns:
+        The model with the weights loaded (possibly converted).
+
+    Example:
+        >>> model = load_training_checkpoint(timm.create_model('resnet10t', num_classes=10), 'run/last.pth.tar')
+    """
+    checkpoint = read_checkpoint(path, flag)
+    state_dict = checkpoint_state_dict(checkpoint, ema=use_ema)
+    train_args = checkpoint.get('args') if isinstance(checkpoint, Mapping) else None
+    method_name = getattr(train_args, 'adv_method', None) if train_args is not None else None
+    if method_name:
+        from timm_adv.tasks import get_method  # late import: tasks depend on this module's package
+        model = get_method(method_name).prepare_model(model, train_args)
+    arch = checkpoint.get('arch', '') if isinstance(checkpoint, Mapping) else ''
+    check_state_dict_matches(state_dict, model, flag, arch=arch)
+    model.load_state_dict(state_dict)
+    return model
