@@ -84,7 +84,8 @@ def load_training_checkpoint(model: nn.Module, path: str, use_ema: bool = False,
     """Loads a timm-adv (or timm) training checkpoint into a freshly created plain model.
 
     If the checkpoint was written by a method that converts the model (``args.adv_method`` in the
-    checkpoint, e.g. AdvProp's dual BN), the same conversion is applied first so every key fits;
+    checkpoint) and its state dict does not fit the plain model, the same conversion is applied
+    first so every key fits (AdvProp saves the plain model, so it loads without conversion);
     such models evaluate like the plain model in eval mode. Use the task's ``export_model()`` (or
     ``timm_adv.hub``) to get the stripped architecture.
 
@@ -98,7 +99,8 @@ def load_training_checkpoint(model: nn.Module, path: str, use_ema: bool = False,
     state_dict = checkpoint_state_dict(checkpoint, ema=use_ema)
     train_args = checkpoint.get('args') if isinstance(checkpoint, Mapping) else None
     method_name = getattr(train_args, 'adv_method', None) if train_args is not None else None
-    if method_name:
+    # a method may save the plain model (AdvProp keeps its auxiliary BNs in task_state): convert only when needed
+    if method_name and set(state_dict) != set(model.state_dict()):
         from timm_adv.tasks import get_method  # late import: tasks depend on this module's package
         model = get_method(method_name).prepare_model(model, train_args)
     arch = checkpoint.get('arch', '') if isinstance(checkpoint, Mapping) else ''
