@@ -373,8 +373,9 @@ def setup(args):
 
     start_epoch = 0
     if resume_ckpt is not None:
-        check_state_dict_matches(checkpoint_state_dict(resume_ckpt), unwrap_ddp(task.get_eval_model()), '--resume',
-                                 arch=resume_ckpt.get('arch', '') if isinstance(resume_ckpt, dict) else '')
+        # compare with what this task writes: a task may keep part of its model out of ``state_dict``
+        check_state_dict_matches(checkpoint_state_dict(resume_ckpt), task.get_checkpoint_state()['state_dict'],
+                                 '--resume', arch=resume_ckpt.get('arch', '') if isinstance(resume_ckpt, dict) else '')
         del resume_ckpt
         start_epoch = resume_task_checkpoint(
             task, args.resume, optimizer=None if args.no_resume_opt else optimizer,

@@ -5,7 +5,7 @@ names the command-line flag that supplied the path and what to do about it.
 """
 import argparse
 import os
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Union
 
 import torch
 import torch.nn as nn
@@ -53,10 +53,13 @@ def checkpoint_state_dict(checkpoint: Any, ema: bool = False) -> Dict[str, torch
     return clean_state_dict(checkpoint)
 
 
-def check_state_dict_matches(state_dict: Mapping[str, torch.Tensor], model: nn.Module, flag: str,
-                             arch: str = '') -> None:
-    """Raises a clear error when a state dict was saved for a different architecture or set-up."""
-    expected = model.state_dict()
+def check_state_dict_matches(state_dict: Mapping[str, torch.Tensor],
+                             model: Union[nn.Module, Mapping[str, torch.Tensor]], flag: str, arch: str = '') -> None:
+    """Raises a clear error when a state dict was saved for a different architecture or set-up.
+
+    ``model`` is the model, or the state dict it is expected to match (e.g. what a task saves).
+    """
+    expected = model if isinstance(model, Mapping) else model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
@@ -81,7 +84,8 @@ def load_training_checkpoint(model: nn.Module, path: str, use_ema: bool = False,
     """Loads a timm-adv (or timm) training checkpoint into a freshly created plain model.
 
     If the checkpoint was written by a method that converts the model (``args.adv_method`` in the
-    checkpoint, e.g. AdvProp's dual BN), the same conversion is applied first so every key fits;
+    checkpoint) and its state dict does not fit the plain model, the same conversion is applied
+    first so every key fits (AdvProp saves the plain model, so it loads without conversion);
     such models evaluate like the plain model in eval mode. Use the task's ``export_model()`` (or
     ``timm_adv.hub``) to get the stripped architecture.
 
@@ -95,7 +99,8 @@ def load_training_checkpoint(model: nn.Module, path: str, use_ema: bool = False,
     state_dict = checkpoint_state_dict(checkpoint, ema=use_ema)
     train_args = checkpoint.get('args') if isinstance(checkpoint, Mapping) else None
     method_name = getattr(train_args, 'adv_method', None) if train_args is not None else None
-    if method_name:
+    # a method may save the plain model (AdvProp keeps its auxiliary BNs in task_state): convert only when needed
+    if method_name and set(state_dict) != set(model.state_dict()):
         from timm_adv.tasks import get_method  # late import: tasks depend on this module's package
         model = get_method(method_name).prepare_model(model, train_args)
     arch = checkpoint.get('arch', '') if isinstance(checkpoint, Mapping) else ''

@@ -1,0 +1,130 @@
+"""Cost of one AdvProp training step relative to a plain step, measured in one process.
+
+Times (median of ``--repeats`` rounds, the variants interleaved so that load on a shared machine
+hits them alike):
+
+* ``plain``: forward, backward and optimiser step of the plain model on a batch of B.
+* ``advprop``: the AdvProp step (attack through the auxiliary BNs, one forward/backward of the
+  2B clean + adversarial batch in split mode, optimiser step).
+* ``ideal``: what AdvProp cannot avoid: the same attack on the plain model plus a plain step on a
+  batch of 2B. ``advprop / ideal`` is the overhead of the dual-BN routing.
+
+Peak memory is reported only on CUDA (``torch.cuda.max_memory_allocated``); on CPU only time is
+measured.
+
+Example:
+    python benchmarks/advprop_cost.py --model resnet10t --batch-size 64 --img-size 32 --eps 1/255
+"""
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+import torch.nn as nn
+import timm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from timm_adv.attacks import create_attack, parse_eps
+from timm_adv.tasks import AdvPropTask, StandardTask
+from timm_adv.tasks.advprop import advprop_steps
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _train_step(task: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    def step(x, y):
+        loss = task(x, y)['loss']
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> Dict[str, float]:
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    out = {'time': time.perf_counter() - start}
+    if device.type == 'cuda':
+        out['mem'] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return out
+
+
+def main(argv=None) -> Dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--model', default='resnet10t')
+    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--img-size', type=int, default=32)
+    parser.add_argument('--num-classes', type=int, default=10)
+    parser.add_argument('--eps', default='1/255', help='attack eps; steps follow the paper (eps*255 + 1, 1 at 1/255)')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    plain_model = timm.create_model(args.model, num_classes=args.num_classes).to(device)
+    dual_model = AdvPropTask.prepare_model(copy.deepcopy(plain_model)).to(device)
+    eps = parse_eps(args.eps, '--eps')
+    attack = create_attack(eps, steps=advprop_steps(eps), step_size='1/255', targeted='random', bn_mode='eval')
+    criterion = nn.CrossEntropyLoss()
+    plain_task = StandardTask(plain_model, criterion, verbose=False)
+    advprop_task = AdvPropTask(dual_model, criterion, attack, verbose=False)
+    plain_step = _train_step(plain_task, torch.optim.SGD(plain_model.parameters(), lr=1e-3))
+    advprop_step = _train_step(advprop_task, torch.optim.SGD(dual_model.parameters(), lr=1e-3))
+    plain_task.train()
+    advprop_task.train()
+
+    b = args.batch_size
+    x = torch.randn(2 * b, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, args.num_classes, (2 * b,), device=device)
+    variants = {
+        'plain': lambda: plain_step(x[:b], y[:b]),
+        'advprop': lambda: advprop_step(x[:b], y[:b]),
+        'attack': lambda: attack(plain_model, x[:b], y[:b]),
+        'plain_2x': lambda: plain_step(x, y),
+    }
+    for _ in range(args.warmup):
+        for fn in variants.values():
+            fn()
+    samples = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for k, fn in variants.items():
+            samples[k].append(_timed(fn, device))
+    t = {k: statistics.median(s['time'] for s in v) for k, v in samples.items()}
+    ideal = t['attack'] + t['plain_2x']
+    result = {
+        'advprop_over_plain': t['advprop'] / t['plain'],
+        'ideal_over_plain': ideal / t['plain'],
+        'advprop_over_ideal': t['advprop'] / ideal,
+    }
+    print(f'{args.model} batch {b} img {args.img_size} on {device}, {attack!r}, median of {args.repeats}')
+    for k, v in t.items():
+        print(f'  {k:>9s}: {v * 1000:8.1f} ms')
+    print(f'  AdvProp step / plain step: {result["advprop_over_plain"]:.2f}x '
+          f'(ideal: attack + 2x batch = {result["ideal_over_plain"]:.2f}x; '
+          f'AdvProp / ideal = {result["advprop_over_ideal"]:.2f})')
+    if device.type == 'cuda':
+        mem = {k: max(s['mem'] for s in v) for k, v in samples.items()}
+        result['mem_advprop_over_plain'] = mem['advprop'] / mem['plain']
+        print(f'  peak memory AdvProp / plain: {result["mem_advprop_over_plain"]:.2f}x '
+              f'(plain 2x batch: {mem["plain_2x"] / mem["plain"]:.2f}x)')
+    else:
+        print('  peak memory: not measured on CPU')
+    return result
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,4 @@
+from .dual_batchnorm import (
+    AUX_BN_KEY, ROUTES, DualBatchNorm2d, aux_bn_state_dict, convert_dual_bn, dual_bn_layers, dual_bn_route,
+    set_dual_bn_route, strip_aux_bn,
+)
