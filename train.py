@@ -34,7 +34,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 
 from timm_adv.attacks import create_attack, unwrap_ddp
-from timm_adv.data import DEFAULT_DATASET, TransformSubset, apply_bundled_defaults, create_dataset, is_bundled
+from timm_adv.data import DEFAULT_DATASET, apply_bundled_defaults, create_dataset, is_bundled, spread_subset
 from timm_adv.evaluation import add_overfit_guard_args, create_overfit_guard, evaluate_accuracy
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
 from timm_adv.utils import CheckpointError, check_state_dict_matches, checkpoint_state_dict, read_checkpoint
@@ -361,8 +361,7 @@ def setup(args):
     loader_eval = create_loader(dataset_eval, **eval_loader_args)
     loader_robust = None
     if args.adv_val_samples > 0:
-        robust_subset = TransformSubset(dataset_eval, range(min(args.adv_val_samples, len(dataset_eval))))
-        loader_robust = create_loader(robust_subset, **eval_loader_args)
+        loader_robust = create_loader(spread_subset(dataset_eval, args.adv_val_samples), **eval_loader_args)
 
     criterion = _create_criterion(args, mixup_active)
     task = create_task(model, criterion, args, mean=data_config['mean'], std=data_config['std'], device=device)

@@ -24,7 +24,7 @@ from timm.data import create_loader, resolve_data_config
 from timm.models import create_model
 
 from timm_adv.attacks import NORMS, create_attack, parse_eps
-from timm_adv.data import DEFAULT_DATASET, TransformSubset, apply_bundled_defaults, create_dataset
+from timm_adv.data import DEFAULT_DATASET, apply_bundled_defaults, create_dataset, spread_subset
 from timm_adv.evaluation import (IMAGENET_C_CORRUPTIONS, SEVERITIES, SHIFT_TYPES, evaluate_accuracy, evaluate_autoattack,
                                  evaluate_corruption_folder, evaluate_generated_corruptions, evaluate_shift,
                                  report_to_markdown, save_report, scan_corruption_folder)
@@ -67,7 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--amp-dtype', default='float16', type=str, help='lower precision AMP dtype (default: float16)')
     parser.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
     parser.add_argument('--pin-mem', action='store_true', default=False, help='Pin CPU memory in DataLoader')
-    parser.add_argument('--num-samples', type=int, default=None, metavar='N', help='evaluate only the first N samples')
+    parser.add_argument('--num-samples', type=int, default=None, metavar='N', help='evaluate only N evenly spaced samples of the split')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs)
     parser.add_argument('--results-file', default='', type=str, metavar='FILENAME', help='Output csv/json file for validation results')
     parser.add_argument('--results-format', default='csv', type=str, help='Format for results file one of (csv, json) (default: csv).')
@@ -84,7 +84,7 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--norm', choices=NORMS, default='linf', help='threat model norm (default: linf)')
     group.add_argument('--restarts', type=int, default=1, metavar='R', help='PGD random restarts (default: 1)')
     group.add_argument('--attack-samples', type=int, default=None, metavar='N',
-                       help='attack only the first N samples of the split (default: all)')
+                       help='attack only N evenly spaced samples of the split (default: all)')
 
     group = parser.add_argument_group('Robustness evaluation (timm_adv.evaluation)')
     group.add_argument('--autoattack', choices=('none',) + AUTOATTACK_VERSIONS, default='none',
@@ -94,7 +94,7 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--aa-eps', default=None, metavar='EPS', help='AutoAttack radius (default: the first --eps)')
     group.add_argument('--aa-norm', choices=('linf', 'l2', 'l1'), default=None, help='AutoAttack norm (default: --norm)')
     group.add_argument('--aa-samples', type=int, default=1000, metavar='N',
-                       help='AutoAttack on the first N samples of the split (default: 1000)')
+                       help='AutoAttack on N evenly spaced samples of the split (default: 1000)')
     group.add_argument('--aa-batch-size', type=int, default=250, metavar='N', help='AutoAttack batch size (default: 250)')
     group.add_argument('--aa-iters', type=int, default=None, metavar='K',
                        help='APGD/FAB iterations, --autoattack custom only (quick checks; presets keep 100)')
@@ -194,7 +194,7 @@ def validate(args) -> OrderedDict:
     dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, class_map=args.class_map,
                              download=args.dataset_download)
     if args.num_samples is not None:
-        dataset = TransformSubset(dataset, range(min(args.num_samples, len(dataset))))
+        dataset = spread_subset(dataset, args.num_samples)
     loader_args = dict(
         input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
@@ -219,8 +219,7 @@ def validate(args) -> OrderedDict:
     if args.attack != 'none':
         attack_loader = loader
         if args.attack_samples is not None and args.attack_samples < len(dataset):
-            subset = TransformSubset(dataset, range(args.attack_samples))
-            attack_loader = create_loader(subset, **loader_args)
+            attack_loader = create_loader(spread_subset(dataset, args.attack_samples), **loader_args)
             subset_clean = evaluate_accuracy(model, attack_loader, log_prefix='Clean subset', **eval_kwargs)
             results['attack_subset_top1'] = round(subset_clean['top1'], 4)
             report['attack_subset_clean'] = dict(top1=subset_clean['top1'], samples=subset_clean['samples'])
@@ -246,18 +245,21 @@ def validate(args) -> OrderedDict:
                 attack=args.attack, eps=eps, norm=args.norm, steps=attack.steps, step_size=attack.step_size,
                 restarts=attack.restarts, samples=adv['samples'], top1=adv['top1']))
         results['eps'] = ' '.join(f'{e:.6g}' for e in args.eps)
-    _evaluate_robustness(args, model, data_config, loader, device, results, report)
+    aa_loader = None
+    if args.autoattack != 'none':
+        aa_loader = create_loader(spread_subset(dataset, args.aa_samples), **loader_args)
+    _evaluate_robustness(args, model, data_config, aa_loader, device, results, report)
     if args.report_dir:
         save_report(report, args.report_dir, plots=not args.no_plots)
     results['report'] = report
     return results
 
 
-def _evaluate_robustness(args, model, data_config, loader, device, results, report) -> None:
+def _evaluate_robustness(args, model, data_config, aa_loader, device, results, report) -> None:
     """AutoAttack, corruptions and distribution shift, as requested; fills the flat results and the report."""
     if args.autoattack != 'none':
         aa = evaluate_autoattack(
-            model, loader, eps=args.aa_eps, mean=data_config['mean'], std=data_config['std'],
+            model, aa_loader, eps=args.aa_eps, mean=data_config['mean'], std=data_config['std'],
             norm=args.aa_norm or args.norm, version=args.autoattack, attacks=args.aa_attacks,
             num_samples=args.aa_samples, batch_size=args.aa_batch_size, device=device, seed=args.seed,
             n_iter=args.aa_iters)

@@ -14,7 +14,7 @@ import torch.nn as nn
 from PIL import Image
 
 import train
-from timm_adv.data import BundledMnist, TransformSubset, apply_bundled_defaults
+from timm_adv.data import BundledMnist, TransformSubset, apply_bundled_defaults, spread_subset
 from timm_adv.evaluation import (ALEXNET_ERRORS, IMAGENET_A_INDICES, IMAGENET_C_CORRUPTIONS, IMAGENET_R_INDICES,
                                  SEVERITIES, CorruptedDataset, CorruptionFolderError, LogitSubset, PixelSpaceModel,
                                  compute_mce, evaluate_autoattack, evaluate_corruption_folder, evaluate_shift,
@@ -135,7 +135,7 @@ def test_offline_hub_cache_round_trip_and_validate(checkpoint, exported, tmp_pat
     from timm.data import create_loader
     from timm_adv.evaluation import evaluate_accuracy
     cfg = model.pretrained_cfg
-    loader = create_loader(TransformSubset(BundledMnist('validation'), range(32)), input_size=(3, 32, 32),
+    loader = create_loader(spread_subset(BundledMnist('validation'), 32), input_size=(3, 32, 32),
                            batch_size=32, mean=cfg['mean'], std=cfg['std'], crop_pct=1.0, interpolation='bilinear',
                            use_prefetcher=False)
     expected = evaluate_accuracy(model, loader)
@@ -291,6 +291,7 @@ def test_hub_config_errors(tmp_path):
 def test_model_card_shows_measured_table_and_plots(exported, tmp_path):
     folder, _ = exported
     report = dict(model='m', dataset='bundled/mnist', clean=dict(top1=97.5, top5=99.9, samples=1000),
+                  attack_subset_clean=dict(top1=98.0, samples=500),  # validate.py --attack-samples adds it
                   pgd=[dict(attack='pgd', eps=e, norm='linf', steps=20, step_size=e / 8, restarts=1, samples=500,
                             top1=a) for e, a in ((0.05, 90.0), (0.1, 71.25))])
     text = render_model_card(folder, REPO_ID, report=report, train_command='python train.py --model test_resnet',

@@ -1,7 +1,7 @@
 """A dataset subset that timm's ``create_loader`` can set a transform on."""
 import torch.utils.data
 
-__all__ = ['TransformSubset']
+__all__ = ['TransformSubset', 'spread_subset']
 
 
 class TransformSubset(torch.utils.data.Subset):
@@ -21,3 +21,17 @@ class TransformSubset(torch.utils.data.Subset):
     @transform.setter
     def transform(self, value):
         self.dataset.transform = value
+
+
+def spread_subset(dataset, num_samples: int) -> TransformSubset:
+    """A fixed subset of ``num_samples`` evenly spaced items (all of them if fewer).
+
+    Evenly spaced rather than a prefix: folder datasets are sorted by class, so their first N
+    images may hold a single class.
+
+    Example:
+        >>> robust_val = spread_subset(dataset_eval, 500)
+    """
+    total = len(dataset)
+    n = min(num_samples, total)
+    return TransformSubset(dataset, [i * total // n for i in range(n)])

@@ -13,7 +13,7 @@ import logging
 import os
 import types
 import warnings
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch

@@ -25,6 +25,7 @@ import torch.nn as nn
 from timm.data import create_loader
 
 from timm_adv.attacks import PGDAttack, unwrap_ddp
+from timm_adv.data import spread_subset
 from timm_adv.tasks import get_method
 from .accuracy import evaluate_accuracy
 
@@ -226,10 +227,7 @@ def create_overfit_guard(
     if args.adv_co_samples < 1:
         raise ValueError(f'--adv-co-samples must be >= 1 with the guard on, got {args.adv_co_samples} '
                          f'(or pass --no-adv-co-guard).')
-    total = len(dataset_eval)
-    n = min(args.adv_co_samples, total)
-    # evenly spaced, not a prefix: folder datasets (and bundled/mnist) are sorted by class
-    held_out = torch.utils.data.Subset(dataset_eval, [i * total // n for i in range(n)])
+    held_out = spread_subset(dataset_eval, args.adv_co_samples)
     norm = args.adv_norm or 'linf'
     pgd = PGDAttack(eps, steps=args.adv_val_steps, norm=norm, random_start=True, bn_mode='eval', mean=mean, std=std)
     fgsm = PGDAttack(eps, steps=1, norm=norm, random_start=False, bn_mode='eval', mean=mean, std=std)

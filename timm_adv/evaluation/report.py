@@ -112,9 +112,6 @@ def _pyplot():
 def plot_accuracy_vs_eps(report: Dict, path: str) -> Optional[str]:
     """Top-1 against eps for each PGD/FGSM setting (eps 0 is the clean accuracy). None if < 2 eps."""
     groups: Dict[str, list] = {}
-    subset = report.get('attack_subset_clean')
-    if subset:
-        rows.append(dict(evaluation='Clean (attack subset)', setting='-', samples=subset['samples'], top1=subset['top1']))
     for p in report.get('pgd', []):
         key = f'{"FGSM" if p.get("attack") == "fgsm" else "PGD-" + str(p["steps"])} ({p["norm"]})'
         groups.setdefault(key, []).append((p['eps'], p['top1']))

@@ -138,6 +138,11 @@ class AdvPropTask(AdversarialTask):
                    clean_weight=getattr(args, 'adv_advprop_clean_weight', 1.0),
                    adv_weight=getattr(args, 'adv_advprop_adv_weight', 1.0), device=device)
 
+    def ideal_cost(self) -> Dict[str, float]:
+        cost = super().ideal_cost()
+        cost['train_steps'] = 2.0  # one training step on the clean + adversarial (2x) batch
+        return cost
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         dual = self.unwrapped_model
         with dual_bn_route(dual, 'aux'):

@@ -91,6 +91,7 @@ class AdversarialTask(ClassificationTask):
             bn_mode=getattr(args, 'adv_bn_mode', None) or cls.default_bn_mode,
             mean=mean,
             std=std,
+            num_classes=getattr(args, 'num_classes', None),
         )
 
     @classmethod

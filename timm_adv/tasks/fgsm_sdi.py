@@ -203,6 +203,11 @@ class FGSMSDITask(AdversarialTask):
         self.generator_optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    def ideal_cost(self) -> Dict[str, float]:
+        # input gradient at x, the FGSM step from x + delta0, and every k batches one generator
+        # step through the model; the generator's own layers are extra work on top
+        return {'train_steps': 1.0, 'attack_passes': 2.0 + 1.0 / self.generator_every}
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         attack = self.attack
         x = input.detach()
