@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 EPS = '0.1'
 
 COMMON = ['--model', 'resnet10t', '--no-aug', '-b', '64', '--opt', 'sgd', '--lr', '0.05', '--weight-decay', '5e-4',
-          '--warmup-epochs', '1', '--workers', '0', '--adv-val-samples', '200', '--adv-val-steps', '10',
+          '--warmup-epochs', '0', '--workers', '0', '--adv-val-samples', '200', '--adv-val-steps', '10', '--adv-val-eps', EPS,
           '--log-interval', '20']
 METHODS = {
     'plain': ['--adv-method', 'none'],

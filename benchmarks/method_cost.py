@@ -5,17 +5,18 @@ For every registered ``--adv-method`` (or those named with ``--methods``) the sa
 optimiser run ``--steps`` timed steps after warm-up; the median is reported as a ratio to the plain
 step (``none``). Beside it stands the method's ideal cost, ``train_steps * T_plain + attack_passes *
 T_attack``, where ``T_attack`` is one forward + input-only backward pass, measured in the same run.
-Peak memory is the CUDA allocator peak on GPU; on CPU it is the rise of peak RSS over that method's
-steps, each method measured in a fresh subprocess (peak RSS never falls within a process).
+Peak memory is the CUDA allocator peak on GPU. On CPU it is the highest resident set size sampled
+(every millisecond) while the method runs its steps, minus the resident size just before its first
+step, each method in a fresh subprocess so that memory cached by another method does not hide its own.
 
     python benchmarks/method_cost.py --model resnet10t --img-size 32 --batch-size 64
 """
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import timm
@@ -32,8 +33,27 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _rss_mb() -> float:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+
+
+class _RssPeak:
+    """Samples the resident set size in a background thread; ``peak`` is the highest seen."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def _time_steps(fn, steps: int, warmup: int, device) -> float:
@@ -68,9 +88,13 @@ def measure(method: str, bench_args, train_argv, device, x, y):
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    rss_before = _peak_rss_mb()
-    seconds = _time_steps(step, bench_args.steps, bench_args.warmup, device)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == 'cuda' else _peak_rss_mb() - rss_before
+        seconds = _time_steps(step, bench_args.steps, bench_args.warmup, device)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        rss_before = _rss_mb()
+        with _RssPeak() as rss:
+            seconds = _time_steps(step, bench_args.steps, bench_args.warmup, device)
+        peak = rss.peak - rss_before
 
     normalizer = PixelNormalizer(mean, std)
     x_pix = normalizer.to_pixel(x)
@@ -111,20 +135,21 @@ def main():
     results = {m: measure(m, bench_args, extra, device, x, y) for m in methods}
     if device.type == 'cpu':
         for m in methods:
-            out = subprocess.run([sys.executable, sys.argv[0], '--memory-of', m, *sys.argv[1:]], capture_output=True, text=True,
-                                 check=True).stdout
+            cmd = [sys.executable, sys.argv[0], '--memory-of', m, *sys.argv[1:]]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             results[m] = (results[m][0], float(out.strip().splitlines()[-1]), *results[m][2:])
     plain_time, plain_peak, plain_attack, _ = results['none']
-    mem_unit = 'MiB CUDA peak' if device.type == 'cuda' else 'MiB peak-RSS rise'
+    mem_unit = 'MiB CUDA peak' if device.type == 'cuda' else 'MiB RSS rise'
     print(f'model={bench_args.model} img={bench_args.img_size} batch={bench_args.batch_size} device={device} '
           f'torch={torch.__version__} threads={torch.get_num_threads()} extra={" ".join(extra) or "-"}')
     print(f'unit costs: plain step {plain_time * 1e3:.1f} ms, attack pass (fwd + input-only bwd) '
           f'{plain_attack * 1e3:.1f} ms = {plain_attack / plain_time:.2f} plain steps')
-    print(f'| method | step / plain | ideal / plain | measured / ideal | memory ({mem_unit}) |')
-    print('|---|---|---|---|---|')
+    print(f'| method | step / plain | ideal / plain | measured / ideal | memory ({mem_unit}) | memory / plain |')
+    print('|---|---|---|---|---|---|')
     for m, (seconds, peak, _, cost) in results.items():
         ideal = cost['train_steps'] * plain_time + cost['attack_passes'] * plain_attack
-        print(f'| {m} | {seconds / plain_time:.2f} | {ideal / plain_time:.2f} | {seconds / ideal:.2f} | {peak:.0f} |')
+        print(f'| {m} | {seconds / plain_time:.2f} | {ideal / plain_time:.2f} | {seconds / ideal:.2f} | {peak:.0f} | '
+              f'{peak / max(plain_peak, 1e-9):.2f} |')
 
 
 if __name__ == '__main__':

@@ -28,6 +28,7 @@ from timm.utils.model import unwrap_model
 
 from timm_adv.attacks import PGDAttack
 from timm_adv.layers import aux_bn_state_dict, convert_dual_bn, dual_bn_layers, dual_bn_route, strip_aux_bn
+from .arg_types import bounded_type
 from .base import AdversarialTask, top1
 from .registry import register_method
 
@@ -45,19 +46,6 @@ def advprop_steps(eps: float) -> int:
     """
     k = max(1, round(eps * 255))
     return 1 if k == 1 else k + 1
-
-
-def _non_negative(flag: str):
-    def _parse(value):
-        try:
-            out = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{flag} must be a number, got {value!r}.') from None
-        if not out >= 0:
-            raise argparse.ArgumentTypeError(f'{flag} must be >= 0, got {value}.')
-        return out
-    _parse.__name__ = 'float'
-    return _parse
 
 
 @register_method('advprop')
@@ -106,11 +94,11 @@ class AdvPropTask(AdversarialTask):
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
-        group.add_argument('--adv-advprop-clean-weight', type=_non_negative('--adv-advprop-clean-weight'),
+        group.add_argument('--adv-advprop-clean-weight', type=bounded_type('--adv-advprop-clean-weight', float, 0),
                            default=1.0, metavar='W',
                            help='advprop: weight of CE(clean, main BN); 1 as in the paper, 0.5 with the adv weight '
                                 '0.5 is the PyTorch port\'s single CE over both halves (default: 1)')
-        group.add_argument('--adv-advprop-adv-weight', type=_non_negative('--adv-advprop-adv-weight'),
+        group.add_argument('--adv-advprop-adv-weight', type=bounded_type('--adv-advprop-adv-weight', float, 0),
                            default=1.0, metavar='W', help='advprop: weight of CE(adversarial, auxiliary BN) (default: 1)')
 
     @classmethod

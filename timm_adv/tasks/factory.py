@@ -5,33 +5,11 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from timm_adv.attacks import BN_MODES, NORMS, parse_eps
+from timm_adv.attacks import BN_MODES, NORMS
+from .arg_types import bounded_type, eps_type
 from .registry import get_method, list_methods
 
 __all__ = ['add_adv_args', 'check_adv_args', 'create_task']
-
-
-def _eps(flag: str):
-    def _parse(value):
-        try:
-            return parse_eps(value, flag)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    _parse.__name__ = 'eps'
-    return _parse
-
-
-def _positive_int(flag: str):
-    def _parse(value):
-        try:
-            out = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{flag} must be an integer, got {value!r}.') from None
-        if out < 1:
-            raise argparse.ArgumentTypeError(f'{flag} must be >= 1, got {out}.')
-        return out
-    _parse.__name__ = 'int'
-    return _parse
 
 
 def add_adv_args(parser: argparse.ArgumentParser) -> None:
@@ -42,11 +20,11 @@ def add_adv_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Adversarial training parameters')
     group.add_argument('--adv-method', default='none', metavar='NAME',
                        help=f'adversarial training method, one of: {", ".join(list_methods())} (default: none)')
-    group.add_argument('--adv-eps', type=_eps('--adv-eps'), default=None, metavar='EPS',
+    group.add_argument('--adv-eps', type=eps_type('--adv-eps'), default=None, metavar='EPS',
                        help='attack radius in pixel units [0,1], e.g. 8/255 (default: per method)')
-    group.add_argument('--adv-steps', type=_positive_int('--adv-steps'), default=None, metavar='K',
+    group.add_argument('--adv-steps', type=bounded_type('--adv-steps', int, 1), default=None, metavar='K',
                        help='attack steps; 1 is FGSM (default: per method)')
-    group.add_argument('--adv-step-size', type=_eps('--adv-step-size'), default=None, metavar='ALPHA',
+    group.add_argument('--adv-step-size', type=eps_type('--adv-step-size'), default=None, metavar='ALPHA',
                        help='attack step size (default: eps for 1 step, 2.5*eps/steps otherwise)')
     group.add_argument('--adv-norm', choices=NORMS, default=None, help='threat model norm (default: linf)')
     group.add_argument('--adv-random-start', action=argparse.BooleanOptionalAction, default=None,
@@ -56,9 +34,9 @@ def add_adv_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--adv-bn-mode', choices=BN_MODES, default=None,
                        help='BN behaviour while the training attack runs: eval statistics, batch statistics with '
                             'frozen running stats (train), or updated stats (train_update) (default: per method)')
-    group.add_argument('--adv-val-steps', type=_positive_int('--adv-val-steps'), default=10, metavar='K',
+    group.add_argument('--adv-val-steps', type=bounded_type('--adv-val-steps', int, 1), default=10, metavar='K',
                        help='PGD steps of the per-epoch robust validation (default: 10)')
-    group.add_argument('--adv-val-eps', type=_eps('--adv-val-eps'), default=None, metavar='EPS',
+    group.add_argument('--adv-val-eps', type=eps_type('--adv-val-eps'), default=None, metavar='EPS',
                        help='eps of the per-epoch robust validation (default: training eps, or 8/255)')
     group.add_argument('--adv-val-samples', type=int, default=500, metavar='N',
                        help='size of the fixed validation subset attacked each epoch; 0 disables (default: 500)')
