@@ -331,6 +331,12 @@ def test_train_checkpoint_resume_and_export(image_folder, tmp_path):
     with pytest.raises(ValueError, match='--initial-checkpoint'):
         task.load_checkpoint_state(ckpt['state_dict'], None)
 
+    # the Hub export rebuilds the task from the checkpoint, auxiliary BNs included, and exports the plain model
+    from timm_adv.hub import task_from_checkpoint
+    rebuilt, _, _ = task_from_checkpoint(str(run / 'last.pth.tar'))
+    assert all(torch.equal(rebuilt.unwrapped_model.state_dict()[k], v) for k, v in aux.items())
+    assert torch.equal(rebuilt.export_model().eval()(x), exported(x))
+
 
 def test_train_refuses_bn_free_model(image_folder, tmp_path, capsys):
     import train

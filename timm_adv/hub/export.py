@@ -106,13 +106,12 @@ def task_from_checkpoint(path: str, use_ema: bool = False, device: str = 'cpu', 
                          global_pool=getattr(args, 'gp', None), bn_eps=getattr(args, 'bn_eps', None), **model_kwargs)
     data_config = resolve_data_config(vars(args), model=model)
     model = method.prepare_model(model, args)
-    state_dict = checkpoint_state_dict(checkpoint, ema=use_ema)
-    check_state_dict_matches(state_dict, model, flag, arch=args.model)
-    model.load_state_dict(state_dict)
     task = method.from_args(model, nn.CrossEntropyLoss(), args, mean=data_config['mean'], std=data_config['std'],
                             device=torch.device(device))
-    if checkpoint.get('task_state') and hasattr(task, 'load_task_state'):
-        task.load_task_state(checkpoint['task_state'], strict=False)
+    # the task decides its checkpoint layout (AdvProp: plain state_dict + auxiliary BNs in task_state)
+    state_dict = checkpoint_state_dict(checkpoint, ema=use_ema)
+    check_state_dict_matches(state_dict, task.get_checkpoint_state()['state_dict'], flag, arch=args.model)
+    task.load_checkpoint_state(state_dict, checkpoint.get('task_state_ema' if use_ema else 'task_state'))
     return task, args, data_config
 
 
