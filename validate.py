@@ -176,6 +176,7 @@ def validate(args) -> OrderedDict:
 
     # a hub or folder model without --checkpoint is only meaningful with its own weights
     pretrained = args.pretrained or (args.model.startswith(('hf-hub:', 'local-dir:')) and not args.checkpoint)
+    torch.manual_seed(args.seed)  # reproducible even for a model left at its random initialisation
     model = create_model(args.model, pretrained=pretrained, num_classes=args.num_classes,
                          in_chans=args.in_chans or 3, global_pool=args.gp, **args.model_kwargs)
     if args.checkpoint:
@@ -321,7 +322,7 @@ def main(argv=None) -> OrderedDict:
         sys.exit(2)
     report = results.pop('report')
     print(format_table(results))
-    if len(report) > 4:
+    if any(k in report for k in ('autoattack', 'corruptions', 'shift')):  # beyond the flat table above
         print(report_to_markdown(report))
     print(f'--result\n{json.dumps(results, indent=4)}')
     if args.results_file:
