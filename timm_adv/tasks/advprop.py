@@ -69,7 +69,7 @@ class AdvPropTask(AdversarialTask):
 
     default_bn_mode = 'eval'
     attack_defaults: Dict[str, Any] = dict(
-        eps=1 / 255, steps=None, step_size=1 / 255, norm='linf', random_start=True, targeted='random')
+        eps=1 / 255, steps=advprop_steps, step_size=1 / 255, norm='linf', random_start=True, targeted='random')
 
     def __init__(
             self,
@@ -112,13 +112,6 @@ class AdvPropTask(AdversarialTask):
                 f'{name!r} has none (e.g. LayerNorm / GroupNorm models such as ViT or ConvNeXt). Use a BatchNorm '
                 f'model (resnet, efficientnet, mobilenetv3, regnet) or another method: {_ALTERNATIVES}.')
         return model
-
-    @classmethod
-    def attack_from_args(cls, args: argparse.Namespace, mean=None, std=None) -> PGDAttack:
-        if getattr(args, 'adv_steps', None) is None:
-            args = argparse.Namespace(**vars(args))
-            args.adv_steps = advprop_steps(getattr(args, 'adv_eps', None) or cls.attack_defaults['eps'])
-        return super().attack_from_args(args, mean, std)
 
     @classmethod
     def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'AdvPropTask':

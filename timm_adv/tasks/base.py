@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from timm.task import ClassificationTask
 
-from timm_adv.attacks import PGDAttack, create_attack, hard_labels, unwrap_ddp
+from timm_adv.attacks import PGDAttack, create_attack, hard_labels, parse_eps, unwrap_ddp
 
 __all__ = ['AdversarialTask', 'top1']
 
@@ -43,7 +43,7 @@ class AdversarialTask(ClassificationTask):
     method_name: str = ''
     #: BN behaviour of the training attack when ``--adv-bn-mode`` is not given.
     default_bn_mode: str = 'train'
-    #: Attack settings used when the matching ``--adv-*`` flag is not given.
+    #: Attack settings used when the matching ``--adv-*`` flag is not given; a callable is applied to eps.
     attack_defaults: Dict[str, Any] = dict(eps=8 / 255, steps=10, norm='linf', random_start=True)
 
     def __init__(
@@ -76,13 +76,17 @@ class AdversarialTask(ClassificationTask):
     def attack_from_args(cls, args: argparse.Namespace, mean=None, std=None) -> PGDAttack:
         """The method's attack from the common ``--adv-*`` flags, filling gaps with its defaults."""
         d = cls.attack_defaults
+        eps = parse_eps(getattr(args, 'adv_eps', None) or d['eps'])
 
         def pick(name):
             value = getattr(args, f'adv_{name}', None)
-            return d.get(name) if value is None else value
+            if value is not None:
+                return value
+            default = d.get(name)
+            return default(eps) if callable(default) else default  # eps-dependent defaults, e.g. 1.25 * eps
 
         return create_attack(
-            eps=pick('eps'),
+            eps=eps,
             steps=pick('steps'),
             step_size=pick('step_size'),
             norm=pick('norm'),

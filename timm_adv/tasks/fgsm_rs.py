@@ -6,7 +6,6 @@ forward-backward passes. It is Madry PGD training with one random-start step, so
 ``pgd`` task and the shared attack core; only the defaults differ.
 """
 import argparse
-import copy
 
 from .standard import PGDTrainingTask
 from .registry import register_method
@@ -28,7 +27,8 @@ class FGSMRSTask(PGDTrainingTask):
         >>> task = FGSMRSTask(model, nn.CrossEntropyLoss(), attack)
     """
 
-    attack_defaults = dict(eps=8 / 255, steps=1, norm='linf', random_start=True)
+    attack_defaults = dict(eps=8 / 255, steps=1, step_size=lambda eps: FGSM_RS_STEP_RATIO * eps, norm='linf',
+                           random_start=True)
     #: Fast single-step methods are prone to catastrophic overfitting: guard them by default.
     co_guard_default = True
 
@@ -44,8 +44,4 @@ class FGSMRSTask(PGDTrainingTask):
         if getattr(args, 'adv_random_start', None) is False:
             raise ValueError('fgsm-rs always starts from a random point; drop --no-adv-random-start (plain FGSM '
                              'training is --adv-method pgd --adv-steps 1 --no-adv-random-start).')
-        if getattr(args, 'adv_step_size', None) is None:
-            args = copy.copy(args)
-            eps = getattr(args, 'adv_eps', None) or cls.attack_defaults['eps']
-            args.adv_step_size = FGSM_RS_STEP_RATIO * eps
         return super().attack_from_args(args, mean, std)
