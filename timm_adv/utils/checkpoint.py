@@ -83,26 +83,18 @@ def load_training_checkpoint(model: nn.Module, path: str, use_ema: bool = False,
                              flag: str = '--checkpoint') -> nn.Module:
     """Loads a timm-adv (or timm) training checkpoint into a freshly created plain model.
 
-    If the checkpoint was written by a method that converts the model (``args.adv_method`` in the
-    checkpoint) and its state dict does not fit the plain model, the same conversion is applied
-    first so every key fits (AdvProp saves the plain model, so it loads without conversion);
-    such models evaluate like the plain model in eval mode. Use the task's ``export_model()`` (or
-    ``timm_adv.hub``) to get the stripped architecture.
+    Every timm-adv method saves the plain evaluation model under ``state_dict`` and keeps its
+    training-only parts (AdvProp's auxiliary BNs, FGSM-SDI's generator) in ``task_state``, so the
+    weights load strictly into the original architecture.
 
     Returns:
-        The model with the weights loaded (possibly converted).
+        ``model`` with the weights loaded.
 
     Example:
         >>> model = load_training_checkpoint(timm.create_model('resnet10t', num_classes=10), 'run/last.pth.tar')
     """
     checkpoint = read_checkpoint(path, flag)
     state_dict = checkpoint_state_dict(checkpoint, ema=use_ema)
-    train_args = checkpoint.get('args') if isinstance(checkpoint, Mapping) else None
-    method_name = getattr(train_args, 'adv_method', None) if train_args is not None else None
-    # a method may save the plain model (AdvProp keeps its auxiliary BNs in task_state): convert only when needed
-    if method_name and set(state_dict) != set(model.state_dict()):
-        from timm_adv.tasks import get_method  # late import: tasks depend on this module's package
-        model = get_method(method_name).prepare_model(model, train_args)
     arch = checkpoint.get('arch', '') if isinstance(checkpoint, Mapping) else ''
     check_state_dict_matches(state_dict, model, flag, arch=arch)
     model.load_state_dict(state_dict)
