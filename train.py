@@ -400,7 +400,7 @@ def setup(args):
     val_eps = args.adv_val_eps or args.adv_eps or method.attack_defaults.get('eps', 8 / 255)
     val_attack = create_attack(eps=val_eps, steps=args.adv_val_steps, norm=args.adv_norm or 'linf',
                                random_start=True, bn_mode='eval', mean=data_config['mean'], std=data_config['std'])
-    overfit_guard = create_overfit_guard(args, dataset_eval, eval_loader_args, val_eps, mean=data_config['mean'],
+    overfit_guard = create_overfit_guard(args, loader_robust, val_attack, mean=data_config['mean'],
                                          std=data_config['std'], device=device, amp_autocast=amp_autocast)
 
     return dict(
@@ -524,7 +524,7 @@ def train(args, state) -> dict:
                                          args, device, amp_autocast=state['amp_autocast'], ema=True)
             eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
         if state['overfit_guard'] is not None:
-            eval_metrics.update(state['overfit_guard'].check(epoch, task, optimizer))
+            eval_metrics.update(state['overfit_guard'].check(epoch, task, optimizer, eval_metrics.get('pgd_top1')))
         if utils.is_primary(args):
             _logger.info('Eval: epoch {}  {}'.format(epoch, '  '.join(f'{k}: {v:.4f}' for k, v in eval_metrics.items())))
             lrs = [g['lr'] for g in optimizer.param_groups]

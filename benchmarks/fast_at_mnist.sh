@@ -8,7 +8,7 @@ EPOCHS=${2:-2}
 PGD_STEPS=${3:-5}
 PY=${PYTHON:-python}
 COMMON=(--model resnet10t --epochs "$EPOCHS" -b 64 --lr 0.05 --sched cosine --warmup-epochs 0 --no-aug --smoothing 0
-        --workers 0 --seed 0 --adv-eps 0.1 --adv-val-samples 0 --adv-co-guard --adv-co-samples 256 --log-interval 20
+        --workers 0 --seed 0 --adv-eps 0.1 --adv-val-samples 256 --adv-co-guard --log-interval 20
         --output "$OUT")
 declare -A FLAGS=([fgsm-sdi]="--adv-method fgsm-sdi" [fgsm-rs]="--adv-method fgsm-rs"
                   [pgd$PGD_STEPS]="--adv-method pgd --adv-steps $PGD_STEPS")

@@ -321,7 +321,7 @@ def _train_args(data, out, experiment, epochs, *extra):
         '--adv-method', 'fgsm-sdi', '--adv-eps', '0.1', '--adv-sdi-every', '3', '--epochs', str(epochs),
         '--sched', 'step', '--decay-epochs', '100', '--warmup-epochs', '0', '--no-aug', '-b', '8', '--lr', '0.05',
         '--workers', '0', '--seed', '3', '--adv-val-samples', '8', '--adv-val-steps', '2',
-        '--adv-co-samples', '8', '--output', str(out), '--experiment', experiment, '--log-interval', '100', *extra,
+        '--output', str(out), '--experiment', experiment, '--log-interval', '100', *extra,
     ]
 
 

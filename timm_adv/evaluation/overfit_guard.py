@@ -22,10 +22,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
-from timm.data import create_loader
 
 from timm_adv.attacks import PGDAttack, unwrap_ddp
-from timm_adv.data import spread_subset
 from timm_adv.tasks import get_method
 from .accuracy import evaluate_accuracy
 
@@ -131,15 +129,17 @@ class OverfitGuard:
         return evaluate_accuracy(model, self.loader, attack=attack, device=self.device,
                                  amp_autocast=self.amp_autocast)['top1']
 
-    def check(self, epoch: int, task, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, float]:
+    def check(self, epoch: int, task, optimizer: Optional[torch.optim.Optimizer] = None,
+              pgd_top1: Optional[float] = None) -> Dict[str, float]:
         """Measures the epoch, records it, warns on collapse; returns its metrics for ``summary.csv``.
 
         With ``action='rollback'`` a healthy epoch's model, optimiser and task state become the snapshot
-        to roll back to.
+        to roll back to. ``pgd_top1``: PGD accuracy already measured on the guard's loader with its
+        PGD attack this epoch (train.py's robust validation), so it is not computed twice.
         """
         model = unwrap_ddp(task.get_eval_model())
         was_training = model.training
-        pgd = self._accuracy(model, self.pgd_attack)
+        pgd = self._accuracy(model, self.pgd_attack) if pgd_top1 is None else pgd_top1
         fgsm = self._accuracy(model, self.fgsm_attack)
         model.train(was_training)
         best = detect_collapse(self.history, pgd, fgsm, self.min_pgd_drop)
@@ -197,8 +197,6 @@ def add_overfit_guard_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--adv-co-action', choices=CO_ACTIONS, default='warn',
                        help='on collapse: warn, stop after saving the epoch, or rollback to the last healthy epoch '
                             '(default: warn)')
-    group.add_argument('--adv-co-samples', type=int, default=512, metavar='N',
-                       help='size of the held-out set, N evenly spaced validation samples (default: 512)')
     group.add_argument('--adv-co-drop', type=float, default=10.0, metavar='POINTS',
                        help='PGD accuracy drop below the best epoch, in points, that signals a collapse when FGSM '
                             'accuracy did not fall (default: 10)')
@@ -206,9 +204,8 @@ def add_overfit_guard_args(parser: argparse.ArgumentParser) -> None:
 
 def create_overfit_guard(
         args: argparse.Namespace,
-        dataset_eval,
-        loader_kwargs: Dict[str, Any],
-        eps: float,
+        loader_robust,
+        pgd_attack: PGDAttack,
         mean=None,
         std=None,
         device: Optional[torch.device] = None,
@@ -216,20 +213,19 @@ def create_overfit_guard(
 ) -> Optional[OverfitGuard]:
     """The guard configured by the ``--adv-co-*`` flags, or None when it is disabled.
 
-    The held-out set is ``--adv-co-samples`` evenly spaced validation samples (a prefix of a
-    class-sorted split would hold few classes); PGD uses ``--adv-val-steps`` steps at ``eps``.
+    It watches the robust-validation subset train.py already attacks each epoch (``--adv-val-samples``
+    evenly spaced validation images, ``pgd_attack``), so its PGD accuracy is the epoch's ``pgd_top1``
+    and only the FGSM pass is extra.
     """
     enabled = args.adv_co_guard
     if enabled is None:
         enabled = getattr(get_method(args.adv_method), 'co_guard_default', False)
     if not enabled:
         return None
-    if args.adv_co_samples < 1:
-        raise ValueError(f'--adv-co-samples must be >= 1 with the guard on, got {args.adv_co_samples} '
-                         f'(or pass --no-adv-co-guard).')
-    held_out = spread_subset(dataset_eval, args.adv_co_samples)
-    norm = args.adv_norm or 'linf'
-    pgd = PGDAttack(eps, steps=args.adv_val_steps, norm=norm, random_start=True, bn_mode='eval', mean=mean, std=std)
-    fgsm = PGDAttack(eps, steps=1, norm=norm, random_start=False, bn_mode='eval', mean=mean, std=std)
-    return OverfitGuard(create_loader(held_out, **loader_kwargs), pgd, fgsm, action=args.adv_co_action,
-                        min_pgd_drop=args.adv_co_drop, device=device, amp_autocast=amp_autocast)
+    if loader_robust is None:
+        raise ValueError('The catastrophic-overfitting guard watches the robust validation subset: set '
+                         '--adv-val-samples >= 1, or pass --no-adv-co-guard.')
+    fgsm = PGDAttack(pgd_attack.eps, steps=1, norm=pgd_attack.norm, random_start=False, bn_mode='eval', mean=mean,
+                     std=std)
+    return OverfitGuard(loader_robust, pgd_attack, fgsm, action=args.adv_co_action, min_pgd_drop=args.adv_co_drop,
+                        device=device, amp_autocast=amp_autocast)
