@@ -12,21 +12,10 @@ import torch.nn.functional as F
 
 from timm_adv.attacks import PGDAttack, PixelNormalizer, attack_bn_mode, create_attack, parse_eps
 from timm_adv.data import BundledMnist
+from timm_adv.evaluation import PixelSpaceModel
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-
-
-class Normalized(nn.Module):
-    """A model that takes pixels and normalises inside (the 'pixel path')."""
-
-    def __init__(self, model, mean, std):
-        super().__init__()
-        self.model = model
-        self.norm = PixelNormalizer(mean, std)
-
-    def forward(self, x):
-        return self.model(self.norm.from_pixel(x))
 
 
 def _model(name='resnet10t', **kwargs):
@@ -145,7 +134,7 @@ def test_normalised_path_equals_pixel_path(norm):
     torch.manual_seed(3)
     adv_norm = PGDAttack(eps, steps=3, norm=norm, mean=MEAN, std=STD)(model, norm_.from_pixel(x), y)
     torch.manual_seed(3)
-    adv_pix = PGDAttack(eps, steps=3, norm=norm)(Normalized(model, MEAN, STD), x, y)
+    adv_pix = PGDAttack(eps, steps=3, norm=norm)(PixelSpaceModel(model, MEAN, STD), x, y)
     assert torch.allclose(norm_.to_pixel(adv_norm), adv_pix, atol=1e-5)
 
 

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from timm_adv.attacks import PixelNormalizer
+
 __all__ = ['PixelSpaceModel', 'AUTOATTACK_VERSIONS', 'AUTOATTACK_ATTACKS', 'collect_samples', 'evaluate_autoattack',
            'import_autoattack']
 
@@ -48,15 +50,14 @@ class PixelSpaceModel(nn.Module):
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.model = model
-        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.normalizer = PixelNormalizer(mean, std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
+        return self.model(self.normalizer.from_pixel(x))
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised input back to [0, 1] pixels."""
-        return (x * self.std + self.mean).clamp(0, 1)
+        return self.normalizer.to_pixel(x).clamp(0, 1)
 
 
 def collect_samples(loader, num_samples: int, device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
