@@ -1,4 +1,4 @@
-from .accuracy import evaluate_accuracy
+from .accuracy import evaluate_accuracy, evaluate_folder
 from .autoattack import PixelSpaceModel, collect_samples, evaluate_autoattack
 from .corruptions import (ALEXNET_ERRORS, IMAGENET_C_CORRUPTIONS, SEVERITIES, CorruptedDataset, CorruptionFolderError,
                           compute_mce, evaluate_corruption_folder, evaluate_generated_corruptions,

@@ -2,16 +2,19 @@
 import logging
 import time
 from contextlib import nullcontext
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm_adv.attacks import PGDAttack
+from timm.data import create_dataset, create_loader
 
-__all__ = ['evaluate_accuracy']
+from timm_adv.attacks import PGDAttack
+from timm_adv.data import spread_subset
+
+__all__ = ['evaluate_accuracy', 'evaluate_folder']
 
 _logger = logging.getLogger(__name__)
 
@@ -91,3 +94,43 @@ def evaluate_accuracy(
         'loss': float(totals[2] / n),
         'samples': int(totals[3]),
     }
+
+
+def evaluate_folder(
+        model: nn.Module,
+        root: str,
+        data_config: Mapping,
+        class_map: Union[str, Mapping[str, int]] = '',
+        num_samples: Optional[int] = None,
+        batch_size: int = 64,
+        workers: int = 0,
+        device: Optional[torch.device] = None,
+        log_prefix: str = 'Test',
+        log_interval: int = 0,
+) -> Dict[str, float]:
+    """Clean accuracy on an image folder (``<class>/<image>``) with the model's eval transform.
+
+    Args:
+        model: Model taking normalised input.
+        root: The folder.
+        data_config: timm data config (input size, interpolation, mean/std, crop).
+        class_map: Class folder -> output index (default: sorted folder order).
+        num_samples: Use only N evenly spaced images.
+        batch_size: Batch size.
+        workers: DataLoader workers.
+        device: Device.
+        log_prefix: Label for progress lines.
+        log_interval: Log progress every N batches (0: never).
+
+    Example:
+        >>> evaluate_folder(model, '/data/imagenet-c/fog/3', data_config, class_map=wnid_to_index)
+    """
+    dataset = create_dataset('', root=root, class_map=class_map or '')
+    if num_samples is not None:
+        dataset = spread_subset(dataset, num_samples)
+    loader = create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
+        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+        crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'), num_workers=workers,
+        use_prefetcher=False)
+    return evaluate_accuracy(model, loader, device=device, log_prefix=log_prefix, log_interval=log_interval)

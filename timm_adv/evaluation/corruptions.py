@@ -22,6 +22,9 @@ import torch.utils.data
 from PIL import Image
 from timm.data import create_transform
 
+from timm_adv.data import spread_subset
+from .accuracy import evaluate_accuracy, evaluate_folder
+
 __all__ = ['IMAGENET_C_CORRUPTIONS', 'ALEXNET_ERRORS', 'SEVERITIES', 'CorruptionFolderError', 'compute_mce',
            'scan_corruption_folder', 'folder_class_map', 'CorruptedDataset', 'import_imagecorruptions',
            'evaluate_corruption_folder', 'evaluate_generated_corruptions', 'GENERATED_NOTE']
@@ -221,7 +224,6 @@ class CorruptedDataset(torch.utils.data.Dataset):
 
 
 def _accuracy(model, dataset, batch_size, workers, device, label: str) -> float:
-    from .accuracy import evaluate_accuracy
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     return evaluate_accuracy(model, loader, device=device, log_prefix=label)['top1']
 
@@ -242,11 +244,11 @@ def evaluate_generated_corruptions(
 
     Args:
         model: Model taking normalised input.
-        dataset: Yields ``(PIL image, target)``; its first ``num_samples`` images are used.
+        dataset: Yields ``(PIL image, target)``; ``num_samples`` evenly spaced images are used.
         data_config: timm data config of the model.
         corruptions: imagecorruptions names (its 15 benchmark ones by default, 4 extra exist).
         severities: Severities to evaluate.
-        num_samples: Use only the first N images.
+        num_samples: Use only N evenly spaced images.
         batch_size: Batch size.
         workers: DataLoader workers.
         device: Device.
@@ -267,7 +269,7 @@ def evaluate_generated_corruptions(
         raise ValueError(f'--corruptions-generated: unknown corruption(s) {unknown}; choose from {", ".join(known)}.')
     _check_severities(severities, '--severities')
     if num_samples is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(num_samples, len(dataset))))
+        dataset = spread_subset(dataset, num_samples)
     top1: Dict[str, Dict[int, float]] = {}
     for c in corruptions:
         top1[c] = {}
@@ -306,7 +308,7 @@ def evaluate_corruption_folder(
         corruptions: Corruptions to evaluate; mCE is reported only for the 15 benchmark ones.
         severities: Severities to evaluate.
         label_names: The model's class names, to map class folders to output indices.
-        num_samples: Use only the first N images of each corruption/severity.
+        num_samples: Use only N evenly spaced images of each corruption/severity.
         batch_size: Batch size.
         workers: DataLoader workers.
         device: Device.
@@ -317,9 +319,6 @@ def evaluate_corruption_folder(
     Example:
         >>> evaluate_corruption_folder(model, '/data/imagenet-c', data_config)['mce']
     """
-    from timm.data import create_dataset, create_loader
-    from timm_adv.data import TransformSubset
-    from .accuracy import evaluate_accuracy
     _check_severities(severities, '--severities')
     paths = scan_corruption_folder(root, corruptions, severities)
     top1: Dict[str, Dict[int, float]] = {}
@@ -330,15 +329,8 @@ def evaluate_corruption_folder(
             path = paths[c][s]
             class_map = folder_class_map(
                 [d.name for d in os.scandir(path) if d.is_dir()], label_names, getattr(model, 'num_classes', None))
-            dataset = create_dataset('', root=path, class_map=class_map or '')
-            if num_samples is not None:
-                dataset = TransformSubset(dataset, range(min(num_samples, len(dataset))))
-            loader = create_loader(
-                dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
-                interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-                crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'), num_workers=workers,
-                use_prefetcher=False)
-            result = evaluate_accuracy(model, loader, device=device, log_prefix=f'{c}-{s}')
+            result = evaluate_folder(model, path, data_config, class_map=class_map, num_samples=num_samples,
+                                     batch_size=batch_size, workers=workers, device=device, log_prefix=f'{c}-{s}')
             top1[c][s] = result['top1']
             samples = max(samples, result['samples'])
             _logger.info(f'{c} severity {s}: top-1 {top1[c][s]:.2f}% ({result["samples"]} images)')

@@ -11,6 +11,8 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .accuracy import evaluate_folder
+
 __all__ = ['IMAGENET_A_INDICES', 'IMAGENET_R_INDICES', 'SHIFT_TYPES', 'LogitSubset', 'evaluate_shift']
 
 _logger = logging.getLogger(__name__)
@@ -81,7 +83,7 @@ def evaluate_shift(
         root: Dataset folder; its class folders are the WordNet ids, sorted.
         shift_type: ``imagenet-a``, ``imagenet-r``, ``sketch`` or ``stylized``.
         data_config: timm data config of the model.
-        num_samples: Use only the first N images.
+        num_samples: Use only N evenly spaced images.
         batch_size: Batch size.
         workers: DataLoader workers.
         device: Device.
@@ -89,9 +91,6 @@ def evaluate_shift(
     Example:
         >>> evaluate_shift(model, '/data/imagenet-a', 'imagenet-a', data_config)['top1']
     """
-    from timm.data import create_dataset, create_loader
-    from timm_adv.data import TransformSubset
-    from .accuracy import evaluate_accuracy
     if shift_type not in SHIFT_TYPES:
         raise ValueError(f'--shift-type must be one of {", ".join(SHIFT_TYPES)}, got {shift_type!r}.')
     if not os.path.isdir(root):
@@ -110,15 +109,8 @@ def evaluate_shift(
     eval_model = LogitSubset(model, indices) if indices is not None else model
     if device is not None:
         eval_model = eval_model.to(device)
-    dataset = create_dataset('', root=root)
-    if num_samples is not None:
-        dataset = TransformSubset(dataset, range(min(num_samples, len(dataset))))
-    loader = create_loader(
-        dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
-        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-        crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'), num_workers=workers,
-        use_prefetcher=False)
-    result = evaluate_accuracy(eval_model, loader, device=device, log_prefix=shift_type, log_interval=50)
+    result = evaluate_folder(eval_model, root, data_config, num_samples=num_samples, batch_size=batch_size,
+                             workers=workers, device=device, log_prefix=shift_type, log_interval=50)
     _logger.info(f'{shift_type}: top-1 {result["top1"]:.2f}% on {result["samples"]} images')
     return dict(type=shift_type, root=root, top1=result['top1'], top5=result['top5'], samples=result['samples'],
                 classes=expected)
