@@ -34,7 +34,8 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 
 from timm_adv.attacks import create_attack, unwrap_ddp
-from timm_adv.data import DEFAULT_DATASET, apply_bundled_defaults, create_dataset, is_bundled, spread_subset
+from timm_adv.data import (DEFAULT_DATASET, apply_bundled_defaults, apply_dataset_recipe, create_dataset, default_workers,
+                           explicit_dests, format_recipe, is_bundled, resolve_dataset_name, spread_subset)
 from timm_adv.evaluation import add_overfit_guard_args, create_overfit_guard, evaluate_accuracy
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
 from timm_adv.utils import CheckpointError, check_state_dict_matches, checkpoint_state_dict, read_checkpoint
@@ -168,7 +169,8 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
     group.add_argument('--log-interval', type=int, default=50, metavar='N', help='how many batches to wait before logging training status')
     group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='number of checkpoints to keep (default: 10)')
-    group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='how many training processes to use (default: 4)')
+    group.add_argument('-j', '--workers', type=int, default=default_workers(4), metavar='N',
+                       help='data loading processes (default: 4, at most the CPUs available to this process)')
     group.add_argument('--pin-mem', action='store_true', default=False, help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
     group.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
     group.add_argument('--output', default='', type=str, metavar='PATH', help='path to output folder (default: none, current dir)')
@@ -184,6 +186,7 @@ def parse_args(argv=None):
     """Parses ``argv`` the way timm's train.py does: a YAML config sets defaults, flags override."""
     parser = _build_parser()
     args_config, remaining = config_parser.parse_known_args(argv)
+    config_keys = set()
     if args_config.config:
         if not os.path.isfile(args_config.config):
             parser.error(f'-c/--config {args_config.config!r}: no such file.')
@@ -193,14 +196,23 @@ def parse_args(argv=None):
         ignored = sorted(k for k in cfg if k not in known and k != 'config')
         if ignored:
             _logger.warning(f'Config keys not supported by timm-adv train.py were ignored: {", ".join(ignored)}')
-        parser.set_defaults(**{k: v for k, v in cfg.items() if k in known})
+        config_keys = {k for k in cfg if k in known}
+        parser.set_defaults(**{k: cfg[k] for k in config_keys})
     args = parser.parse_args(remaining)
+    _apply_recipe(args, explicit_dests(parser, remaining) | config_keys)
     try:
         check_adv_args(args)
     except ValueError as e:
         parser.error(str(e))
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     return args, args_text
+
+
+def _apply_recipe(args, explicit) -> None:
+    """Fills flags the user did not give (command line or ``-c``) with the dataset's recipe, and says so."""
+    applied = apply_dataset_recipe(args, explicit)
+    if applied is not None and int(os.environ.get('RANK', 0)) == 0:
+        _logger.info(format_recipe(resolve_dataset_name(args), applied))
 
 
 def _epoch_seed(args, epoch: int) -> None:

@@ -24,7 +24,7 @@ from timm.data import create_loader, resolve_data_config
 from timm.models import create_model
 
 from timm_adv.attacks import NORMS, create_attack, parse_eps
-from timm_adv.data import DEFAULT_DATASET, apply_bundled_defaults, create_dataset, spread_subset
+from timm_adv.data import DEFAULT_DATASET, apply_bundled_defaults, create_dataset, default_workers, spread_subset
 from timm_adv.evaluation import (IMAGENET_C_CORRUPTIONS, SEVERITIES, SHIFT_TYPES, evaluate_accuracy, evaluate_autoattack,
                                  evaluate_corruption_folder, evaluate_generated_corruptions, evaluate_shift,
                                  report_to_markdown, save_report, scan_corruption_folder)
@@ -49,7 +49,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--pretrained', dest='pretrained', action='store_true', help='use pre-trained model')
     parser.add_argument('--checkpoint', default='', type=str, metavar='PATH', help='path to latest checkpoint (default: none)')
     parser.add_argument('--use-ema', dest='use_ema', action='store_true', help='use ema version of weights if present')
-    parser.add_argument('-j', '--workers', default=2, type=int, metavar='N', help='number of data loading workers (default: 2)')
+    parser.add_argument('-j', '--workers', default=default_workers(2), type=int, metavar='N',
+                        help='number of data loading workers (default: 2, at most the CPUs available to this process)')
     parser.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='mini-batch size (default: 256)')
     parser.add_argument('--img-size', default=None, type=int, metavar='N', help='Input image dimension, uses model default if empty')
     parser.add_argument('--in-chans', type=int, default=None, metavar='N', help='Image input channels (default: None => 3)')

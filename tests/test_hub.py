@@ -91,7 +91,7 @@ def test_export_writes_plain_timm_config(exported):
     assert tuple(cfg['mean']) == tuple(timm.create_model('test_resnet').pretrained_cfg['mean'])  # training mean
     # training metadata only under the top-level key timm ignores
     assert config['timm_adv']['method'] == 'pgd' and config['timm_adv']['method_args']['adv_eps'] == 0.1
-    assert not any(k.startswith('adv_') for k in cfg) and not any(k.startswith('adv_') for k in config['model_args'])
+    assert not any(k.startswith('adv_') for k in cfg) and not any(k.startswith('adv_') for k in config.get('model_args', {}))
     assert result.max_abs_diff == 0.0
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-__all__ = ['BUNDLED_DATASETS', 'BundledMnist', 'is_bundled', 'apply_bundled_defaults']
+__all__ = ['BUNDLED_DATASETS', 'BundledMnist', 'is_bundled']
 
 _SPLIT_SEED = 0
 _TRAIN_PER_CLASS = 400
@@ -80,29 +80,6 @@ class BundledMnist(torch.utils.data.Dataset):
 
 BUNDLED_DATASETS: Dict[str, type] = {'bundled/mnist': BundledMnist}
 
-# Defaults for flags the user did not set: the digits are 28 px, upsampled to 32 for timm's strided stems.
-_BUNDLED_CONFIGS = {
-    'bundled/mnist': dict(input_size=(3, 32, 32), crop_pct=1.0, interpolation='bilinear', num_classes=10),
-}
-
 
 def is_bundled(name: Optional[str]) -> bool:
     return bool(name) and name.lower() in BUNDLED_DATASETS
-
-
-def apply_bundled_defaults(args) -> None:
-    """Fills unset input-size, crop, interpolation and class-count flags for a bundled dataset.
-
-    Flags the user gave always win. Works on train.py and validate.py namespaces.
-    """
-    if not is_bundled(getattr(args, 'dataset', None)):
-        return
-    cfg = _BUNDLED_CONFIGS[args.dataset.lower()]
-    if args.input_size is None and args.img_size is None:
-        args.input_size = list(cfg['input_size'])
-    if args.crop_pct is None:
-        args.crop_pct = cfg['crop_pct']
-    if not args.interpolation:
-        args.interpolation = cfg['interpolation']
-    if args.num_classes is None:
-        args.num_classes = cfg['num_classes']
