@@ -35,8 +35,8 @@ def test_torch_minimum_has_the_public_apis_we_call():
 
 
 def test_timm_minimum_has_the_task_api():
-    # timm.task (1.0.23) and the task checkpoint state save / resume (1.0.27)
-    assert _minimums()['timm'] >= Version('1.0.27')
+    # timm.task (1.0.23), the task checkpoint state save / resume (1.0.27), loaders without workers (1.0.29)
+    assert _minimums()['timm'] >= Version('1.0.29')
 
 
 def test_readme_names_the_versions_ci_pins():

@@ -93,7 +93,7 @@ def test_config_file_keys_count_as_given(tmp_path, caplog):
 
 def test_format_recipe_writes_flags():
     line = format_recipe('bundled/mnist', {'no_aug': True, 'batch_size': 64, 'scale': [1.0, 1.0], 'weight_decay': 5e-4})
-    assert line == ('recipe for bundled/mnist: --no-aug, --batch-size 64, --scale 1.0 1.0, --weight-decay 0.0005 '
+    assert line == ('recipe for bundled/mnist: --no-aug, --batch-size 64, --scale 1 1, --weight-decay 0.0005 '
                     '(flags you give win)')
     assert 'nothing applied' in format_recipe('bundled/mnist', {})
 

@@ -55,11 +55,9 @@ class DatasetRecipe:
     """What a dataset brings: its input config (train and validate) and a training recipe (train).
 
     Args:
-        name: Dataset name (``bundled/mnist``).
         data_config: Input size, crop, interpolation and class count, for flags left at ``None``.
         train: Training flags, applied by :func:`apply_dataset_recipe` to flags not given.
     """
-    name: str
     data_config: Dict[str, Any]
     train: Tuple[RecipeItem, ...] = field(default_factory=tuple)
 
@@ -70,7 +68,6 @@ _AUGMENTATION = frozenset({'scale', 'ratio', 'hflip', 'vflip', 'color_jitter', '
 
 DATASET_RECIPES: Dict[str, DatasetRecipe] = {
     'bundled/mnist': DatasetRecipe(
-        name='bundled/mnist',
         # the digits are 28 px, upsampled to 32 for timm's strided stems
         data_config=dict(input_size=(3, 32, 32), crop_pct=1.0, interpolation='bilinear', num_classes=10),
         train=(
@@ -179,13 +176,14 @@ def apply_dataset_recipe(args: argparse.Namespace, explicit: Iterable[str]) -> O
 
 def format_recipe(name: str, applied: Dict[str, Any]) -> str:
     """One start-up line listing the recipe's flags as the user would type them."""
+    def text(value):
+        return f'{value:g}' if isinstance(value, float) else str(value)
+
     def flag(dest, value):
-        name = f'--{dest.replace("_", "-")}'
+        option = f'--{dest.replace("_", "-")}'
         if value is True:
-            return name
-        value = ' '.join(str(v) for v in value) if isinstance(value, (list, tuple)) else f'{value:g}' if isinstance(
-            value, float) else value
-        return f'{name} {value}'
+            return option
+        return f'{option} {" ".join(map(text, value)) if isinstance(value, (list, tuple)) else text(value)}'
 
     if not applied:
         return f'recipe for {name}: nothing applied, every recipe flag was given'
