@@ -7,6 +7,9 @@ Runs exactly the commands a user would type:
 2. ``validate.py`` both on the held-out split: clean top-1, and top-1 under PGD-20 at eps 0.1;
 3. prints the side-by-side table and checks the target (PGD-AT: >= 92% PGD-20 with >= 97% clean).
 
+Its flags are the bundled/mnist recipe (``timm_adv/data/recipes.py``), spelled out: ``python train.py
+--adv-method pgd --adv-eps 0.1`` trains the same PGD-AT model (``tests/test_recipes.py`` checks it).
+
     python demo.py [--epochs 8] [--output output/demo]
 """
 import argparse
