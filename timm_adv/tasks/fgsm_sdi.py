@@ -213,10 +213,13 @@ class FGSMSDITask(AdversarialTask):
 
     def generator_step(self, x: torch.Tensor, x_pix: torch.Tensor, grad_sign: torch.Tensor,
                        target: torch.Tensor) -> torch.Tensor:
-        """One Adam step of the generator (train mode) maximising the adversarial loss; returns that loss."""
+        """One Adam step of the generator (train mode) maximising the adversarial loss; returns that loss.
+
+        Runs in fp32 under fp16 autocast: no loss scaler guards this backward.
+        """
         self.generator.train()
         attacked = self.unwrapped_model
-        with attack_bn_mode(attacked, self.attack.bn_mode), torch.enable_grad():
+        with _no_fp16_autocast(x.device.type), attack_bn_mode(attacked, self.attack.bn_mode), torch.enable_grad():
             delta0 = self.initial_perturbation(x, x_pix, grad_sign)
             loss, _ = self.adversarial_loss(attacked, x_pix, delta0, target)
             params = [p for p in self.generator.parameters() if p.requires_grad]
@@ -254,8 +257,7 @@ class FGSMSDITask(AdversarialTask):
             grad, _ = input_gradient(attacked, x_pix, torch.zeros_like(x_pix), target, attack.normalizer)
         grad_sign = grad.sign()
         if self.batches_seen % self.generator_every == 0:
-            with _no_fp16_autocast(x.device.type):
-                self.generator_step(x, x_pix, grad_sign, target)
+            self.generator_step(x, x_pix, grad_sign, target)
         self.batches_seen += 1
 
         self.generator.eval()
