@@ -333,6 +333,8 @@ def _evaluate_robustness(args, model, data_config, aa_loader, device, results, r
     elif args.corruptions_generated:
         raw = create_dataset(args.dataset, root=args.data_dir, split=args.split, class_map=args.class_map,
                              download=args.dataset_download)
+        if args.num_samples is not None:  # the same images as the clean evaluation
+            raw = spread_subset(raw, args.num_samples)
         corr = evaluate_generated_corruptions(model, raw, data_config, seed=args.seed, **corruption_kwargs)
     else:
         corr = None

@@ -429,7 +429,7 @@ def test_autoattack_matches_the_official_code_run_directly(autoattack_run):
     adversary = pyautoattack.AutoAttack(pixel_model, eps=AA_EPS, norm='Linf', version='custom',
                                         attacks=['apgd-ce', 'apgd-t'], seed=0, device='cpu')
     adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = 10
-    x_adv = adversary.run_standard_evaluation(pixels, y, bs=250)
+    x_adv, _ = adversary.run_standard_evaluation(pixels, y, batch_size=250)
     with torch.no_grad():
         robust = 100.0 * (pixel_model(x_adv).argmax(1) == y).float().mean().item()
     assert 0.0 < robust < 100.0  # a small eps where the comparison means something
@@ -463,7 +463,8 @@ def test_validate_passes_subset_amp_and_channels_last_to_every_evaluation(monkey
 
     def fake_autoattack(model, loader, **kwargs):
         seen['aa'] = (list(loader.dataset.indices), kwargs)
-        return dict(robust_top1=0.0, clean_top1=0.0, samples=4, iterations={'apgd-ce': 2})
+        return dict(version='custom', attacks=['apgd-ce'], norm='linf', eps=kwargs['eps'], robust_top1=0.0,
+                    clean_top1=0.0, samples=4, iterations={'apgd-ce': 2})
 
     def fake_corruptions(model, dataset, data_config, **kwargs):
         seen['corruptions'] = kwargs
