@@ -457,7 +457,23 @@ def test_autoattack_iterations_are_read_from_the_attack_objects():
     assert attack_iterations(adversary) == {'apgd-ce': 7, 'apgd-t': 100, 'fab-t': 100, 'square': 50}
 
 
-def test_validate_passes_subset_amp_and_channels_last_to_every_evaluation(monkeypatch):
+@pytest.fixture(scope='module')
+def digit_folder(tmp_path_factory):
+    """16 real digits as an image folder (``validation/<class>/``): validate.py without loading bundled MNIST."""
+    root = tmp_path_factory.mktemp('digits')
+    ds = spread_subset(BundledMnist('validation'), 16)
+    for i in range(len(ds)):
+        image, label = ds[i]
+        os.makedirs(root / 'validation' / str(label), exist_ok=True)
+        image.save(root / 'validation' / str(label) / f'{i:02d}.png')
+    return root
+
+
+FOLDER_FLAGS = ['--num-classes', '10', '--img-size', '32', '--crop-pct', '1.0', '--interpolation', 'bilinear',
+                '--workers', '0']
+
+
+def test_validate_passes_subset_amp_and_channels_last_to_every_evaluation(monkeypatch, digit_folder):
     import validate
     seen = {}
 
@@ -472,7 +488,8 @@ def test_validate_passes_subset_amp_and_channels_last_to_every_evaluation(monkey
 
     monkeypatch.setattr(validate, 'evaluate_autoattack', fake_autoattack)
     monkeypatch.setattr(validate, 'evaluate_generated_corruptions', fake_corruptions)
-    common = ['--model', 'test_resnet', '--num-samples', '12', '--workers', '0', '--autoattack', 'custom',
+    common = ['--model', 'test_resnet', '--data-dir', str(digit_folder), *FOLDER_FLAGS, '--num-samples', '12',
+              '--autoattack', 'custom',
               '--aa-attacks', 'apgd-ce', '--aa-samples', '4', '--corruptions-generated', '--corruptions', 'fog',
               '--severities', '1']
     results = validate.main([*common, '--aa-subset', 'first', '--amp', '--channels-last'])
@@ -570,10 +587,11 @@ def test_shift_subsets_and_errors(tmp_path):
         evaluate_shift(big, str(tmp_path / 'a'), 'imagenet-a', DATA_CONFIG)
 
 
-def test_report_table_holds_independently_computed_numbers(tmp_path):
+def test_report_table_holds_independently_computed_numbers(tmp_path, digit_folder):
     import validate
+    from timm.data import create_dataset
     from timm_adv.evaluation import CorruptedDataset
-    validate.main(['--model', 'test_resnet', '--num-samples', '16', '-b', '8', '--workers', '0', '--seed', '3',
+    validate.main(['--model', 'test_resnet', '--data-dir', str(digit_folder), *FOLDER_FLAGS, '-b', '8', '--seed', '3',
                    '--corruptions-generated', '--corruptions', 'fog', '--severities', '3', '--report-dir',
                    str(tmp_path), '--no-plots'])
     rows = {}
@@ -584,7 +602,7 @@ def test_report_table_holds_independently_computed_numbers(tmp_path):
     # the same model and images, scored here without the evaluation library
     torch.manual_seed(3)
     model = timm.create_model('test_resnet', num_classes=10).eval()
-    raw = spread_subset(BundledMnist('validation'), 16)
+    raw = create_dataset('', root=str(digit_folder / 'validation'))
     corrupted = CorruptedDataset(raw, 'fog', 3, DATA_CONFIG | dict(mean=model.pretrained_cfg['mean'],
                                                                    std=model.pretrained_cfg['std']), seed=3)
     images, labels = zip(*(corrupted[i] for i in range(16)))
