@@ -35,10 +35,11 @@ from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 
 from timm_adv.attacks import create_attack, unwrap_ddp
 from timm_adv.data import (DEFAULT_DATASET, apply_bundled_defaults, apply_dataset_recipe, create_dataset, default_workers,
-                           explicit_dests, format_recipe, is_bundled, resolve_dataset_name, spread_subset)
-from timm_adv.evaluation import add_overfit_guard_args, create_overfit_guard, evaluate_accuracy
+                           format_recipe, is_bundled, resolve_dataset_name, spread_subset)
+from timm_adv.evaluation import add_overfit_guard_args, check_overfit_guard_args, create_overfit_guard, evaluate_accuracy
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
-from timm_adv.utils import CheckpointError, check_state_dict_matches, checkpoint_state_dict, read_checkpoint
+from timm_adv.utils import (CheckpointError, check_state_dict_matches, checkpoint_state_dict, explicit_args,
+                            read_checkpoint)
 
 _logger = logging.getLogger('train')
 
@@ -186,7 +187,7 @@ def parse_args(argv=None):
     """Parses ``argv`` the way timm's train.py does: a YAML config sets defaults, flags override."""
     parser = _build_parser()
     args_config, remaining = config_parser.parse_known_args(argv)
-    config_keys = set()
+    cfg = {}
     if args_config.config:
         if not os.path.isfile(args_config.config):
             parser.error(f'-c/--config {args_config.config!r}: no such file.')
@@ -196,14 +197,23 @@ def parse_args(argv=None):
         ignored = sorted(k for k in cfg if k not in known and k != 'config')
         if ignored:
             _logger.warning(f'Config keys not supported by timm-adv train.py were ignored: {", ".join(ignored)}')
-        config_keys = {k for k in cfg if k in known}
-        parser.set_defaults(**{k: cfg[k] for k in config_keys})
+        cfg = {k: v for k, v in cfg.items() if k in known}
+    explicit = explicit_args(parser, remaining, config=cfg, config_name=f'-c {args_config.config}')
+    parser.set_defaults(**cfg)
     args = parser.parse_args(remaining)
-    _apply_recipe(args, explicit_dests(parser, remaining) | config_keys)
+    # every key of a -c config counts as given: an args.yaml reproduces its run, recipe or not
+    _apply_recipe(args, set(explicit) | set(cfg))
     try:
-        check_adv_args(args)
+        check_adv_args(args, explicit)
+        check_overfit_guard_args(args, explicit)
     except ValueError as e:
         parser.error(str(e))
+    if 'pgd_top1' in args.eval_metric:
+        _logger.warning(
+            f'--eval-metric {args.eval_metric} picks model_best.pth.tar by robust accuracy on --val-split '
+            f'{args.val_split!r}: figures reported on that same split are then optimistically biased (a test-set '
+            f'selection leak). Select on a held-out split (e.g. --val-split holdout carved from the training data) '
+            f'and report on the test split with validate.py --split.')
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     return args, args_text
 
@@ -388,6 +398,7 @@ def setup(args):
         check_state_dict_matches(checkpoint_state_dict(resume_ckpt), task.get_checkpoint_state()['state_dict'],
                                  '--resume', arch=resume_ckpt.get('arch', '') if isinstance(resume_ckpt, dict) else '')
         del resume_ckpt
+        task.resume_optimizer_state = not args.no_resume_opt  # method optimisers too (FGSM-SDI's generator)
         start_epoch = resume_task_checkpoint(
             task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
             loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=utils.is_primary(args)) or 0

@@ -24,13 +24,14 @@ from timm.data import create_loader, resolve_data_config
 from timm.models import create_model
 
 from timm_adv.attacks import NORMS, create_attack, parse_eps
-from timm_adv.data import DEFAULT_DATASET, apply_bundled_defaults, create_dataset, default_workers, spread_subset
+from timm_adv.data import (DEFAULT_DATASET, TransformSubset, apply_bundled_defaults, create_dataset, default_workers,
+                           spread_subset)
 from timm_adv.evaluation import (IMAGENET_C_CORRUPTIONS, SEVERITIES, SHIFT_TYPES, evaluate_accuracy, evaluate_autoattack,
                                  evaluate_corruption_folder, evaluate_generated_corruptions, evaluate_shift,
                                  report_to_markdown, save_report, scan_corruption_folder)
 from timm_adv.evaluation.autoattack import AUTOATTACK_VERSIONS, import_autoattack
-from timm_adv.evaluation.corruptions import import_imagecorruptions
-from timm_adv.utils import load_training_checkpoint
+from timm_adv.evaluation.corruptions import FOLDER_PROTOCOLS, import_imagecorruptions
+from timm_adv.utils import explicit_args, load_training_checkpoint
 
 _logger = logging.getLogger('validate')
 
@@ -95,12 +96,18 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--aa-eps', default=None, metavar='EPS', help='AutoAttack radius (default: the first --eps)')
     group.add_argument('--aa-norm', choices=('linf', 'l2', 'l1'), default=None, help='AutoAttack norm (default: --norm)')
     group.add_argument('--aa-samples', type=int, default=1000, metavar='N',
-                       help='AutoAttack on N evenly spaced samples of the split (default: 1000)')
+                       help='AutoAttack on N samples of the split (default: 1000)')
+    group.add_argument('--aa-subset', choices=('spread', 'first'), default='spread',
+                       help='which --aa-samples: evenly spaced over the split, or its first N (RobustBench\'s '
+                            'convention) (default: spread)')
     group.add_argument('--aa-batch-size', type=int, default=250, metavar='N', help='AutoAttack batch size (default: 250)')
     group.add_argument('--aa-iters', type=int, default=None, metavar='K',
                        help='APGD/FAB iterations, --autoattack custom only (quick checks; presets keep 100)')
     group.add_argument('--corruption-dir', default=None, metavar='DIR',
                        help='ImageNet-C style folder <corruption>/<severity>/<class>/<image>: top-1 and mCE')
+    group.add_argument('--corruption-protocol', choices=tuple(FOLDER_PROTOCOLS), default='hendrycks',
+                       help='--corruption-dir transform: hendrycks (the reference script: centre crop, no resize; '
+                            'comparable with published mCE) or model (the model\'s eval transform) (default: hendrycks)')
     group.add_argument('--corruptions-generated', action='store_true',
                        help='generate corruptions on the fly with imagecorruptions on the evaluated split')
     group.add_argument('--corruptions', nargs='+', default=list(IMAGENET_C_CORRUPTIONS), metavar='NAME',
@@ -118,10 +125,48 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Flags that only act with some other setting: ``dest: (does it act?, what it needs)``.
+_NEEDS = {
+    'steps': (lambda a: a.attack == 'pgd', '--attack pgd'),
+    'step_size': (lambda a: a.attack == 'pgd', '--attack pgd'),
+    'restarts': (lambda a: a.attack == 'pgd', '--attack pgd'),
+    'attack_samples': (lambda a: a.attack != 'none', '--attack fgsm|pgd'),
+    'eps': (lambda a: a.attack != 'none' or (a.autoattack != 'none' and a.aa_eps is None),
+            '--attack fgsm|pgd (or --autoattack without --aa-eps)'),
+    'norm': (lambda a: a.attack != 'none' or (a.autoattack != 'none' and a.aa_norm is None),
+             '--attack fgsm|pgd (or --autoattack without --aa-norm)'),
+    'aa_attacks': (lambda a: a.autoattack == 'custom', '--autoattack custom'),
+    'aa_iters': (lambda a: a.autoattack == 'custom', '--autoattack custom (the presets fix their iterations)'),
+    'aa_eps': (lambda a: a.autoattack != 'none', '--autoattack'),
+    'aa_norm': (lambda a: a.autoattack != 'none', '--autoattack'),
+    'aa_samples': (lambda a: a.autoattack != 'none', '--autoattack'),
+    'aa_subset': (lambda a: a.autoattack != 'none', '--autoattack'),
+    'aa_batch_size': (lambda a: a.autoattack != 'none', '--autoattack'),
+    'corruption_protocol': (lambda a: bool(a.corruption_dir), '--corruption-dir'),
+    'corruptions': (lambda a: bool(a.corruption_dir) or a.corruptions_generated,
+                    '--corruption-dir or --corruptions-generated'),
+    'severities': (lambda a: bool(a.corruption_dir) or a.corruptions_generated,
+                   '--corruption-dir or --corruptions-generated'),
+    'corruption_samples': (lambda a: bool(a.corruption_dir) or a.corruptions_generated,
+                           '--corruption-dir or --corruptions-generated'),
+    'no_plots': (lambda a: bool(a.report_dir), '--report-dir'),
+}
+
+
+def check_ignored_flags(args: argparse.Namespace, explicit) -> None:
+    """Raises ValueError naming the first flag the user set that would do nothing with these settings."""
+    for dest, flag in explicit.items():
+        acts, needs = _NEEDS.get(dest, (None, None))
+        if acts is not None and not acts(args):
+            context = f' (got --attack {args.attack})' if needs.startswith('--attack') else ''
+            raise ValueError(f'{flag} does nothing without {needs}{context}; drop it.')
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
+        check_ignored_flags(args, explicit_args(parser, argv))
         args.eps = [parse_eps(e, '--eps') for e in args.eps]
         if args.step_size is not None:
             args.step_size = parse_eps(args.step_size, '--step-size')
@@ -249,35 +294,49 @@ def validate(args) -> OrderedDict:
         results['eps'] = ' '.join(f'{e:.6g}' for e in args.eps)
     aa_loader = None
     if args.autoattack != 'none':
-        aa_loader = create_loader(spread_subset(dataset, args.aa_samples), **loader_args)
-    _evaluate_robustness(args, model, data_config, aa_loader, device, results, report)
+        if args.aa_subset == 'first':
+            aa_subset = TransformSubset(dataset, range(min(args.aa_samples, len(dataset))))
+        else:
+            aa_subset = spread_subset(dataset, args.aa_samples)
+        aa_loader = create_loader(aa_subset, **loader_args)
+    _evaluate_robustness(args, model, data_config, aa_loader, device, results, report, amp_autocast=amp_autocast)
     if args.report_dir:
         save_report(report, args.report_dir, plots=not args.no_plots)
     results['report'] = report
     return results
 
 
-def _evaluate_robustness(args, model, data_config, aa_loader, device, results, report) -> None:
-    """AutoAttack, corruptions and distribution shift, as requested; fills the flat results and the report."""
+def _evaluate_robustness(args, model, data_config, aa_loader, device, results, report,
+                         amp_autocast=nullcontext) -> None:
+    """AutoAttack, corruptions and distribution shift, as requested; fills the flat results and the report.
+
+    All of them run under ``--amp`` / ``--channels-last`` like the clean and PGD evaluations.
+    """
+    precision = dict(amp_autocast=amp_autocast, channels_last=args.channels_last)
     if args.autoattack != 'none':
         aa = evaluate_autoattack(
             model, aa_loader, eps=args.aa_eps, mean=data_config['mean'], std=data_config['std'],
             norm=args.aa_norm or args.norm, version=args.autoattack, attacks=args.aa_attacks,
             num_samples=args.aa_samples, batch_size=args.aa_batch_size, device=device, seed=args.seed,
-            n_iter=args.aa_iters)
+            n_iter=args.aa_iters, **precision)
+        aa['subset'] = 'first' if args.aa_subset == 'first' else 'evenly spaced'
+        aa['amp'] = bool(args.amp)
         report['autoattack'] = aa
         results['aa_top1'] = round(aa['robust_top1'], 4)
         results['aa_clean_top1'] = round(aa['clean_top1'], 4)
         results['aa_samples'] = aa['samples']
+        results['aa_iterations'] = ' '.join(f'{k}:{v}' for k, v in aa['iterations'].items())
     corruption_kwargs = dict(corruptions=args.corruptions, severities=args.severities,
                              num_samples=args.corruption_samples, batch_size=args.batch_size, workers=args.workers,
-                             device=device)
+                             device=device, **precision)
     if args.corruption_dir:
-        corr = evaluate_corruption_folder(model, args.corruption_dir, data_config,
+        corr = evaluate_corruption_folder(model, args.corruption_dir, data_config, protocol=args.corruption_protocol,
                                           label_names=model.pretrained_cfg.get('label_names'), **corruption_kwargs)
     elif args.corruptions_generated:
         raw = create_dataset(args.dataset, root=args.data_dir, split=args.split, class_map=args.class_map,
                              download=args.dataset_download)
+        if args.num_samples is not None:  # the same images as the clean evaluation
+            raw = spread_subset(raw, args.num_samples)
         corr = evaluate_generated_corruptions(model, raw, data_config, seed=args.seed, **corruption_kwargs)
     else:
         corr = None
@@ -287,9 +346,11 @@ def _evaluate_robustness(args, model, data_config, aa_loader, device, results, r
         results[f'{prefix}_mean_top1'] = round(corr['mean_top1'], 4)
         if 'mce' in corr:
             results[f'{prefix}_mce'] = round(corr['mce'], 4)
+        if 'protocol' in corr:
+            results['c_protocol'] = corr['protocol']
     if args.shift_dir:
         shift = evaluate_shift(model, args.shift_dir, args.shift_type, data_config, batch_size=args.batch_size,
-                               workers=args.workers, device=device)
+                               workers=args.workers, device=device, **precision)
         report.setdefault('shift', {})[args.shift_type] = shift
         results[f'{args.shift_type}_top1'] = round(shift['top1'], 4)
 

@@ -116,7 +116,8 @@ def main():
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--memory-of', default=None, help=argparse.SUPPRESS)  # internal: one method's CPU memory
     parser.add_argument('train_args', nargs=argparse.REMAINDER,
-                        help='extra train.py flags after "--", e.g. -- --adv-steps 10 --adv-eps 8/255')
+                        help='extra train.py flags after "--" for every measured method (train.py refuses a flag a method does '
+                             'not read), e.g. --methods pgd advprop -- --adv-steps 3 --adv-eps 4/255')
     bench_args = parser.parse_args()
     extra = [a for a in bench_args.train_args if a != '--']
     device = torch.device(bench_args.device)

@@ -205,16 +205,56 @@ def test_loss_is_weighted_clean_plus_adversarial():
         assert sum(float(bn.weight.grad.abs().sum()) for bn in bns) > 0, route
 
 
-def test_soft_targets_and_untargeted():
+def _reference_losses(model_before, x, x_adv, target, criterion):
+    """Clean loss through the main BNs and adversarial loss through the auxiliary BNs, on a copy in train mode."""
+    ref = copy.deepcopy(model_before).train()
+    loss_clean = criterion(ref(x), target)
+    with dual_bn_route(ref, 'aux'):
+        loss_adv = criterion(ref(x_adv), target)
+    return loss_clean, loss_adv
+
+
+@pytest.mark.parametrize('targeted', ['random', None])
+def test_soft_targets_and_untargeted(targeted):
     model = convert_dual_bn(_model('test_efficientnet'))
-    x, y = _batch(8)
+    _, y = _batch(8)
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1  # valid images (mean = std = 0.5)
     soft = F.one_hot(y, NUM_CLASSES).float() * 0.7 + F.one_hot(y.roll(1), NUM_CLASSES).float() * 0.3
-    for targeted in ('random', None):
-        task = _advprop_task(model, targeted=targeted, criterion=SoftTargetCrossEntropy())
-        task.train()
-        out = task(x, soft)
-        assert torch.isfinite(out['loss']) and out['loss'] > 0
-        out['loss'].backward()
+    criterion = SoftTargetCrossEntropy()
+    task = _advprop_task(model, steps=3, targeted=targeted, criterion=criterion)
+    real_attack, seen = task.attack, {}
+    task.attack = lambda m, inp, target: seen.setdefault('x_adv', real_attack(m, inp, target))
+    before = copy.deepcopy(model)
+    task.train()
+    out = task(x, soft)
+    loss_clean, loss_adv = _reference_losses(before, x, seen['x_adv'], soft, criterion)
+    torch.testing.assert_close(out['loss'], loss_clean + loss_adv)
+    torch.testing.assert_close(out['loss_adv'], loss_adv)
+    # the attack (eval-mode auxiliary BNs) moves the soft-target loss the way its targeting asks
+    ref = copy.deepcopy(before).eval()
+    with torch.no_grad(), dual_bn_route(ref, 'aux'):
+        loss_x, loss_x_adv = criterion(ref(x), soft), criterion(ref(seen['x_adv']), soft)
+    if targeted is None:
+        assert loss_x_adv > loss_x
+    pix = lambda t: t * 0.5 + 0.5  # noqa: E731  (mean = std = 0.5)
+    assert (pix(seen['x_adv']) - pix(x)).abs().max() <= 2 / 255 + 1e-6
+
+
+def test_default_loss_weights_are_one_plus_one():
+    import train
+    args, _ = train.parse_args(['--adv-method', 'advprop'])
+    model = AdvPropTask.prepare_model(_model(), args)
+    task = AdvPropTask.from_args(model, nn.CrossEntropyLoss(), args, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert (task.clean_weight, task.adv_weight) == (1.0, 1.0)
+    real_attack, seen = task.attack, {}
+    task.attack = lambda m, inp, target: seen.setdefault('x_adv', real_attack(m, inp, target))
+    x, y = _batch(8)
+    before = copy.deepcopy(model)
+    task.train()
+    out = task(x, y)
+    loss_clean, loss_adv = _reference_losses(before, x, seen['x_adv'], y, nn.CrossEntropyLoss())
+    torch.testing.assert_close(out['loss'], loss_clean + loss_adv)  # the paper's L_clean + L_adv, not the mean
+    assert not torch.allclose(out['loss'], (loss_clean + loss_adv) / 2)
 
 
 def test_default_attack_follows_the_paper():

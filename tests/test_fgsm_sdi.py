@@ -1,5 +1,7 @@
 """FGSM-SDI (generator, task, checkpointing), FGSM-RS and the catastrophic-overfitting guard."""
 import argparse
+import contextlib
+import copy
 import csv
 import logging
 import os
@@ -146,11 +148,143 @@ def test_label_smoothing_any_class_count(num_classes):
     assert torch.allclose(smoothed_cross_entropy(logits, y, 1.0), F.cross_entropy(logits, y))
 
 
-def test_sdi_task_trains_100_classes():
-    task = _sdi_task(num_classes=100, every=1)
-    x, y = _batch(4, num_classes=100)
+def _model_inputs(task):
+    """Records every (pixel-space) batch the classifier sees, in call order."""
+    seen = []
+    hook = task.unwrapped_model.register_forward_pre_hook(
+        lambda m, inputs: seen.append(task.attack.normalizer.to_pixel(inputs[0].detach())))
+    return seen, hook
+
+
+def _reference_input_gradient(task, x_pix, delta, y):
+    """The CE input gradient at ``x + delta`` of a copy of the model in train mode (batch statistics)."""
+    model = copy.deepcopy(task.unwrapped_model).train()
+    d = delta.clone().requires_grad_(True)
+    loss = F.cross_entropy(model(task.attack.normalizer.from_pixel(x_pix + d)), y, reduction='sum')
+    return torch.autograd.grad(loss, d)[0]
+
+
+def test_generator_receives_sign_of_the_real_input_gradient():
+    task = _sdi_task(every=1)
+    x, y = _batch(8)
+    x_pix = task.attack.normalizer.to_pixel(x)
+    expected = _reference_input_gradient(task, x_pix, torch.zeros_like(x_pix), y).sign()
+    received = []
+    hook = task.generator.register_forward_pre_hook(lambda m, inputs: received.append(inputs))
+    task(x, y)  # batch 0: the generator step and the perturbation both read the gradient sign
+    hook.remove()
+    assert len(received) == 2
+    for image, grad_sign in received:
+        assert torch.equal(image, x)  # the model's (normalised) input, as in the official code
+        assert (grad_sign != 0).float().mean() > 0.99
+        assert torch.equal(grad_sign, expected)
+
+
+@pytest.mark.parametrize('step_ratio', [0.75, 2.0])
+def test_perturbation_is_clip_of_delta0_plus_alpha_sign_grad(step_ratio, caplog):
+    num_classes = 100  # and the smoothed CE generalises to any class count
+    torch.manual_seed(0)
+    model = timm.create_model('test_resnet', num_classes=num_classes)
+    attack = create_attack(EPS, steps=1, step_size=step_ratio * EPS, random_start=False, bn_mode='train',
+                           mean=MEAN, std=STD)
+    with caplog.at_level(logging.WARNING):
+        task = FGSMSDITask(model, None, attack, create_sdi_generator(EPS, in_chans=3), verbose=False)
+    assert ('larger than eps' in caplog.text) is (step_ratio > 1)
+    task.train()
+    task.batches_seen = 1  # no generator step on this batch
+    x, y = _batch(8, num_classes=num_classes)
+    x_pix = task.attack.normalizer.to_pixel(x)
+    raw = []
+    hook = task.generator.register_forward_hook(lambda m, inputs, output: raw.append(output.detach()))
+    seen, model_hook = _model_inputs(task)
     out = task(x, y)
-    assert out['output'].shape == (4, 100) and torch.isfinite(out['loss'])
+    hook.remove(), model_hook.remove()
+    delta0 = (x_pix + raw[0]).clamp(0, 1) - x_pix  # generator output kept in the [0, 1] box
+    assert torch.allclose(seen[1], x_pix + delta0, atol=1e-6)  # the FGSM step starts at x + delta0
+    grad = _reference_input_gradient(task, x_pix, delta0, y)
+    alpha = min(step_ratio, 1.0) * EPS  # a step above eps is capped, and the warning said so
+    expected = (x_pix + (delta0 + alpha * grad.sign()).clamp(-EPS, EPS)).clamp(0, 1)
+    assert torch.allclose(seen[-1], expected, atol=1e-6)
+    unclipped = (delta0 + alpha * grad.sign()).abs() > EPS
+    assert unclipped.any()  # the eps clip was exercised
+    assert torch.allclose(out['loss'], smoothed_cross_entropy(out['output'], y, 0.5))
+    probs = smooth_targets(y, num_classes, 0.5)
+    assert torch.allclose(out['loss'], -(probs * out['output'].log_softmax(1)).sum(1).mean())
+
+
+def test_generator_architecture_and_cli_defaults():
+    args, _ = train.parse_args(['--adv-method', 'fgsm-sdi'])
+    task = get_method('fgsm-sdi').from_args(timm.create_model('test_resnet', num_classes=10), None, args,
+                                            mean=MEAN, std=STD)
+    assert task.generator_every == 20 and task.label_confidence == 0.5
+    group = task.generator_optimizer.param_groups[0]
+    assert isinstance(task.generator_optimizer, torch.optim.Adam) and (group['lr'], group['weight_decay']) == (1e-3, 5e-4)
+    a = task.attack
+    assert a.eps == pytest.approx(8 / 255) and a.step_size == pytest.approx(8 / 255)  # alpha = eps
+    assert (a.steps, a.norm, a.random_start, a.clamp, a.bn_mode) == (1, 'linf', False, True, 'train')
+
+    g = task.generator
+    conv, bn, act = g.stem
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding) == (6, 64, (3, 3), (1, 1))
+    assert isinstance(bn, nn.BatchNorm2d) and bn.affine and isinstance(act, nn.ReLU)
+    b = g.block
+    assert not b.bn1.affine and not b.bn2.affine and isinstance(b.act1, nn.PReLU) and isinstance(b.act2, nn.PReLU)
+    assert b.conv1.in_channels == b.conv2.out_channels == 64 and b.conv1.kernel_size == (3, 3)
+    assert isinstance(g.norm, nn.BatchNorm2d) and not g.norm.affine
+    assert (g.head.in_channels, g.head.out_channels, g.head.kernel_size) == (64, 3, (3, 3))
+    x, _ = _batch(2)
+    sign = torch.randn_like(x).sign()
+    g.eval()
+    h = g.stem(torch.cat([x, sign], 1))
+    h = h + b.conv2(b.act2(b.bn2(b.conv1(b.act1(b.bn1(h))))))  # pre-activation residual block
+    assert torch.allclose(g(x, sign), torch.tanh(g.head(g.norm(h))) * 8 / 255, atol=1e-7)
+
+
+def test_no_adv_sdi_clamp_lets_images_leave_the_box():
+    x_pix = torch.full((4, 3, 32, 32), 0.995)  # bright images: a positive step leaves [0, 1]
+    x = (x_pix - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    y = torch.arange(4)
+    tops = {}
+    for flags in ([], ['--no-adv-sdi-clamp']):
+        args, _ = train.parse_args(['--adv-method', 'fgsm-sdi', *flags])
+        torch.manual_seed(0)
+        task = get_method('fgsm-sdi').from_args(timm.create_model('test_resnet', num_classes=10), None, args,
+                                                mean=MEAN, std=STD)
+        task.verbose = False
+        task.train()
+        task.batches_seen = 1
+        seen, hook = _model_inputs(task)
+        task(x, y)
+        hook.remove()
+        assert task.attack.clamp is (not flags)
+        assert (seen[-1] - x_pix).abs().max() <= 8 / 255 + 1e-6
+        tops[bool(flags)] = seen[-1].max().item()
+    assert tops[False] <= 1.0 + 1e-6 and tops[True] > 1.0 + 1 / 255
+
+
+def test_generator_step_runs_in_fp32_under_fp16_autocast():
+    x, y = _batch(8)
+    grad_sign = torch.randn_like(x).sign()
+
+    def generator_grads(autocast_dtype):
+        task = _sdi_task(every=1)
+        x_pix = task.attack.normalizer.to_pixel(x)
+        grads, conv_dtypes = [], []
+        task.generator_optimizer.step = lambda: grads.append([p.grad.clone() for p in task.generator.parameters()])
+        hook = task.unwrapped_model.conv1.register_forward_hook(lambda m, i, o: conv_dtypes.append(o.dtype))
+        with torch.autocast('cpu', dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
+            task.generator_step(x, x_pix, grad_sign, y)
+        hook.remove()
+        return grads[0], set(conv_dtypes)
+
+    ref, ref_dtypes = generator_grads(None)
+    fp16, fp16_dtypes = generator_grads(torch.float16)
+    bf16, bf16_dtypes = generator_grads(torch.bfloat16)
+    assert ref_dtypes == fp16_dtypes == {torch.float32}  # fp16 would pass unscaled gradients to the generator
+    assert bf16_dtypes == {torch.bfloat16}  # bf16 needs no loss scaling: autocast stays on
+    for a, b in zip(ref, fp16):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-9)
+    assert any(not torch.allclose(a, b, rtol=1e-5, atol=1e-9) for a, b in zip(ref, bf16))
 
 
 def test_sdi_adversarial_example_in_ball_and_box():
@@ -224,10 +358,17 @@ def test_fgsm_rs_defaults_and_flags():
     assert args.adv_step_size is None  # the caller's namespace is not modified
     with pytest.raises(ValueError, match='--adv-steps'):
         FGSMRSTask.attack_from_args(argparse.Namespace(**{**vars(args), 'adv_steps': 3}))
-    x, y = _batch(4)
+    x, y = _batch(8)
     task.train()
+    seen, hook = _model_inputs(task)
     out = task(x, y)
-    assert torch.isfinite(out['loss']) and 'top1_adv' in out
+    hook.remove()
+    x_pix, x_adv = task.attack.normalizer.to_pixel(x), seen[-1]
+    assert (x_adv - x_pix).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= -1e-6 and x_adv.max() <= 1 + 1e-6
+    with torch.no_grad():
+        clean_loss = F.cross_entropy(copy.deepcopy(task.unwrapped_model)(x), y)
+    assert out['loss'] > clean_loss  # trained on a harder batch than the clean one
+    assert torch.allclose(out['loss'], F.cross_entropy(out['output'], y))
 
 
 # --- catastrophic-overfitting guard -------------------------------------------------------------------------
@@ -354,3 +495,12 @@ def test_train_resume_restores_generator_and_both_optimizers(tiny_folder, tmp_pa
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
     assert {'eval_guard_pgd_top1', 'eval_guard_fgsm_top1', 'eval_co_detected'} <= set(rows[0])
+
+    # --no-resume-opt: weights and generator come back, neither optimiser's state does
+    args, _ = train.parse_args(_train_args(tiny_folder, tmp_path, 'part', 3, '--resume', str(part_last),
+                                           '--no-resume-opt'))
+    state = train.setup(args)
+    task = state['task']
+    assert state['start_epoch'] == 2 and not state['optimizer'].state and not task.generator_optimizer.state
+    for k, v in resumed['task_state']['generator'].items():
+        assert torch.equal(v, task.generator.state_dict()[k]), k

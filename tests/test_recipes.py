@@ -5,21 +5,21 @@ import pytest
 import yaml
 
 import train
-from timm_adv.data import (apply_dataset_recipe, available_cpus, default_workers, explicit_dests,
-                           format_recipe)
+from timm_adv.data import apply_dataset_recipe, available_cpus, default_workers, format_recipe
+from timm_adv.utils import explicit_args
 
 
 def _parse(*argv):
     return train.parse_args(list(argv))[0]
 
 
-def test_explicit_dests_counts_typed_flags_even_at_their_default():
+def test_explicit_args_counts_typed_flags_even_at_their_default():
     parser = train._build_parser()
     # -b 128, --smoothing 0.1 and --adv-method none are timm / timm-adv defaults, typed on purpose
-    given = explicit_dests(parser, ['-b', '128', '--smoothing', '0.1', '--adv-method', 'none', '--no-aug'])
+    given = set(explicit_args(parser, ['-b', '128', '--smoothing', '0.1', '--adv-method', 'none', '--no-aug']))
     assert given == {'batch_size', 'smoothing', 'adv_method', 'no_aug'}
-    assert explicit_dests(parser, []) == set()
-    assert explicit_dests(parser, ['/data/imagenet']) == {'data'}
+    assert explicit_args(parser, []) == {}
+    assert set(explicit_args(parser, ['/data/imagenet'])) == {'data'}
 
 
 def test_bare_command_takes_the_bundled_recipe(caplog):

@@ -1,6 +1,6 @@
 from .bundled import BUNDLED_DATASETS, BundledMnist, is_bundled
 from .dataset_factory import DEFAULT_DATASET, create_dataset
 from .recipes import (DATASET_RECIPES, DatasetRecipe, RecipeItem, apply_bundled_defaults, apply_dataset_recipe,
-                      available_cpus, default_workers, explicit_dests, format_recipe, get_dataset_recipe,
+                      available_cpus, default_workers, format_recipe, get_dataset_recipe,
                       resolve_dataset_name)
 from .subset import TransformSubset, spread_subset

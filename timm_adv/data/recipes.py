@@ -3,26 +3,24 @@
 timm's train.py defaults are an ImageNet recipe (RandomResizedCrop down to 8% of the image,
 flips, colour jitter, 5 warm-up epochs, 300 epochs). On the bundled 32 px digits they train slowly
 and badly, so a bundled dataset brings its own recipe. "Not given" means not typed on the command
-line and not set by a ``-c`` config: :func:`explicit_dests` asks argparse which destinations the
-arguments touched (a value equal to timm's default still counts as given).
+line and not set by a ``-c`` config: :func:`timm_adv.utils.explicit_args` asks argparse which
+destinations the arguments touched (a value equal to timm's default still counts as given).
 
 Example:
     >>> args = parser.parse_args(argv)
-    >>> applied = apply_dataset_recipe(args, explicit_dests(parser, argv))
+    >>> applied = apply_dataset_recipe(args, explicit_args(parser, argv))
     >>> print(format_recipe('bundled/mnist', applied))
 """
 import argparse
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, Iterable, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, Optional, Set, Tuple
 
 from .dataset_factory import DEFAULT_DATASET
 
 __all__ = ['DatasetRecipe', 'RecipeItem', 'DATASET_RECIPES', 'get_dataset_recipe', 'resolve_dataset_name',
-           'apply_bundled_defaults', 'explicit_dests', 'apply_dataset_recipe', 'format_recipe', 'available_cpus',
+           'apply_bundled_defaults', 'apply_dataset_recipe', 'format_recipe', 'available_cpus',
            'default_workers']
-
-_UNSET = object()
 
 
 @dataclass(frozen=True)
@@ -131,33 +129,15 @@ def resolve_dataset_name(args: argparse.Namespace) -> str:
     return '' if (getattr(args, 'data_dir', None) or getattr(args, 'data', None)) else DEFAULT_DATASET
 
 
-def explicit_dests(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Set[str]:
-    """Destinations that ``argv`` sets, whatever their value; defaults never count.
-
-    Every destination starts at a private sentinel, so argparse fills no default and what is not
-    the sentinel afterwards was set by an argument. ``argv`` must already parse cleanly.
-
-    Example:
-        >>> explicit_dests(parser, ['-b', '128', '--lr', '0.1'])
-        {'batch_size', 'lr'}
-    """
-    namespace = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != argparse.SUPPRESS})
-    # argparse sets an absent optional positional (train.py's deprecated ``data``) to its default itself
-    positional_defaults = {a.dest: a.default for a in parser._actions if not a.option_strings}
-    parsed, _ = parser.parse_known_args(argv, namespace=namespace)
-    return {d for d, v in vars(parsed).items()
-            if v is not _UNSET and not (d in positional_defaults and v is positional_defaults[d])}
-
-
 def apply_dataset_recipe(args: argparse.Namespace, explicit: Iterable[str]) -> Optional[Dict[str, Any]]:
     """Fills the flags not given with the dataset's recipe; returns what it set, or ``None`` without a recipe.
 
     Args:
         args: Parsed train.py arguments.
-        explicit: Destinations the user gave (:func:`explicit_dests` plus the keys of a ``-c`` config).
+        explicit: Destinations the user gave (:func:`timm_adv.utils.explicit_args` plus the keys of a ``-c`` config).
 
     Example:
-        >>> applied = apply_dataset_recipe(args, explicit_dests(parser, argv))
+        >>> applied = apply_dataset_recipe(args, explicit_args(parser, argv))
     """
     recipe = get_dataset_recipe(resolve_dataset_name(args))
     if recipe is None:

@@ -6,5 +6,6 @@ from .corruptions import (ALEXNET_ERRORS, IMAGENET_C_CORRUPTIONS, SEVERITIES, Co
 from .report import report_to_markdown, save_plots, save_report
 from .shift import IMAGENET_A_INDICES, IMAGENET_R_INDICES, SHIFT_TYPES, LogitSubset, evaluate_shift
 from .overfit_guard import (
-    CO_ACTIONS, GuardRecord, OverfitGuard, add_overfit_guard_args, create_overfit_guard, detect_collapse,
+    CO_ACTIONS, GuardRecord, OverfitGuard, add_overfit_guard_args, check_overfit_guard_args, create_overfit_guard,
+    detect_collapse, guard_enabled,
 )

@@ -107,6 +107,9 @@ def evaluate_folder(
         device: Optional[torch.device] = None,
         log_prefix: str = 'Test',
         log_interval: int = 0,
+        amp_autocast: Callable = nullcontext,
+        channels_last: bool = False,
+        transform: Optional[Callable] = None,
 ) -> Dict[str, float]:
     """Clean accuracy on an image folder (``<class>/<image>``) with the model's eval transform.
 
@@ -121,6 +124,10 @@ def evaluate_folder(
         device: Device.
         log_prefix: Label for progress lines.
         log_interval: Log progress every N batches (0: never).
+        amp_autocast: Autocast context factory.
+        channels_last: Convert inputs to channels-last memory format.
+        transform: Image -> normalised tensor, replacing the model's eval transform (e.g. ImageNet-C's
+            reference centre crop).
 
     Example:
         >>> evaluate_folder(model, '/data/imagenet-c/fog/3', data_config, class_map=wnid_to_index)
@@ -128,9 +135,14 @@ def evaluate_folder(
     dataset = create_dataset('', root=root, class_map=class_map or '')
     if num_samples is not None:
         dataset = spread_subset(dataset, num_samples)
-    loader = create_loader(
-        dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
-        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-        crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'), num_workers=workers,
-        use_prefetcher=False)
-    return evaluate_accuracy(model, loader, device=device, log_prefix=log_prefix, log_interval=log_interval)
+    if transform is not None:
+        dataset.transform = transform
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    else:
+        loader = create_loader(
+            dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=False,
+            interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+            crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'), num_workers=workers,
+            use_prefetcher=False)
+    return evaluate_accuracy(model, loader, device=device, log_prefix=log_prefix, log_interval=log_interval,
+                             amp_autocast=amp_autocast, channels_last=channels_last)

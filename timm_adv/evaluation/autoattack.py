@@ -7,15 +7,16 @@ AutoAttack works on images in [0, 1], so the model is wrapped with its normalisa
 """
 import logging
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from contextlib import nullcontext
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from timm_adv.attacks import PixelNormalizer
 
-__all__ = ['PixelSpaceModel', 'AUTOATTACK_VERSIONS', 'AUTOATTACK_ATTACKS', 'collect_samples', 'evaluate_autoattack',
-           'import_autoattack']
+__all__ = ['PixelSpaceModel', 'AUTOATTACK_VERSIONS', 'AUTOATTACK_ATTACKS', 'attack_iterations', 'collect_samples',
+           'evaluate_autoattack', 'import_autoattack']
 
 _logger = logging.getLogger(__name__)
 
@@ -41,19 +42,28 @@ class PixelSpaceModel(nn.Module):
         model: Model expecting ``(x - mean) / std``.
         mean: Per-channel mean.
         std: Per-channel standard deviation.
+        amp_autocast: Autocast context factory the model runs under; logits are returned in fp32.
+        channels_last: Feed the model channels-last input.
 
     Example:
         >>> pixel_model = PixelSpaceModel(model, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
         >>> logits = pixel_model(images_in_0_1)
     """
 
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 amp_autocast: Callable = nullcontext, channels_last: bool = False):
         super().__init__()
         self.model = model
         self.normalizer = PixelNormalizer(mean, std)
+        self.amp_autocast = amp_autocast
+        self.channels_last = channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalizer.from_pixel(x))
+        x = self.normalizer.from_pixel(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.amp_autocast():
+            return self.model(x).float()
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised input back to [0, 1] pixels."""
@@ -89,6 +99,8 @@ def evaluate_autoattack(
         device: Optional[torch.device] = None,
         seed: int = 0,
         n_iter: Optional[int] = None,
+        amp_autocast: Callable = nullcontext,
+        channels_last: bool = False,
 ) -> Dict:
     """Robust accuracy under official AutoAttack on a fixed subset (the first N samples of the loader).
 
@@ -108,10 +120,14 @@ def evaluate_autoattack(
         seed: AutoAttack seed.
         n_iter: Iterations of APGD/FAB for ``custom`` runs only (quick checks); the presets keep the
             official 100.
+        amp_autocast: Autocast context factory for the model's forward passes.
+        channels_last: Feed the model channels-last input.
 
     Returns:
         Dict with the settings, ``clean_top1`` and ``robust_top1`` on the subset (percent), the
-        robust accuracy after each attack (``per_attack``) and the package version.
+        robust accuracy after each attack (``per_attack``), the iterations each attack ran as read
+        from the attack objects (``iterations``; Square counts queries; ``n_iter`` is APGD's) and the
+        package version.
 
     Example:
         >>> evaluate_autoattack(model, loader, eps=8 / 255, mean=mean, std=std, num_samples=1000)
@@ -137,7 +153,8 @@ def evaluate_autoattack(
     import pyautoattack
 
     model.eval()
-    pixel_model = PixelSpaceModel(model, mean, std).to(device if device is not None else 'cpu').eval()
+    pixel_model = PixelSpaceModel(model, mean, std, amp_autocast=amp_autocast, channels_last=channels_last)
+    pixel_model = pixel_model.to(device if device is not None else 'cpu').eval()
     x, y = collect_samples(loader, num_samples, device)
     x = pixel_model.to_pixels(x.float())
     aa_device = device if device is not None else x.device
@@ -153,13 +170,30 @@ def evaluate_autoattack(
     per_attack = _run_logged(adversary, x, y, batch_size)
     clean_top1 = 100.0 * per_attack.pop('clean')
     robust_top1 = 100.0 * per_attack.pop('final')
-    _logger.info(f'AutoAttack done in {time.time() - start:.1f}s: clean {clean_top1:.2f}%, robust {robust_top1:.2f}%')
+    iterations = attack_iterations(adversary)
+    _logger.info(f'AutoAttack done in {time.time() - start:.1f}s: clean {clean_top1:.2f}%, robust {robust_top1:.2f}% '
+                 f'(iterations {iterations})')
     return dict(
         version=version, attacks=list(adversary.attacks_to_run), norm=norm, eps=float(eps), samples=int(x.shape[0]),
-        seed=seed, n_iter=n_iter if n_iter is not None else 100, clean_top1=clean_top1, robust_top1=robust_top1,
+        seed=seed, n_iter=adversary.apgd.n_iter, iterations=iterations, clean_top1=clean_top1, robust_top1=robust_top1,
         per_attack={k: 100.0 * float(v) for k, v in per_attack.items()},
         package=f'pyautoattack {pyautoattack.__version__}',
     )
+
+
+def attack_iterations(adversary) -> Dict[str, int]:
+    """Iterations each attack of an AutoAttack object is set to run, read from its attack objects.
+
+    APGD and FAB count iterations per restart; Square counts queries.
+
+    Example:
+        >>> attack_iterations(AutoAttack(model, eps=8 / 255))
+        {'apgd-ce': 100, 'apgd-t': 100, 'fab-t': 100, 'square': 5000}
+    """
+    objects = {'apgd-ce': adversary.apgd, 'apgd-dlr': adversary.apgd, 'apgd-t': adversary.apgd_targeted,
+               'fab': adversary.fab, 'fab-t': adversary.fab, 'square': adversary.square}
+    return {name: int(objects[name].n_queries if name == 'square' else objects[name].n_iter)
+            for name in adversary.attacks_to_run}
 
 
 class _AccuracyRecorder(logging.Handler):

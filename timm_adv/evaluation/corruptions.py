@@ -13,7 +13,8 @@ import logging
 import os
 import types
 import warnings
-from typing import Dict, Iterable, Mapping, Optional, Sequence
+from contextlib import nullcontext
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,13 +22,15 @@ import torch.nn as nn
 import torch.utils.data
 from PIL import Image
 from timm.data import create_transform
+from torchvision import transforms
 
 from timm_adv.data import spread_subset
 from .accuracy import evaluate_accuracy, evaluate_folder
 
 __all__ = ['IMAGENET_C_CORRUPTIONS', 'ALEXNET_ERRORS', 'SEVERITIES', 'CorruptionFolderError', 'compute_mce',
            'scan_corruption_folder', 'folder_class_map', 'CorruptedDataset', 'import_imagecorruptions',
-           'evaluate_corruption_folder', 'evaluate_generated_corruptions', 'GENERATED_NOTE']
+           'evaluate_corruption_folder', 'evaluate_generated_corruptions', 'GENERATED_NOTE', 'FOLDER_PROTOCOLS',
+           'folder_transform']
 
 _logger = logging.getLogger(__name__)
 
@@ -50,6 +53,14 @@ GENERATED_NOTE = (
     'Corruptions regenerated on the fly with imagecorruptions (not the released ImageNet-C files): '
     'elastic_transform uses a different algorithm and impulse_noise is not seedable; severity parameters '
     'are those for 224 px ImageNet images, so on small images this is not CIFAR-10-C.')
+
+#: How ImageNet-C folder images become model input: ``hendrycks`` is the reference script
+#: (hendrycks/robustness ``ImageNet-C/test.py``: the 224 px images centre-cropped, no resize), behind
+#: the AlexNet constants and every published mCE; ``model`` is the model's own eval transform.
+FOLDER_PROTOCOLS = {
+    'hendrycks': 'centre crop to the input size, no resize (hendrycks/robustness ImageNet-C/test.py)',
+    'model': "the model's eval transform (resize, crop_pct centre crop); not comparable with published mCE",
+}
 
 INSTALL_HINT = "pip install 'timm-adv[eval]' (or: pip install imagecorruptions 'setuptools<82')"
 
@@ -223,9 +234,27 @@ class CorruptedDataset(torch.utils.data.Dataset):
         return (x - self.mean) / self.std, target
 
 
-def _accuracy(model, dataset, batch_size, workers, device, label: str) -> float:
+def folder_transform(data_config: Mapping, protocol: str = 'hendrycks') -> Optional[Callable]:
+    """The image transform of an ImageNet-C folder under ``protocol`` (None: the model's eval transform).
+
+    Example:
+        >>> folder_transform(dict(input_size=(3, 224, 224), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD))
+        Compose(CenterCrop(size=(224, 224)), ToTensor(), Normalize(...))
+    """
+    if protocol not in FOLDER_PROTOCOLS:
+        raise ValueError(f'--corruption-protocol must be one of {", ".join(FOLDER_PROTOCOLS)}, got {protocol!r}.')
+    if protocol == 'model':
+        return None
+    return transforms.Compose([
+        transforms.CenterCrop(tuple(data_config['input_size'][-2:])),
+        transforms.ToTensor(),
+        transforms.Normalize(data_config['mean'], data_config['std']),
+    ])
+
+
+def _accuracy(model, dataset, batch_size, workers, device, label: str, **eval_kwargs) -> float:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    return evaluate_accuracy(model, loader, device=device, log_prefix=label)['top1']
+    return evaluate_accuracy(model, loader, device=device, log_prefix=label, **eval_kwargs)['top1']
 
 
 def evaluate_generated_corruptions(
@@ -239,6 +268,8 @@ def evaluate_generated_corruptions(
         workers: int = 0,
         device: Optional[torch.device] = None,
         seed: int = 0,
+        amp_autocast: Callable = nullcontext,
+        channels_last: bool = False,
 ) -> Dict:
     """Top-1 under corruptions generated with imagecorruptions, per corruption and severity.
 
@@ -253,6 +284,8 @@ def evaluate_generated_corruptions(
         workers: DataLoader workers.
         device: Device.
         seed: Base seed of the corruptions.
+        amp_autocast: Autocast context factory.
+        channels_last: Convert inputs to channels-last memory format.
 
     Returns:
         Report dict (``source='generated'``, ``top1`` per corruption and severity, ``mean_top1``,
@@ -275,7 +308,8 @@ def evaluate_generated_corruptions(
         top1[c] = {}
         for s in severities:
             top1[c][s] = _accuracy(model, CorruptedDataset(dataset, c, s, data_config, seed=seed), batch_size,
-                                   workers, device, f'{c}-{s}')
+                                   workers, device, f'{c}-{s}', amp_autocast=amp_autocast,
+                                   channels_last=channels_last)
             _logger.info(f'Generated corruption {c} severity {s}: top-1 {top1[c][s]:.2f}%')
     report = _summarise(top1, source='generated', samples=len(dataset))
     report['note'] = GENERATED_NOTE
@@ -297,14 +331,17 @@ def evaluate_corruption_folder(
         batch_size: int = 64,
         workers: int = 0,
         device: Optional[torch.device] = None,
+        protocol: str = 'hendrycks',
+        amp_autocast: Callable = nullcontext,
+        channels_last: bool = False,
 ) -> Dict:
     """Top-1 per corruption and severity on an ImageNet-C style folder, with mCE when complete.
 
     Args:
         model: Model taking normalised input.
         root: Folder laid out as ``<corruption>/<severity>/<class>/<image>``.
-        data_config: timm data config (ImageNet-C images are already 224 px crops; the usual eval
-            transform is applied as for ImageNet).
+        data_config: timm data config (input size, mean / std; interpolation and crop_pct only
+            with ``protocol='model'``).
         corruptions: Corruptions to evaluate; mCE is reported only for the 15 benchmark ones.
         severities: Severities to evaluate.
         label_names: The model's class names, to map class folders to output indices.
@@ -312,6 +349,11 @@ def evaluate_corruption_folder(
         batch_size: Batch size.
         workers: DataLoader workers.
         device: Device.
+        protocol: ``hendrycks`` (the reference script: ImageNet-C's 224 px images centre-cropped,
+            no resize, the protocol of the AlexNet constants and published mCE) or ``model`` (the
+            model's eval transform, resize then ``crop_pct`` crop). The report records it.
+        amp_autocast: Autocast context factory.
+        channels_last: Convert inputs to channels-last memory format.
 
     Raises:
         CorruptionFolderError: Missing corruptions or severities (checked before any evaluation).
@@ -320,6 +362,10 @@ def evaluate_corruption_folder(
         >>> evaluate_corruption_folder(model, '/data/imagenet-c', data_config)['mce']
     """
     _check_severities(severities, '--severities')
+    transform = folder_transform(data_config, protocol)
+    if protocol == 'hendrycks' and tuple(data_config['input_size'][-2:]) != (224, 224):
+        _logger.warning(f'ImageNet-C protocol: the reference script crops 224 px; this model takes '
+                        f'{data_config["input_size"][-2:]}, so images are centre-cropped (or padded) to that size.')
     paths = scan_corruption_folder(root, corruptions, severities)
     top1: Dict[str, Dict[int, float]] = {}
     samples = 0
@@ -330,12 +376,15 @@ def evaluate_corruption_folder(
             class_map = folder_class_map(
                 [d.name for d in os.scandir(path) if d.is_dir()], label_names, getattr(model, 'num_classes', None))
             result = evaluate_folder(model, path, data_config, class_map=class_map, num_samples=num_samples,
-                                     batch_size=batch_size, workers=workers, device=device, log_prefix=f'{c}-{s}')
+                                     batch_size=batch_size, workers=workers, device=device, log_prefix=f'{c}-{s}',
+                                     amp_autocast=amp_autocast, channels_last=channels_last, transform=transform)
             top1[c][s] = result['top1']
             samples = max(samples, result['samples'])
             _logger.info(f'{c} severity {s}: top-1 {top1[c][s]:.2f}% ({result["samples"]} images)')
     report = _summarise(top1, source='folder', samples=samples)
     report['root'] = root
+    report['protocol'] = protocol
+    report['transform'] = FOLDER_PROTOCOLS[protocol]
     return report
 
 

@@ -18,7 +18,7 @@ import argparse
 import copy
 import logging
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,7 @@ from timm_adv.tasks import get_method
 from .accuracy import evaluate_accuracy
 
 __all__ = ['CO_ACTIONS', 'GuardRecord', 'OverfitGuard', 'detect_collapse', 'add_overfit_guard_args',
-           'create_overfit_guard']
+           'check_overfit_guard_args', 'create_overfit_guard', 'guard_enabled']
 
 _logger = logging.getLogger(__name__)
 
@@ -202,6 +202,31 @@ def add_overfit_guard_args(parser: argparse.ArgumentParser) -> None:
                             'accuracy did not fall (default: 10)')
 
 
+def guard_enabled(args: argparse.Namespace) -> bool:
+    """``--adv-co-guard`` / ``--no-adv-co-guard``, or the method's default (on for single-step methods)."""
+    if args.adv_co_guard is not None:
+        return args.adv_co_guard
+    return getattr(get_method(args.adv_method), 'co_guard_default', False)
+
+
+def check_overfit_guard_args(args: argparse.Namespace, explicit: Optional[Mapping[str, str]] = None) -> None:
+    """Fails early on guard flags that cannot work or would be ignored.
+
+    Args:
+        args: Parsed arguments.
+        explicit: The flags the user set, ``{dest: flag}`` (see :func:`timm_adv.utils.explicit_args`).
+    """
+    explicit = explicit or {}
+    if not guard_enabled(args):
+        for dest in ('adv_co_action', 'adv_co_drop'):
+            if dest in explicit:
+                raise ValueError(f'{explicit[dest]} does nothing: the catastrophic-overfitting guard is off for '
+                                 f'--adv-method {args.adv_method}; add --adv-co-guard to turn it on.')
+    elif args.adv_val_samples == 0:
+        raise ValueError('The catastrophic-overfitting guard watches the robust validation subset: set '
+                         '--adv-val-samples >= 1, or pass --no-adv-co-guard.')
+
+
 def create_overfit_guard(
         args: argparse.Namespace,
         loader_robust,
@@ -217,14 +242,9 @@ def create_overfit_guard(
     evenly spaced validation images, ``pgd_attack``), so its PGD accuracy is the epoch's ``pgd_top1``
     and only the FGSM pass is extra.
     """
-    enabled = args.adv_co_guard
-    if enabled is None:
-        enabled = getattr(get_method(args.adv_method), 'co_guard_default', False)
-    if not enabled:
+    if not guard_enabled(args):
         return None
-    if loader_robust is None:
-        raise ValueError('The catastrophic-overfitting guard watches the robust validation subset: set '
-                         '--adv-val-samples >= 1, or pass --no-adv-co-guard.')
+    check_overfit_guard_args(args)
     fgsm = PGDAttack(pgd_attack.eps, steps=1, norm=pgd_attack.norm, random_start=False, bn_mode='eval', mean=mean,
                      std=std)
     return OverfitGuard(loader_robust, pgd_attack, fgsm, action=args.adv_co_action, min_pgd_drop=args.adv_co_drop,

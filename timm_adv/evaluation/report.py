@@ -48,8 +48,13 @@ def report_rows(report: Dict) -> List[Dict[str, str]]:
     aa = report.get('autoattack')
     if aa:
         setting = f'{aa["version"]} ({", ".join(aa["attacks"])}), {aa["norm"]} eps={format_eps(aa["eps"])}'
-        if aa.get('n_iter', 100) != 100:
+        if aa.get('iterations'):
+            setting += ', iterations ' + ', '.join(
+                f'{k} {v}' + (' queries' if k == 'square' else '') for k, v in aa['iterations'].items())
+        elif aa.get('n_iter', 100) != 100:
             setting += f', {aa["n_iter"]} iterations'
+        if aa.get('subset'):
+            setting += f', {aa["subset"]} subset'
         rows.append(dict(evaluation='AutoAttack', setting=setting, samples=aa['samples'], top1=aa['robust_top1']))
         rows.append(dict(evaluation='Clean (AutoAttack subset)', setting='-', samples=aa['samples'],
                          top1=aa['clean_top1']))
@@ -58,6 +63,8 @@ def report_rows(report: Dict) -> List[Dict[str, str]]:
         label = 'ImageNet-C folder' if corr['source'] == 'folder' else 'Corruptions (regenerated)'
         n_sev = len(next(iter(corr['top1'].values())))
         setting = f'{len(corr["top1"])} corruptions x {n_sev} severities, mean top-1'
+        if corr.get('protocol'):
+            setting += f', {corr["protocol"]} protocol'
         rows.append(dict(evaluation=label, setting=setting, samples=corr['samples'], top1=corr['mean_top1']))
         if 'mce' in corr:
             rows.append(dict(evaluation=f'{label} mCE (lower is better)', setting='normalised by AlexNet',
@@ -77,6 +84,9 @@ def report_to_markdown(report: Dict) -> str:
     if corr and corr.get('note'):
         lines.append('')
         lines.append(f'Note: {corr["note"]}')
+    if corr and corr.get('transform'):
+        lines.append('')
+        lines.append(f'ImageNet-C images: {corr["transform"]}.')
     return '\n'.join(lines)
 
 

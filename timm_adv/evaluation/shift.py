@@ -6,7 +6,8 @@ Sketch and Stylized-ImageNet use all 1000 classes.
 """
 import logging
 import os
-from typing import Dict, Mapping, Optional, Sequence
+from contextlib import nullcontext
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -75,6 +76,8 @@ def evaluate_shift(
         batch_size: int = 64,
         workers: int = 0,
         device: Optional[torch.device] = None,
+        amp_autocast: Callable = nullcontext,
+        channels_last: bool = False,
 ) -> Dict:
     """Top-1 / top-5 of an ImageNet model on a distribution-shift folder (``<class>/<image>``).
 
@@ -87,6 +90,8 @@ def evaluate_shift(
         batch_size: Batch size.
         workers: DataLoader workers.
         device: Device.
+        amp_autocast: Autocast context factory.
+        channels_last: Convert inputs to channels-last memory format.
 
     Example:
         >>> evaluate_shift(model, '/data/imagenet-a', 'imagenet-a', data_config)['top1']
@@ -110,7 +115,8 @@ def evaluate_shift(
     if device is not None:
         eval_model = eval_model.to(device)
     result = evaluate_folder(eval_model, root, data_config, num_samples=num_samples, batch_size=batch_size,
-                             workers=workers, device=device, log_prefix=shift_type, log_interval=50)
+                             workers=workers, device=device, log_prefix=shift_type, log_interval=50,
+                             amp_autocast=amp_autocast, channels_last=channels_last)
     _logger.info(f'{shift_type}: top-1 {result["top1"]:.2f}% on {result["samples"]} images')
     return dict(type=shift_type, root=root, top1=result['top1'], top5=result['top5'], samples=result['samples'],
                 classes=expected)

@@ -13,7 +13,7 @@ metrics, so methods plug in without touching the loop. Hooks, all optional:
 * :meth:`export_model`: the plain timm model to evaluate and publish (training-only parts stripped).
 """
 import argparse
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,12 @@ from timm.task import ClassificationTask
 
 from timm_adv.attacks import PGDAttack, create_attack, hard_labels, parse_eps, unwrap_ddp
 
-__all__ = ['AdversarialTask', 'top1']
+__all__ = ['ATTACK_ARGS', 'AdversarialTask', 'top1']
+
+#: Destinations of the common attack flags (``--adv-eps`` ... ``--adv-bn-mode``); each method lists
+#: the ones it reads in :attr:`AdversarialTask.uses_args`, and typing any other one is an error.
+ATTACK_ARGS = ('adv_eps', 'adv_steps', 'adv_step_size', 'adv_norm', 'adv_random_start', 'adv_targeted',
+               'adv_bn_mode')
 
 
 def top1(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -41,6 +46,11 @@ class AdversarialTask(ClassificationTask):
     """
 
     method_name: str = ''
+    #: Flags this method reads besides the ones its own :meth:`add_args` creates: common attack flags
+    #: (:data:`ATTACK_ARGS`) or another method's flags. ``check_adv_args`` rejects the rest.
+    uses_args: Tuple[str, ...] = ATTACK_ARGS
+    #: Restore task-owned optimiser state (e.g. a generator's Adam) on resume; ``--no-resume-opt`` clears it.
+    resume_optimizer_state: bool = True
     #: BN behaviour of the training attack when ``--adv-bn-mode`` is not given.
     default_bn_mode: str = 'train'
     #: Attack settings used when the matching ``--adv-*`` flag is not given; a callable is applied to eps.

@@ -1,6 +1,7 @@
 """Command-line flags shared by all methods, and the task factory used by ``train.py``."""
 import argparse
-from typing import Callable, Optional, Union
+from functools import lru_cache
+from typing import Callable, FrozenSet, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -9,7 +10,7 @@ from timm_adv.attacks import BN_MODES, NORMS
 from .arg_types import bounded_type, eps_type
 from .registry import get_method, list_methods
 
-__all__ = ['add_adv_args', 'check_adv_args', 'create_task']
+__all__ = ['add_adv_args', 'check_adv_args', 'create_task', 'method_args']
 
 
 def add_adv_args(parser: argparse.ArgumentParser) -> None:
@@ -44,11 +45,59 @@ def add_adv_args(parser: argparse.ArgumentParser) -> None:
         get_method(name).add_args(group)
 
 
-def check_adv_args(args: argparse.Namespace) -> None:
-    """Fails early, naming the flag, on adversarial settings that cannot work."""
-    get_method(args.adv_method)
+@lru_cache(maxsize=None)
+def method_args(name: str) -> FrozenSet[str]:
+    """Destinations of the flags the method ``name`` creates in its ``add_args``.
+
+    Recorded by running its ``add_args`` on a scratch parser, so a new method's ``--adv-<method>-*``
+    flags are known to :func:`check_adv_args` without being listed anywhere.
+
+    Example:
+        >>> sorted(method_args('advprop'))
+        ['adv_advprop_adv_weight', 'adv_advprop_clean_weight']
+    """
+    scratch = argparse.ArgumentParser(add_help=False)
+    get_method(name).add_args(scratch.add_argument_group())
+    return frozenset(a.dest for a in scratch._actions)
+
+
+def _methods_using(dest: str):
+    return [n for n in list_methods() if dest in method_args(n) or dest in get_method(n).uses_args]
+
+
+def check_adv_args(args: argparse.Namespace, explicit: Optional[Mapping[str, str]] = None) -> None:
+    """Fails early, naming the flag, on adversarial settings that cannot work or would be ignored.
+
+    Args:
+        args: Parsed arguments.
+        explicit: The flags the user set, ``{dest: flag}`` (see :func:`timm_adv.utils.explicit_args`).
+            A method flag set for a method that does not read it is an error: the common attack flags
+            the task class does not list in ``uses_args``, and the flags other methods' ``add_args`` create.
+
+    Example:
+        >>> check_adv_args(args, explicit_args(parser, argv))
+        ValueError: --adv-clean-weight does nothing with --adv-method advprop; it applies to pgd, fgsm-rs. ...
+    """
+    method = get_method(args.adv_method)
+    explicit = explicit or {}
     if args.adv_val_samples < 0:
         raise ValueError(f'--adv-val-samples must be >= 0, got {args.adv_val_samples}.')
+    used = set(method.uses_args) | method_args(args.adv_method)
+    for dest, flag in explicit.items():
+        users = _methods_using(dest)
+        if dest in used or not users:
+            continue
+        hint = ' (the robust validation radius is --adv-val-eps)' if dest == 'adv_eps' else ''
+        raise ValueError(f'{flag} does nothing with --adv-method {args.adv_method}; it applies to '
+                         f'{", ".join(users)}{hint}. Drop it, or pick one of those methods.')
+    if args.adv_val_samples == 0:
+        for dest in ('adv_val_steps', 'adv_val_eps'):
+            if dest in explicit:
+                raise ValueError(f'{explicit[dest]} does nothing with --adv-val-samples 0 (no robust validation); '
+                                 f'drop it, or attack a subset with --adv-val-samples N.')
+        if 'pgd_top1' in getattr(args, 'eval_metric', ''):
+            raise ValueError(f'--eval-metric {args.eval_metric} needs the per-epoch robust validation, which '
+                             f'--adv-val-samples 0 turns off; set --adv-val-samples N or rank by top1.')
 
 
 def create_task(

@@ -27,6 +27,7 @@ class FGSMRSTask(PGDTrainingTask):
         >>> task = FGSMRSTask(model, nn.CrossEntropyLoss(), attack)
     """
 
+    uses_args = PGDTrainingTask.uses_args + ('adv_clean_weight',)
     attack_defaults = dict(eps=8 / 255, steps=1, step_size=lambda eps: FGSM_RS_STEP_RATIO * eps, norm='linf',
                            random_start=True)
     #: Fast single-step methods are prone to catastrophic overfitting: guard them by default.

@@ -15,7 +15,14 @@ Every ``k`` batches (20 officially) the generator, in train mode, is first updat
 Adam optimiser to *maximise* the same loss; its gradient flows only through ``delta0`` (the FGSM
 step direction is a constant) and is taken with ``torch.autograd.grad`` w.r.t. its parameters, so
 the model's ``.grad`` is never touched. The generator, its optimiser and the batch counter are
-task state (saved in checkpoints, restored on ``--resume``), never part of the exported model.
+task state (saved in checkpoints, restored on ``--resume``; ``--no-resume-opt`` leaves the Adam state
+fresh), never part of the exported model.
+
+Distributed: rank 0's generator is broadcast when the task is wrapped for DDP; after each generator
+step its gradients are averaged before the Adam step and its BN running statistics right after, so
+every process holds the same generator. Mixed precision: under fp16 autocast the generator step runs
+in fp32 (its gradient would otherwise pass unscaled through fp16 activations and underflow); bf16
+keeps autocast.
 
 BN: the model stays in train mode for every pass, as in the official code; the attack passes
 (input gradient, FGSM step, generator objective) normalise with batch statistics and leave the
@@ -24,7 +31,8 @@ official code, where every pass updates them.
 """
 import argparse
 import logging
-from typing import Any, Callable, Dict, Optional, Union
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -66,6 +74,23 @@ def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, confidenc
     return -(probs * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
 
+def _average_across_processes(tensors: Iterable[torch.Tensor]) -> None:
+    """Replaces each tensor by its mean over the processes (a no-op without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for t in tensors:
+        dist.all_reduce(t)
+        t.div_(world)
+
+
+def _no_fp16_autocast(device_type: str):
+    """Disables fp16 autocast (no loss scaling reaches the generator's backward); bf16 is left on."""
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16:
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
 @register_method('fgsm-sdi')
 class FGSMSDITask(AdversarialTask):
     """FGSM-SDI adversarial training (see the module docstring for the algorithm).
@@ -89,6 +114,8 @@ class FGSMSDITask(AdversarialTask):
     """
 
     default_bn_mode = 'train'
+    #: One L-inf step from the generator's start: steps, norm, random start and targeting are fixed.
+    uses_args = ('adv_eps', 'adv_step_size', 'adv_bn_mode')
     attack_defaults = dict(eps=8 / 255, steps=1, norm='linf', random_start=False)
     #: Fast single-step methods are prone to catastrophic overfitting: guard them by default.
     co_guard_default = True
@@ -117,6 +144,10 @@ class FGSMSDITask(AdversarialTask):
             raise ValueError(f'--adv-sdi-label-confidence must be in (0, 1], got {label_confidence}.')
         if not generator_lr > 0:
             raise ValueError(f'--adv-sdi-lr must be > 0, got {generator_lr}.')
+        if attack.step_size > attack.eps:
+            _logger.warning(f'FGSM-SDI: --adv-step-size {attack.step_size:.5g} is larger than eps {attack.eps:.5g}; '
+                            f'the FGSM step is clipped to the eps ball (as in the official code), so the step '
+                            f'taken is eps.')
         self.generator = generator
         self.generator_optimizer = torch.optim.Adam(
             generator.parameters(), lr=generator_lr, weight_decay=generator_weight_decay)
@@ -182,26 +213,35 @@ class FGSMSDITask(AdversarialTask):
 
     def generator_step(self, x: torch.Tensor, x_pix: torch.Tensor, grad_sign: torch.Tensor,
                        target: torch.Tensor) -> torch.Tensor:
-        """One Adam step of the generator (train mode) maximising the adversarial loss; returns that loss."""
+        """One Adam step of the generator (train mode) maximising the adversarial loss; returns that loss.
+
+        Runs in fp32 under fp16 autocast: no loss scaler guards this backward.
+        """
         self.generator.train()
         attacked = self.unwrapped_model
-        with attack_bn_mode(attacked, self.attack.bn_mode), torch.enable_grad():
+        with _no_fp16_autocast(x.device.type), attack_bn_mode(attacked, self.attack.bn_mode), torch.enable_grad():
             delta0 = self.initial_perturbation(x, x_pix, grad_sign)
             loss, _ = self.adversarial_loss(attacked, x_pix, delta0, target)
             params = [p for p in self.generator.parameters() if p.requires_grad]
             # Gradients w.r.t. the generator only: the model's .grad stays untouched.
             grads = torch.autograd.grad(-loss, params)
-        if dist.is_available() and dist.is_initialized():
-            # one generator shared by all processes: average its gradient as DDP would
-            world = dist.get_world_size()
-            for g in grads:
-                dist.all_reduce(g)
-                g.div_(world)
+        # one generator shared by all processes: average its gradient as DDP would
+        _average_across_processes(grads)
         for p, g in zip(params, grads):
             p.grad = g
         self.generator_optimizer.step()
         self.generator_optimizer.zero_grad(set_to_none=True)
+        # each process normalised its own shard: average the running statistics so that they cannot drift
+        _average_across_processes(b for b in self.generator.buffers() if b.is_floating_point())
         return loss.detach()
+
+    def prepare_distributed(self, device_ids=None, **ddp_kwargs) -> 'FGSMSDITask':
+        """Wraps the model in DDP and gives every process rank 0's generator (ranks seed differently)."""
+        super().prepare_distributed(device_ids=device_ids, **ddp_kwargs)
+        if dist.is_available() and dist.is_initialized():
+            for tensor in self.generator.state_dict().values():
+                dist.broadcast(tensor, src=0)
+        return self
 
     def ideal_cost(self) -> Dict[str, float]:
         # input gradient at x, the FGSM step from x + delta0, and every k batches one generator
@@ -244,5 +284,8 @@ class FGSMSDITask(AdversarialTask):
                             'starts fresh.')
             return
         self.generator.load_state_dict(state['generator'], strict=strict)
-        self.generator_optimizer.load_state_dict(state['generator_optimizer'])
+        if self.resume_optimizer_state:
+            self.generator_optimizer.load_state_dict(state['generator_optimizer'])
+        else:
+            _logger.info('FGSM-SDI: generator Adam state not restored (--no-resume-opt).')
         self.batches_seen = int(state['batches_seen'])

@@ -16,6 +16,8 @@ __all__ = ['StandardTask', 'PGDTrainingTask']
 class StandardTask(AdversarialTask):
     """Plain timm classification training (no attack), the baseline every method is compared to."""
 
+    uses_args = ()
+
     @classmethod
     def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'StandardTask':
         return cls(model, criterion, attack=None, device=device)

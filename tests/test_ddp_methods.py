@@ -1,0 +1,70 @@
+"""AdvProp and FGSM-SDI under 2-process torchrun (gloo, CPU): the processes must end with the same state."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+METHODS = ('advprop', 'fgsm-sdi')
+
+
+@pytest.fixture(scope='module')
+def ddp_runs(tmp_path_factory, repo_root):
+    root = tmp_path_factory.mktemp('ddp')
+    rng = np.random.RandomState(0)
+    for split, per_class in (('train', 4), ('validation', 1)):
+        for c in range(4):
+            os.makedirs(root / 'data' / split / str(c))
+            for i in range(per_class):
+                img = (rng.rand(16, 16, 3) * 60 + c * 50).astype(np.uint8)
+                Image.fromarray(img).save(root / 'data' / split / str(c) / f'{i}.png')
+    common = ['--data-dir', str(root / 'data'), '--model', 'test_resnet', '--num-classes', '4', '--img-size', '16',
+              '--epochs', '1', '--no-aug', '-b', '4', '--lr', '0.05', '--warmup-epochs', '0', '--workers', '0',
+              '--adv-val-samples', '4', '--adv-val-steps', '1', '--log-interval', '100', '--output', str(root / 'out')]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=repo_root)
+    runs = {}
+    for method in METHODS:  # two batches per process; FGSM-SDI updates its generator on the first
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(_free_port()),
+               os.path.join(repo_root, 'tests', 'ddp_worker.py'), str(root / method), *common,
+               '--adv-method', method, '--experiment', method]
+        proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            log, _ = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers too, not only the launcher
+            raise
+        assert proc.returncode == 0, log[-3000:]
+        runs[method] = [torch.load(f'{root / method}-rank{r}.pt', weights_only=True) for r in range(2)]
+    return runs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+def _assert_same(a, b, what):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), f'{what}: {k} differs between processes'
+
+
+def test_advprop_processes_agree_on_both_bn_sets(ddp_runs):
+    rank0, rank1 = ddp_runs['advprop']
+    aux = [k for k in rank0['model'] if '.aux_bn.0.' in k and k.endswith('running_mean')]
+    assert aux
+    _assert_same(rank0['model'], rank1['model'], 'advprop model')  # weights by DDP, both BN sets by --dist-bn reduce
+
+
+def test_fgsm_sdi_processes_share_one_generator(ddp_runs):
+    rank0, rank1 = ddp_runs['fgsm-sdi']
+    _assert_same(rank0['model'], rank1['model'], 'fgsm-sdi model')
+    gen0, gen1 = rank0['generator'], rank1['generator']
+    _assert_same(gen0, gen1, 'generator')  # rank 0's initialisation broadcast, gradients and BN stats averaged
+    assert gen0['stem.1.num_batches_tracked'] >= 1  # it was trained

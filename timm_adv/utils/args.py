@@ -1,0 +1,67 @@
+"""Which command-line flags the user actually set.
+
+A flag left at its default and the same value typed explicitly are different requests: only the
+second one can be "ignored". The parser is run a second time with every default suppressed, so a
+destination appears only when a flag for it was typed (abbreviations and aliases resolved by
+argparse itself), never by comparing values with defaults.
+"""
+import argparse
+from typing import Dict, Mapping, Optional, Sequence
+
+__all__ = ['explicit_args', 'flag_name']
+
+
+def flag_name(parser: argparse.ArgumentParser, dest: str) -> str:
+    """The long option of ``dest`` (e.g. ``--batch-size`` for ``batch_size``), or ``dest`` itself."""
+    for action in parser._actions:
+        if action.dest == dest and action.option_strings:
+            if isinstance(action, argparse.BooleanOptionalAction):
+                return '/'.join(action.option_strings)  # --flag/--no-flag: either may have been typed
+            return max(action.option_strings, key=len)
+    return dest
+
+
+def explicit_args(
+        parser: argparse.ArgumentParser,
+        argv: Optional[Sequence[str]],
+        config: Optional[Mapping] = None,
+        config_name: str = '-c/--config',
+) -> Dict[str, str]:
+    """Destinations the user set, mapped to the flag as it should be named in a message.
+
+    Args:
+        parser: The parser ``argv`` was parsed with.
+        argv: The command-line arguments (None: ``sys.argv[1:]``).
+        config: Values from a YAML config (timm's ``-c``); a key counts as set when its value
+            differs from the parser's own default (an ``args.yaml`` lists every flag). Call this
+            before the config is applied with ``parser.set_defaults``.
+        config_name: How to name the config file in messages.
+
+    Returns:
+        ``{dest: flag}``, e.g. ``{'adv_clean_weight': '--adv-clean-weight'}``.
+
+    Example:
+        >>> explicit_args(parser, ['--adv-method', 'pgd', '-b', '64'])
+        {'adv_method': '--adv-method', 'batch_size': '--batch-size'}
+    """
+    saved_defaults = {id(a): a.default for a in parser._actions}
+    saved_parser_defaults = dict(parser._defaults)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    parser._defaults.clear()
+    try:
+        typed, _ = parser.parse_known_args(argv, argparse.Namespace())
+    finally:
+        for action in parser._actions:
+            action.default = saved_defaults[id(action)]
+        parser._defaults.update(saved_parser_defaults)
+    explicit = {dest: flag_name(parser, dest) for dest in vars(typed)}
+    if config:
+        for dest, value in config.items():
+            if dest in explicit:
+                continue
+            action = next((a for a in parser._actions if a.dest == dest), None)
+            if action is not None and value != action.default:
+                explicit[dest] = f'{flag_name(parser, dest)} (from {config_name})'
+    return explicit
+
