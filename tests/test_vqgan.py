@@ -171,3 +171,85 @@ def test_bf16_channels_last_and_describe(saved, images):
     desc = bf.describe()
     assert desc['bf16'] and desc['downsample_factor'] == 2 and desc['config']['n_embed'] == 64
     assert yaml.safe_load(yaml.safe_dump(desc)) == desc  # plain types: fits a checkpoint's task state
+
+
+# ---------------------------------------------------------------- fit
+
+def _fit_args(out, *extra):
+    from timm_adv.vqgan.__main__ import _parser
+    tiny = ['fit', '--out', str(out), '--img-size', '16', '--ch-mult', '1', '1', '-b', '8', '--n-embed', '16',
+            '--val-samples', '64', '--grid-images', '4']
+    return _parser().parse_args(tiny + list(extra))
+
+
+def test_fit_lowers_error_uses_codes_and_saves_a_loadable_folder(tmp_path):
+    from timm_adv.vqgan.fit import evaluate_vqgan, fit_vqgan
+    out = tmp_path / 'fit'
+    result = fit_vqgan(_fit_args(out, '--steps', '40', '--eval-every', '5', '--lr', '2e-3'))
+    history = [m['psnr'] for m in yaml.safe_load(open(out / 'metrics.json'))]
+    assert len(history) == 8 and history[-1] > history[0] + 2, history
+    assert result['codes_used'] > 1
+    assert sorted(os.listdir(out)) == ['config.yaml', 'last.pth', 'metrics.json', 'model.safetensors',
+                                       'reconstructions.png']
+    vq = create_vqgan(str(out))
+    recorded = yaml.safe_load(open(out / 'config.yaml'))['timm_adv']['fit']
+    from timm_adv.vqgan.fit import _datasets
+    again = evaluate_vqgan(vq, _datasets(_fit_args(out))[1])
+    assert again['psnr'] == pytest.approx(recorded['psnr'], abs=1e-6) and again['codes_used'] == recorded['codes_used']
+    from PIL import Image
+    assert Image.open(out / 'reconstructions.png').size == (4 * 17 + 1, 2 * 17 + 1)
+
+
+def test_fit_resume_replays_the_interrupted_run(tmp_path):
+    from timm_adv.vqgan.fit import fit_vqgan
+    from safetensors.torch import load_file
+    common = ['--dead-code-every', '2', '--disc-weight', '0.1', '--disc-start', '2', '--eval-every', '3',
+              '--val-samples', '8']
+    fit_vqgan(_fit_args(tmp_path / 'straight', '--steps', '6', *common))
+    fit_vqgan(_fit_args(tmp_path / 'resumed', '--steps', '3', *common))
+    with pytest.raises(ValueError, match='already holds a fit'):
+        fit_vqgan(_fit_args(tmp_path / 'resumed', '--steps', '6', *common))
+    with pytest.raises(ValueError, match='--lr is 0.5 but the run'):
+        fit_vqgan(_fit_args(tmp_path / 'resumed', '--steps', '6', '--resume', '--lr', '0.5', *common))
+    fit_vqgan(_fit_args(tmp_path / 'resumed', '--steps', '6', '--resume', *common))
+    a = load_file(str(tmp_path / 'straight' / 'model.safetensors'))
+    b = load_file(str(tmp_path / 'resumed' / 'model.safetensors'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.load(tmp_path / 'resumed' / 'last.pth', weights_only=True)['step'] == 6
+
+
+def test_fit_bad_input_fails_before_work(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+    from timm_adv.vqgan.__main__ import main
+    from timm_adv.vqgan.fit import fit_vqgan
+    with pytest.raises(ValueError, match='--img-size 18 is not a multiple'):
+        fit_vqgan(_fit_args(tmp_path / 'a', '--img-size', '18', '--ch-mult', '1', '1', '1'))
+    with pytest.raises(ValueError, match='too few to fit --n-embed 100000'):
+        fit_vqgan(_fit_args(tmp_path / 'a', '--n-embed', '100000'))
+    with pytest.raises(ValueError, match='--disc-start has no effect'):
+        fit_vqgan(_fit_args(tmp_path / 'a', '--disc-start', '5'))
+    with pytest.raises(ValueError, match='--resume:.*does not exist'):
+        fit_vqgan(_fit_args(tmp_path / 'a', '--resume'))
+    with pytest.raises(ValueError, match='--ch / --ch-mult:.*GroupNorm'):
+        fit_vqgan(_fit_args(tmp_path / 'a', '--ch', '48'))
+
+    class _NoWeights:
+        def __init__(self):
+            raise OSError('no network to download vgg16')
+    monkeypatch.setitem(sys.modules, 'taming.modules.losses.lpips', types.SimpleNamespace(LPIPS=_NoWeights))
+    with pytest.raises(SystemExit):
+        main(['fit', '--out', str(tmp_path / 'a'), '--perceptual-weight', '1'])
+    assert '--perceptual-weight needs LPIPS' in capsys.readouterr().err
+    assert not (tmp_path / 'a').exists()
+
+
+def test_convert_cli_writes_safetensors_folder(saved, images, tmp_path, capsys):
+    from timm_adv.vqgan.__main__ import main
+    torch.save({'state_dict': create_vqgan(saved).model.state_dict()}, tmp_path / 'model.ckpt')
+    main(['convert', str(tmp_path / 'model.ckpt'), '--config', os.path.join(saved, 'config.yaml'),
+          '--out', str(tmp_path / 'converted')])
+    assert torch.equal(create_vqgan(str(tmp_path / 'converted')).reconstruct(images),
+                       create_vqgan(saved).reconstruct(images))
+    meta = yaml.safe_load(open(tmp_path / 'converted' / 'config.yaml'))['timm_adv']
+    assert meta['converted_from'].endswith('model.ckpt') and len(meta['source_sha256']) == 64

@@ -1,7 +1,9 @@
-"""File helpers shared by the Hub cache and the VQGAN loader."""
+"""File helpers: content hashes and atomic writes."""
 import hashlib
+import os
+from typing import Callable
 
-__all__ = ['file_sha256']
+__all__ = ['file_sha256', 'atomic_write']
 
 
 def file_sha256(path: str) -> str:
@@ -15,3 +17,21 @@ def file_sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
     return h.hexdigest()
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Calls ``write(tmp)`` then renames ``tmp`` to ``path``: readers see the old file or the whole new one.
+
+    Example:
+        >>> atomic_write('run/last.pth', lambda p: torch.save(state, p))
+    """
+    tmp = f'{path}.tmp{os.getpid()}'
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers (safetensors) create 0600 files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

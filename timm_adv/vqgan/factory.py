@@ -17,9 +17,9 @@ import torch
 import yaml
 
 from timm_adv.utils.checkpoint import state_dict_mismatch
-from timm_adv.utils.files import file_sha256
+from timm_adv.utils.files import atomic_write, file_sha256
 
-from .config import VQGAN_PRESETS, VQGANConfig, list_vqgan_presets, load_vqgan_config
+from .config import VQGAN_PRESETS, list_vqgan_presets, load_vqgan_config
 from .discretizer import VQGANDiscretizer
 from .model import VQModel
 
@@ -79,8 +79,9 @@ def load_vqgan_weights(model: VQModel, path: str, unsafe_pickle: bool = False) -
     detail = state_dict_mismatch(state_dict, model.state_dict())
     if detail:
         cfg = model.config
-        raise ValueError(f'VQGAN weights {path!r} do not fit config {cfg.source or "(given)"!r} (n_embed {cfg.n_embed}, '
-                         f'embed_dim {cfg.embed_dim}, ch {cfg.ddconfig["ch"]}, ch_mult {cfg.ddconfig["ch_mult"]}): '
+        raise ValueError(f'VQGAN weights {path!r} do not fit config {cfg.source or "(given)"!r} (n_embed '
+                         f'{cfg.n_embed}, embed_dim {cfg.embed_dim}, ch {cfg.ddconfig["ch"]}, ch_mult '
+                         f'{cfg.ddconfig["ch_mult"]}): '
                          f'{detail}. Pass the config the weights were trained with.')
     model.load_state_dict(state_dict)
     return file_sha256(path)
@@ -184,16 +185,6 @@ def create_vqgan(name_or_path: str, device: Optional[Union[str, torch.device]] =
     return vq.to(device) if device is not None else vq
 
 
-def _atomic_write(path: str, write) -> None:
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_vqgan(model: Union[VQModel, VQGANDiscretizer], folder: str, metadata: Optional[Mapping] = None) -> str:
     """Writes ``config.yaml`` (taming layout) and ``model.safetensors`` to ``folder``, each atomically.
 
@@ -218,10 +209,10 @@ def save_vqgan(model: Union[VQModel, VQGANDiscretizer], folder: str, metadata: O
     if metadata:
         content['timm_adv'] = dict(metadata)
     state_dict = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    _atomic_write(os.path.join(folder, WEIGHTS_FILE), lambda p: save_file(state_dict, p))
+    atomic_write(os.path.join(folder, WEIGHTS_FILE), lambda p: save_file(state_dict, p))
 
     def write_yaml(p):
         with open(p, 'w') as f:
             yaml.safe_dump(content, f, sort_keys=False)
-    _atomic_write(os.path.join(folder, CONFIG_FILE), write_yaml)
+    atomic_write(os.path.join(folder, CONFIG_FILE), write_yaml)
     return folder

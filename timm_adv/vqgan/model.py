@@ -54,7 +54,9 @@ class VQModel(nn.Module):
 
     def quantize_latent(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Nearest codebook vectors in fp32: (straight-through z_q, quantiser loss, indices B x h x w)."""
-        with torch.autocast(h.device.type, enabled=False):
+        off = torch.autocast(h.device.type, enabled=False) if torch.amp.is_autocast_available(h.device.type) \
+            else contextlib.nullcontext()
+        with off:
             z_q, loss, (_, _, indices) = self.quantize(h.float())
         return z_q, loss, indices
 
