@@ -149,20 +149,23 @@ def _config(args) -> VQGANConfig:
         raise ValueError(f'--ch / --ch-mult: {e}') from None
 
 
-def _check_args(args, config: VQGANConfig, num_train: int) -> None:
+def _check_flags(args, config: VQGANConfig) -> None:
     f = config.downsample_factor
     if args.img_size % f:
         raise ValueError(f'--img-size {args.img_size} is not a multiple of the downsampling factor {f} '
                          f'(2 ** (len(--ch-mult) - 1)); pick a multiple or fewer --ch-mult levels.')
-    if args.batch_size > num_train:
-        raise ValueError(f'--batch-size {args.batch_size} exceeds the {num_train} training images; lower it.')
-    latents = num_train * (args.img_size // f) ** 2
-    if latents < 4 * args.n_embed:
-        raise ValueError(f'The training split gives {num_train} images x {(args.img_size // f) ** 2} latents = '
-                         f'{latents}, too few to fit --n-embed {args.n_embed} codes (need >= 4 latents per code): '
-                         f'use a smaller --n-embed or more data.')
     if args.disc_start is not None and args.disc_weight == 0:
         raise ValueError('--disc-start has no effect without --disc-weight > 0.')
+
+
+def _check_data(args, config: VQGANConfig, num_train: int) -> None:
+    if args.batch_size > num_train:
+        raise ValueError(f'--batch-size {args.batch_size} exceeds the {num_train} training images; lower it.')
+    grid = (args.img_size // config.downsample_factor) ** 2
+    if num_train * grid < 4 * args.n_embed:
+        raise ValueError(f'The training split gives {num_train} images x {grid} latents = {num_train * grid}, too '
+                         f'few to fit --n-embed {args.n_embed} codes (need >= 4 latents per code): use a smaller '
+                         f'--n-embed or more data.')
 
 
 def _load_lpips(device):
@@ -319,15 +322,16 @@ def fit_vqgan(args: argparse.Namespace) -> Dict:
         >>> result = fit_vqgan(parser.parse_args(['--steps', '300', '--out', '/tmp/vq']))
     """
     config = _config(args)
+    _check_flags(args, config)
     state_path = os.path.join(args.out, STATE_FILE)
     if not args.resume and os.path.exists(state_path):
         raise ValueError(f'--out {args.out!r} already holds a fit ({STATE_FILE}); pass --resume to continue it or '
                          f'choose another --out.')
     state = _load_state(args, state_path) if args.resume else None
-    train_set, val_set = _datasets(args)
-    _check_args(args, config, len(train_set))
     device = torch.device(args.device)
     lpips = _load_lpips(device) if args.perceptual_weight > 0 else None
+    train_set, val_set = _datasets(args)
+    _check_data(args, config, len(train_set))
     disc_start = args.disc_start if args.disc_start is not None else args.steps // 2
 
     torch.manual_seed(args.seed)
