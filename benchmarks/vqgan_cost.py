@@ -84,8 +84,8 @@ def main():
     print(f'vqgan={args.vqgan}{" (random weights)" if preset else ""} f={vq.downsample_factor} codes={vq.n_embed} '
           f'grid={grid}x{grid} model={args.model} img={args.img_size} batch={args.batch_size} device={device} '
           f'torch={torch.__version__} threads={torch.get_num_threads()}')
-    print(f'GMACs per image: encoder {enc:.3f}, quantiser {quant:.3f}, decoder {dec:.3f}, reconstruction '
-          f'{enc + quant + dec:.3f}; {args.model} forward {plain_macs:.3f} (reconstruction = '
+    print(f'GMACs per image: encoder {enc:.4g}, quantiser {quant:.4g}, decoder {dec:.4g}, reconstruction '
+          f'{enc + quant + dec:.4g}; {args.model} forward {plain_macs:.4g} (reconstruction = '
           f'{(enc + quant + dec) / plain_macs:.1f} forwards)')
     if args.macs_only:
         return
