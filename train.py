@@ -36,7 +36,7 @@ from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm_adv.attacks import create_attack, unwrap_ddp
 from timm_adv.data import DEFAULT_DATASET, apply_bundled_defaults, create_dataset, is_bundled, spread_subset
 from timm_adv.evaluation import add_overfit_guard_args, create_overfit_guard, evaluate_accuracy
-from timm_adv.models import load_mae_weights, resolve_mae_weights
+from timm_adv.models import load_mae_weights, resolve_mae_weights, warn_mae_normalisation
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
 from timm_adv.tasks.arg_types import bounded_type
 from timm_adv.utils import (
@@ -333,6 +333,8 @@ def setup(args):
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
+    if utils.is_primary(args):
+        warn_mae_normalisation(mae_weights, data_config['mean'], args.model)
 
     model = method.prepare_model(model, args)
     if args.distributed and args.sync_bn:

@@ -1,8 +1,10 @@
 """MAE fine-tuning: original-format checkpoints, layer decay, gradient accumulation, ViT robustness."""
 import argparse
 import contextlib
+import glob
 import logging
 import math
+import os
 
 import pytest
 import timm
@@ -16,7 +18,8 @@ from timm.optim import create_optimizer_v2
 import train
 from timm_adv.attacks import create_attack
 from timm_adv.models import MAEWeights, is_mae_checkpoint, load_mae_weights, resolve_mae_weights
-from timm_adv.tasks import create_task, get_method
+from timm_adv.hub.pipeline import load_hub_config, train_command
+from timm_adv.tasks import create_task, get_method, list_methods
 from timm_adv.utils import CheckpointError, check_layer_decay
 
 # test_vit (width 64, depth 6) with 4 px patches: an 8x8 grid at 32 px
@@ -105,6 +108,8 @@ def test_original_mae_checkpoint_loads_encoder_drops_decoder_new_head(mae_file, 
     assert len(line) == 1
     assert ('loaded 76 encoder tensors (pos_embed resampled from 49 to 64 patches); dropped 18 decoder tensors, '
             'norm.weight, norm.bias, mask_token; new: fc_norm, head' in line[0])
+    # this run normalises with 0.5, not the ImageNet mean/std MAE's releases were pre-trained with
+    assert 'pre-trained on inputs normalised with ImageNet mean/std, but this run normalises with mean' in caplog.text
 
 
 def test_pos_embed_resampled_to_the_fine_tuning_grid(mae_file):
@@ -161,9 +166,10 @@ def test_mae_weights_refuse_a_non_vit_model(mae_file):
 # ---------------------------------------------------------------- layer decay
 
 def test_layer_decay_scales_in_the_optimizer_param_groups(image_folder, tmp_path):
-    args, _ = train.parse_args(_fast(image_folder, tmp_path, 'x', '--opt', 'adamw', '--lr', '1e-3', '--layer-decay',
-                                     '0.65', '--weight-decay', '0.05'))
+    args, _ = train.parse_args(_fast(image_folder, tmp_path, 'x', '--opt', 'adamw', '--lr-base', '4e-3', '--lr-base-scale',
+                                     'linear', '--layer-decay', '0.65', '--weight-decay', '0.05', '--grad-accum-steps', '4'))
     state = train.setup(args)
+    assert args.lr == pytest.approx(4e-3 * 16 * 4 / 256)  # linear scaling counts the accumulated batch (timm)
     model, optimizer = state['task'].unwrapped_model, state['optimizer']
     names = {id(p): n for n, p in model.named_parameters()}
 
@@ -339,3 +345,50 @@ def test_vit_amp_grad_checkpointing_train_run(image_folder, tmp_path):
     assert math.isfinite(metrics['loss']) and 'pgd_top1' in metrics
     args = yaml.safe_load((tmp_path / 'amp' / 'args.yaml').read_text())
     assert args['amp'] and args['grad_checkpointing']
+
+
+# ---------------------------------------------------------------- recipes and hub configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'recipes', 'mae_*.yaml')))
+
+
+@pytest.mark.parametrize('name', RECIPES)
+def test_mae_recipes_are_train_configs(name, caplog, capsys):
+    path = os.path.join(REPO, 'recipes', name)
+    cfg = yaml.safe_load(open(path))
+    if cfg['adv_method'] not in list_methods():  # DAT recipes before the DAT method is merged
+        with pytest.raises(SystemExit):
+            train.parse_args(['-c', path])
+        assert f"Unknown --adv-method '{cfg['adv_method']}'" in capsys.readouterr().err
+        return
+    args, _ = train.parse_args(['-c', path])
+    assert 'were ignored' not in caplog.text
+    assert args.model == cfg['model'] and args.model.endswith('.mae') and args.pretrained and args.gp == 'avg'
+    assert args.batch_size * 8 * args.grad_accum_steps == 1024  # MAE's effective batch on 8 GPUs
+    base = 'vit_base' in name
+    assert args.epochs + args.warmup_epochs == (100 if base else 50) and args.warmup_prefix
+    assert (args.lr_base, args.layer_decay) == ((5e-4, 0.65) if base else (1e-3, 0.75))
+    assert args.drop_path == {'base': 0.1, 'large': 0.2, 'huge': 0.3}[name.split('_')[2]]
+    assert (args.opt, args.weight_decay, args.mixup, args.cutmix, args.smoothing, args.reprob) == \
+        ('adamw', 0.05, 0.8, 1.0, 0.1, 0.25)
+    if args.adv_method == 'pgd':
+        assert args.adv_eps == pytest.approx(4 / 255) and args.adv_steps == 3
+
+
+def test_mae_hub_configs_train_from_the_recipe_and_tag(tmp_path):
+    config = load_hub_config(os.path.join(REPO, 'hub_configs', 'vit_base_patch16_224_mae_pgd_at_in1k.yaml'))
+    argv = train_command(config, '/tmp/out', 'exp')
+    assert argv[1:3] == ['-c', os.path.join(REPO, 'recipes', 'mae_vit_base_patch16_224_pgd.yaml')]
+    args, _ = train.parse_args(argv[1:])
+    assert (args.model, args.pretrained, args.pretrained_path) == ('vit_base_patch16_224.mae', True, None)
+    assert args.adv_method == 'pgd' and args.layer_decay == 0.65 and args.grad_accum_steps == 4
+
+    original = dict(config, base_weights='/weights/mae_pretrain_vit_base.pth')
+    args, _ = train.parse_args(train_command(original, '/tmp/out', 'exp')[1:])
+    assert (args.model, args.pretrained_path) == ('vit_base_patch16_224.mae', '/weights/mae_pretrain_vit_base.pth')
+
+    wrong = tmp_path / 'wrong.yaml'
+    wrong.write_text(yaml.safe_dump(dict(config, base_weights='vit_large_patch16_224.mae')))
+    with pytest.raises(ValueError, match="base_weights 'vit_large_patch16_224.mae' are not weights of architecture"):
+        load_hub_config(str(wrong))

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN
 from timm.layers import trunc_normal_
 from timm.models import VisionTransformer, load_pretrained, split_model_name_tag
 from timm.models.vision_transformer import checkpoint_filter_fn
@@ -24,7 +25,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from timm_adv.utils import CheckpointError, read_checkpoint
 
 __all__ = ['MAE_HEAD_INIT_STD', 'MAEWeights', 'MAELoadReport', 'is_mae_checkpoint', 'is_mae_tag',
-           'resolve_mae_weights', 'mae_checkpoint_filter_fn', 'load_mae_weights']
+           'resolve_mae_weights', 'mae_checkpoint_filter_fn', 'load_mae_weights', 'warn_mae_normalisation']
 
 _logger = logging.getLogger(__name__)
 
@@ -201,3 +202,20 @@ def load_mae_weights(model: VisionTransformer, weights: MAEWeights, model_name: 
             nn.init.zeros_(head.bias)
     _logger.info(report.summary(weights, model_name))
     return report
+
+
+def warn_mae_normalisation(weights: Optional[MAEWeights], mean, model_name: str = '') -> bool:
+    """Warns when an MAE release file is fine-tuned on inputs normalised unlike its pre-training.
+
+    The released encoders saw ImageNet mean/std; timm's ``.mae`` tags carry it in their
+    ``pretrained_cfg``, a bare architecture name may not (``vit_base_patch16_224`` uses 0.5).
+
+    Returns:
+        True if it warned.
+    """
+    if weights is None or weights.state_dict is None or tuple(mean) == tuple(IMAGENET_DEFAULT_MEAN):
+        return False
+    _logger.warning(f'{weights.flag} {weights.source!r}: the released MAE encoders were pre-trained on inputs '
+                    f'normalised with ImageNet mean/std, but this run normalises with mean {tuple(mean)}. For those '
+                    f'files use the .mae tag as --model (e.g. vit_base_patch16_224.mae) or pass --mean/--std.')
+    return True
