@@ -2,7 +2,7 @@
 """MAE fine-tuning end to end on CPU: a tiny MAE pre-trained on the bundled digits, then PGD-AT fine-tuning.
 
 1. Pre-trains a masked autoencoder (He et al., CVPR 2022) on the 4,000 bundled training digits: a
-   timm ``test_vit`` encoder (width 64, depth 6, 4 px patches at 32 px: an 8x8 grid) sees 25% of
+   timm ``test_vit`` encoder (width 64, depth 6; 8 px patches at 32 px: a 4x4 grid) sees 25% of
    the patches, a 2-block decoder reconstructs the rest, loss on per-patch normalised pixels of the
    masked patches (MAE's ``norm_pix_loss``). Saved in the original release format: ``{'model':
    encoder + decoder + mask_token, 'epoch', 'args'}``. The encoder learns its position embedding
@@ -37,10 +37,13 @@ from timm.models.vision_transformer import Block  # noqa: E402
 
 from timm_adv.data import create_dataset  # noqa: E402
 
-PATCH, IMG = 4, 32
-# the pre-training normalisation (ImageNet mean/std, as MAE's releases) is given explicitly to train.py and validate.py
-MODEL = ['--model', 'test_vit', '--model-kwargs', f'patch_size={PATCH}', f'img_size={IMG}', '--gp', 'avg',
-         '--mean', *map(str, IMAGENET_DEFAULT_MEAN), '--std', *map(str, IMAGENET_DEFAULT_STD)]
+IMG = 32
+
+
+def model_flags(patch: int) -> list:
+    # the pre-training normalisation (ImageNet mean/std, as MAE's releases) is given to train.py and validate.py
+    return ['--model', 'test_vit', '--model-kwargs', f'patch_size={patch}', f'img_size={IMG}', '--gp', 'avg',
+            '--mean', *map(str, IMAGENET_DEFAULT_MEAN), '--std', *map(str, IMAGENET_DEFAULT_STD)]
 
 
 class TinyMAE(nn.Module):
@@ -50,13 +53,14 @@ class TinyMAE(nn.Module):
         super().__init__()
         self.encoder, self.mask_ratio = encoder, mask_ratio
         num_patches, dim = encoder.patch_embed.num_patches, encoder.embed_dim
+        self.patch = encoder.patch_embed.patch_size[0]
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_embed = nn.Linear(dim, decoder_dim)
         self.decoder_pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, decoder_dim) * 0.02)
         self.decoder_blocks = nn.ModuleList([Block(decoder_dim, 2, mlp_ratio=4, qkv_bias=True)
                                              for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim)
-        self.decoder_pred = nn.Linear(decoder_dim, PATCH * PATCH * 3)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch * self.patch * 3)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def state_dict_mae_format(self):
@@ -84,7 +88,7 @@ class TinyMAE(nn.Module):
             x = block(x)
         pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
-        target = F.unfold(imgs, PATCH, stride=PATCH).transpose(1, 2)  # (n, length, 3 * PATCH * PATCH)
+        target = F.unfold(imgs, self.patch, stride=self.patch).transpose(1, 2)  # (n, length, 3 * patch * patch)
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
         masked = torch.ones(n, length, device=x.device)
         masked[:, :keep] = 0
@@ -92,7 +96,7 @@ class TinyMAE(nn.Module):
         return (((pred - target) ** 2).mean(-1) * masked).sum() / masked.sum()
 
 
-def pretrain(path: Path, epochs: int, batch_size: int, lr: float, seed: int) -> dict:
+def pretrain(path: Path, patch: int, epochs: int, batch_size: int, lr: float, seed: int) -> dict:
     torch.manual_seed(seed)
     transform = transforms.Compose([
         transforms.RandomResizedCrop(IMG, scale=(0.5, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
@@ -100,7 +104,7 @@ def pretrain(path: Path, epochs: int, batch_size: int, lr: float, seed: int) -> 
     data = create_dataset('bundled/mnist', split='train', is_training=True)
     data.transform = transform
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
-    encoder = timm.create_model('test_vit', patch_size=PATCH, img_size=IMG, num_classes=0, global_pool='token',
+    encoder = timm.create_model('test_vit', patch_size=patch, img_size=IMG, num_classes=0, global_pool='token',
                                 dynamic_img_size=False)  # tokens as (n, length, dim)
     mae = TinyMAE(encoder)
     optimizer = torch.optim.AdamW(mae.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
@@ -123,7 +127,7 @@ def pretrain(path: Path, epochs: int, batch_size: int, lr: float, seed: int) -> 
         print(f'MAE pre-training epoch {epoch}: reconstruction loss {losses[-1]:.4f}', flush=True)
     tmp = path.with_suffix('.tmp')
     torch.save({'model': mae.state_dict_mae_format(), 'epoch': epochs - 1,
-                'args': argparse.Namespace(model='test_vit_patch4_mae', mask_ratio=mae.mask_ratio, norm_pix_loss=True)},
+                'args': argparse.Namespace(model=f'test_vit_patch{patch}_mae', mask_ratio=mae.mask_ratio, norm_pix_loss=True)},
                tmp)
     os.replace(tmp, path)
     return dict(loss_first=losses[0], loss_last=losses[-1], minutes=(time.time() - start) / 60)
@@ -140,18 +144,20 @@ def run(cmd, log: Path) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--output', default='output/mae_tiny_digits')
-    parser.add_argument('--pretrain-epochs', type=int, default=20)
-    parser.add_argument('--epochs', type=int, default=6, help='fine-tuning epochs')
+    parser.add_argument('--patch-size', type=int, default=8, help='ViT patch size at 32 px (8: a 4x4 grid)')
+    parser.add_argument('--pretrain-epochs', type=int, default=15)
+    parser.add_argument('--epochs', type=int, default=3, help='fine-tuning epochs')
     parser.add_argument('--eps', default='0.1', help='PGD-AT and evaluation L-inf radius')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / 'mae_pretrain_test_vit.pth'
-    pre = pretrain(checkpoint, args.pretrain_epochs, 128, 1.5e-3, args.seed)
+    pre = pretrain(checkpoint, args.patch_size, args.pretrain_epochs, 128, 1.5e-3, args.seed)
     print(f'MAE pre-training: loss {pre["loss_first"]:.3f} -> {pre["loss_last"]:.3f} in {pre["minutes"]:.1f} min')
 
-    finetune = [*MODEL, '--epochs', str(args.epochs), '-b', '64', '--grad-accum-steps', '2', '--opt', 'adamw',
+    model = model_flags(args.patch_size)
+    finetune = [*model, '--epochs', str(args.epochs), '-b', '64', '--grad-accum-steps', '2', '--opt', 'adamw',
                 '--lr', '2e-3', '--weight-decay', '0.05', '--layer-decay', '0.65', '--drop-path', '0.1',
                 '--warmup-epochs', '1', '--smoothing', '0.1', '--no-aug', '--workers', '0', '--seed', str(args.seed),
                 '--adv-method', 'pgd', '--adv-eps', args.eps, '--adv-steps', '3', '--adv-val-samples', '200',
@@ -162,12 +168,12 @@ def main():
         exp = name.replace(' ', '_')
         minutes = run(['train.py', *finetune, *extra, '--experiment', exp], out / f'{exp}.train.log')
         results = out / exp / 'pgd20.json'
-        run(['validate.py', *MODEL, '--checkpoint', str(out / exp / 'last.pth.tar'),
+        run(['validate.py', *model, '--checkpoint', str(out / exp / 'last.pth.tar'),
              '--attack', 'pgd', '--eps', args.eps, '--steps', '20', '-b', '250', '--workers', '0',
              '--results-file', str(results), '--results-format', 'json'], out / f'{exp}.validate.log')
         rows.append((name, json.loads(results.read_text())[0], minutes))
 
-    print(f'\nFine-tuning test_vit (4 px patches, 32 px) for {args.epochs} epochs with PGD-AT (L-inf {args.eps}, 3 steps), '
+    print(f'\nFine-tuning test_vit ({args.patch_size} px patches, 32 px) for {args.epochs} epochs with PGD-AT (L-inf {args.eps}, 3 steps), '
           f'layer decay 0.65, 2 accumulation steps; validate.py on the 1,000 held-out digits:\n')
     print(f'| initialisation | clean top-1 | PGD-20 top-1 (L-inf {args.eps}) | fine-tuning time (min) |')
     print('|---|---|---|---|')

@@ -167,8 +167,10 @@ def test_mae_weights_refuse_a_non_vit_model(mae_file):
 
 def test_layer_decay_scales_in_the_optimizer_param_groups(image_folder, tmp_path):
     args, _ = train.parse_args(_fast(image_folder, tmp_path, 'x', '--opt', 'adamw', '--lr-base', '4e-3', '--lr-base-scale',
-                                     'linear', '--layer-decay', '0.65', '--weight-decay', '0.05', '--grad-accum-steps', '4'))
+                                     'linear', '--layer-decay', '0.65', '--weight-decay', '0.05', '--grad-accum-steps', '4',
+                                     '--head-init-bias', '-2.5'))
     state = train.setup(args)
+    assert torch.equal(state['task'].unwrapped_model.head.bias, torch.full((10,), -2.5))  # timm's --head-init-bias
     assert args.lr == pytest.approx(4e-3 * 16 * 4 / 256)  # linear scaling counts the accumulated batch (timm)
     model, optimizer = state['task'].unwrapped_model, state['optimizer']
     names = {id(p): n for n, p in model.named_parameters()}
@@ -250,10 +252,17 @@ def test_grad_accumulation_equals_one_large_batch():
     assert moved > 1e-2  # the three updates did change the model
 
 
-def test_grad_accum_steps_bad_value(capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(['--grad-accum-steps', '0'])
-    assert '--grad-accum-steps must be >= 1, got 0' in capsys.readouterr().err
+@pytest.mark.parametrize('argv,message', [
+    (['--grad-accum-steps', '0'], '--grad-accum-steps must be >= 1, got 0'),
+    (['--pretrained-path', __file__], '--pretrained-path replaces the pretrained weights, as in timm, and needs --pretrained'),
+    (['--layer-decay', '1.5'], '--layer-decay must be in (0, 1)'),
+    (['--num-classes', '0', '--head-init-scale', '0.001'], "--head-init-scale/--head-init-bias: 'test_vit' has no classifier"),
+])
+def test_bad_input_fails_early_naming_the_flag(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        train.main([*VIT, '--output', str(tmp_path), '--experiment', 'bad', *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / 'bad').exists()
 
 
 def test_exact_resume_with_accumulation_and_layer_decay(image_folder, tmp_path, monkeypatch, mae_file):
@@ -341,7 +350,7 @@ def test_vit_amp_grad_checkpointing_train_run(image_folder, tmp_path):
     metrics = train.main(_fast(image_folder, tmp_path, 'amp', '--epochs', '1', '--amp', '--grad-checkpointing',
                                '--adv-method', 'pgd', '--adv-eps', '0.05', '--adv-steps', '2', '--opt', 'adamw',
                                '--lr', '1e-3', '--adv-val-samples', '8', '--adv-val-steps', '2',
-                               '--model-kwargs', 'patch_size=8', 'img_size=32'))
+                               '--model-kwargs', 'patch_size=8', 'img_size=32', '-b', '32'))
     assert math.isfinite(metrics['loss']) and 'pgd_top1' in metrics
     args = yaml.safe_load((tmp_path / 'amp' / 'args.yaml').read_text())
     assert args['amp'] and args['grad_checkpointing']
