@@ -37,9 +37,11 @@ from timm_adv.attacks import create_attack, unwrap_ddp
 from timm_adv.data import (DEFAULT_DATASET, apply_bundled_defaults, apply_dataset_recipe, create_dataset, default_workers,
                            format_recipe, is_bundled, resolve_dataset_name, spread_subset)
 from timm_adv.evaluation import add_overfit_guard_args, check_overfit_guard_args, create_overfit_guard, evaluate_accuracy
+from timm_adv.models import load_mae_weights, resolve_mae_weights, warn_mae_normalisation
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
-from timm_adv.utils import (CheckpointError, check_state_dict_matches, checkpoint_state_dict, explicit_args,
-                            read_checkpoint)
+from timm_adv.tasks.arg_types import bounded_type
+from timm_adv.utils import (CheckpointError, check_layer_decay, check_state_dict_matches, checkpoint_state_dict,
+                            explicit_args, read_checkpoint)
 
 _logger = logging.getLogger('train')
 
@@ -81,9 +83,13 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='input batch size for training (default: 128)')
     group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N', help='validation batch size override (default: None)')
     group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
+    group.add_argument('--grad-accum-steps', type=bounded_type('--grad-accum-steps', int, 1), default=1, metavar='N',
+                       help='accumulate gradients over N batches per optimizer step (default: 1)')
     group.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
     group.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs)
     group.add_argument('--grad-checkpointing', action='store_true', default=False, help='enable gradient checkpointing through model blocks/stages')
+    group.add_argument('--head-init-scale', default=None, type=float, help='multiply the classifier head weights and bias by this')
+    group.add_argument('--head-init-bias', default=None, type=float, help='set the classifier head bias to this value')
 
     group = parser.add_argument_group('Device parameters')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str, help='device to use for training')
@@ -238,6 +244,9 @@ def _check_paths(args) -> None:
         raise CheckpointError(f'--initial-checkpoint {args.initial_checkpoint!r}: no such file.')
     if args.pretrained_path and not os.path.exists(args.pretrained_path):
         raise CheckpointError(f'--pretrained-path {args.pretrained_path!r}: no such file.')
+    if args.pretrained_path and not args.pretrained:
+        raise ValueError('--pretrained-path replaces the pretrained weights, as in timm, and needs --pretrained; '
+                         'add --pretrained, or load the file with --initial-checkpoint.')
     if args.data_dir and not is_bundled(args.dataset) and not os.path.exists(args.data_dir) and not args.dataset_download:
         raise FileNotFoundError(f'--data-dir {args.data_dir!r} does not exist; point it at your dataset, or omit '
                                 f'--data-dir/--dataset to use the bundled dataset {DEFAULT_DATASET}.')
@@ -271,6 +280,22 @@ def _amp_setup(args, device):
     return amp_autocast, loss_scaler
 
 
+def _init_head(model: nn.Module, args) -> None:
+    # timm train.py's --head-init-scale / --head-init-bias
+    if args.head_init_scale is None and args.head_init_bias is None:
+        return
+    head = model.get_classifier()
+    if getattr(head, 'weight', None) is None or getattr(head, 'bias', None) is None:
+        raise ValueError(f'--head-init-scale/--head-init-bias: {args.model!r} has no classifier head with weight and '
+                         f'bias to initialise (num_classes {model.num_classes}).')
+    with torch.no_grad():
+        if args.head_init_scale is not None:
+            head.weight.mul_(args.head_init_scale)
+            head.bias.mul_(args.head_init_scale)
+        if args.head_init_bias is not None:
+            head.bias.fill_(args.head_init_bias)
+
+
 def _create_criterion(args, mixup_active: bool) -> nn.Module:
     if mixup_active:
         return SoftTargetCrossEntropy()
@@ -283,8 +308,9 @@ def setup(args):
     """Everything before the first epoch: validated inputs, model, task, data, optimizer, resume."""
     _check_paths(args)
     resume_ckpt = read_checkpoint(args.resume, '--resume') if args.resume else None
-    if args.initial_checkpoint:
-        read_checkpoint(args.initial_checkpoint, '--initial-checkpoint')
+    # reads --initial-checkpoint / --pretrained-path once (an early check of the files); MAE pre-training
+    # weights are loaded by timm_adv.models.mae, anything else by timm as usual
+    mae_weights = resolve_mae_weights(args.model, args.pretrained, args.pretrained_path, args.initial_checkpoint)
 
     device = torch.device(utils.init_distributed_device(args))
     if args.distributed:
@@ -300,12 +326,13 @@ def setup(args):
     apply_bundled_defaults(args)
 
     method = get_method(args.adv_method)
+    mae_flag = mae_weights.flag if mae_weights is not None else ''
     factory_kwargs = {}
-    if args.pretrained_path:
+    if args.pretrained_path and mae_flag != '--pretrained-path':
         factory_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
     model = create_model(
         args.model,
-        pretrained=args.pretrained,
+        pretrained=args.pretrained and mae_flag not in ('--pretrained', '--pretrained-path'),
         in_chans=args.in_chans or 3,
         num_classes=args.num_classes,
         drop_rate=args.drop,
@@ -314,15 +341,20 @@ def setup(args):
         global_pool=args.gp,
         bn_momentum=args.bn_momentum,
         bn_eps=args.bn_eps,
-        checkpoint_path=args.initial_checkpoint or None,
+        checkpoint_path=(args.initial_checkpoint if mae_flag != '--initial-checkpoint' else '') or None,
         **factory_kwargs,
         **args.model_kwargs,
     )
     if args.num_classes is None:
         args.num_classes = model.num_classes
+    if mae_weights is not None:
+        load_mae_weights(model, mae_weights, model_name=args.model)
+    _init_head(model, args)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
+    if utils.is_primary(args):
+        warn_mae_normalisation(mae_weights, data_config['mean'], args.model)
 
     model = method.prepare_model(model, args)
     if args.distributed and args.sync_bn:
@@ -332,7 +364,7 @@ def setup(args):
         model.to(memory_format=torch.channels_last)
 
     if args.lr is None:
-        global_batch_size = args.batch_size * args.world_size
+        global_batch_size = args.batch_size * args.world_size * args.grad_accum_steps
         batch_ratio = global_batch_size / args.lr_base_size
         if not args.lr_base_scale:
             on = args.opt.lower()
@@ -342,6 +374,7 @@ def setup(args):
         args.lr = args.lr_base * batch_ratio
 
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    check_layer_decay(optimizer, args.layer_decay, args.model)
     amp_autocast, loss_scaler = _amp_setup(args, device)
 
     output_dir = _output_dir(args, data_config) if utils.is_primary(args) else None
@@ -411,7 +444,7 @@ def setup(args):
         ddp_kwargs = dict(broadcast_buffers=False) if args.no_ddp_bb else {}
         task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None, **ddp_kwargs)
 
-    updates_per_epoch = len(loader_train)
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
                                                    updates_per_epoch=updates_per_epoch)
     if start_epoch > 0:
@@ -436,7 +469,13 @@ def setup(args):
 
 def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=None, amp_autocast=nullcontext,
                     loss_scaler=None, mixup_fn=None):
-    """One epoch of ``task`` training; returns the averaged loss and every scalar metric the task reported."""
+    """One epoch of ``task`` training; returns the averaged loss and every scalar metric the task reported.
+
+    With ``--grad-accum-steps N`` (timm's meaning) the optimizer steps every N batches on the sum of
+    the batches' losses divided by N (the last, shorter group of an epoch divides by its own size);
+    the task, and so its attack, still runs per batch; under DDP the first N-1 backward passes of a
+    group skip the gradient all-reduce (``no_sync``); EMA and the scheduler count optimizer updates.
+    """
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if not args.no_prefetcher and getattr(loader, 'mixup_enabled', None) is not None:
             loader.mixup_enabled = False
@@ -445,11 +484,19 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
 
     task.train()
     meters = defaultdict(utils.AverageMeter)
-    batch_time = utils.AverageMeter()
+    update_time = utils.AverageMeter()
     num_batches = len(loader)
-    num_updates = epoch * num_batches
+    accum_steps = args.grad_accum_steps
+    updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
+    last_group_start = num_batches - num_batches % accum_steps  # first batch of a shorter final group
+    num_updates = epoch * updates_per_epoch
+    update_samples = 0
     end = time.time()
+    optimizer.zero_grad(set_to_none=True)
     for batch_idx, (input, target) in enumerate(loader):
+        need_update = batch_idx == num_batches - 1 or (batch_idx + 1) % accum_steps == 0
+        update_idx = batch_idx // accum_steps
+        group_size = num_batches % accum_steps if batch_idx >= last_group_start else accum_steps
         if args.no_prefetcher:
             input, target = input.to(device), target.to(device)
             if mixup_fn is not None:
@@ -457,39 +504,47 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
 
-        with amp_autocast():
-            result = task(input, target)
-        loss = result['loss']
-        if loss_scaler is not None:
-            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                        parameters=task.get_clip_parameters(exclude_head='agc' in args.clip_mode))
-        else:
-            loss.backward()
-            if args.clip_grad is not None:
-                utils.dispatch_clip_grad(task.get_clip_parameters(exclude_head='agc' in args.clip_mode),
-                                         value=args.clip_grad, mode=args.clip_mode)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        num_updates += 1
-        task.update_ema(step=num_updates)
+        with task.no_sync() if args.distributed and not need_update else nullcontext():
+            with amp_autocast():
+                result = task(input, target)
+            loss = result['loss'] / group_size if group_size > 1 else result['loss']
+            if loss_scaler is not None:
+                loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                            parameters=task.get_clip_parameters(exclude_head='agc' in args.clip_mode),
+                            need_update=need_update)
+            else:
+                loss.backward()
+                if need_update:
+                    if args.clip_grad is not None:
+                        utils.dispatch_clip_grad(task.get_clip_parameters(exclude_head='agc' in args.clip_mode),
+                                                 value=args.clip_grad, mode=args.clip_mode)
+                    optimizer.step()
 
         n = input.shape[0]
+        update_samples += n * args.world_size
         for key, value in result.items():
             if key != 'output' and torch.is_tensor(value) and value.ndim == 0:
                 meters[key].update(value.item(), n)
+        if not need_update:
+            continue
+
+        optimizer.zero_grad(set_to_none=True)
+        num_updates += 1
+        task.update_ema(step=num_updates)
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates, metric=meters['loss'].avg)
-        batch_time.update(time.time() - end)
+        update_time.update(time.time() - end)
         end = time.time()
 
-        if utils.is_primary(args) and (batch_idx % args.log_interval == 0 or batch_idx == num_batches - 1):
-            lr = optimizer.param_groups[0]['lr']
+        if utils.is_primary(args) and (update_idx % args.log_interval == 0 or batch_idx == num_batches - 1):
+            lr = max(g['lr'] for g in optimizer.param_groups)  # the schedule's lr; layer decay scales it down
             extras = '  '.join(f'{k}: {m.avg:.4g}' for k, m in meters.items() if k != 'loss')
             _logger.info(
-                f'Train: {epoch} [{batch_idx:>4d}/{num_batches} ({100. * (batch_idx + 1) / num_batches:>3.0f}%)]  '
+                f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
+                f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
                 f'Loss: {meters["loss"].val:#.3g} ({meters["loss"].avg:#.3g})  {extras}  '
-                f'Time: {batch_time.val:.3f}s, {n * args.world_size / batch_time.val:>7.2f}/s '
-                f'({batch_time.avg:.3f}s, {n * args.world_size / batch_time.avg:>7.2f}/s)  LR: {lr:.3e}')
+                f'Time: {update_time.val:.3f}s, {update_samples / update_time.val:>7.2f}/s  LR: {lr:.3e}')
+        update_samples = 0
     return OrderedDict((k, m.avg) for k, m in meters.items())
 
 

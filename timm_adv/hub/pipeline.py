@@ -7,7 +7,8 @@ A hub config describes one model we intend to publish::
     architecture: resnet10t
     method: pgd
     method_args: {adv-eps: 0.1, adv-steps: 3}          # --adv-* flags of train.py
-    base_weights: null                                  # or a timm name/tag, trained with --pretrained
+    base_weights: null                                  # or a timm name/tag (--pretrained), or a file (--pretrained-path)
+    recipe: null                                        # or a train.py -c YAML under recipes/
     dataset: bundled/mnist                              # train.py --dataset
     data_dir: null                                      # or a path (overridable on the command line)
     train_args: {epochs: 3, batch-size: 64, lr: 0.05}   # any other train.py flags
@@ -55,10 +56,21 @@ def load_hub_config(path: str, check_method: bool = True) -> Dict:
     import timm
     if not timm.is_model(config['architecture']):
         raise ValueError(f'Hub config {path!r}: architecture {config["architecture"]!r} is unknown to timm.')
+    base = config.get('base_weights')
+    if base and not _is_weights_file(base) and timm.is_model(base) and not (
+            base == config['architecture'] or str(base).startswith(config['architecture'] + '.')):
+        raise ValueError(f'Hub config {path!r}: base_weights {base!r} are not weights of architecture '
+                         f'{config["architecture"]!r}; give a tag of it, e.g. {config["architecture"]}.mae.')
+    if config.get('recipe') and not os.path.isfile(os.path.join(_repo_root(), config['recipe'])):
+        raise FileNotFoundError(f'Hub config {path!r}: recipe {config["recipe"]!r} not found under {_repo_root()}.')
     if check_method:
         from timm_adv.tasks import get_method
         get_method(config['method'])
     return config
+
+
+def _is_weights_file(name: str) -> bool:
+    return str(name).endswith(('.pth', '.pt', '.bin', '.safetensors', '.tar')) or os.sep in str(name)
 
 
 def _flags(options: Optional[Mapping]) -> List[str]:
@@ -99,10 +111,22 @@ def _data_flags(config: Mapping, data_dir: Optional[str]) -> List[str]:
 
 def train_command(config: Mapping, output: str, experiment: str, data_dir: Optional[str] = None) -> List[str]:
     """The train.py command line for a hub config."""
-    argv = ['train.py', '--model', config['architecture'], '--adv-method', config['method']]
+    argv, arch = ['train.py'], config['architecture']
+    model = arch
+    if config.get('recipe'):
+        recipe = os.path.join(_repo_root(), config['recipe'])
+        argv += ['-c', recipe]
+        with open(recipe) as f:
+            model = (yaml.safe_load(f) or {}).get('model') or arch  # e.g. the .mae tag: its pretrained_cfg
+    base = config.get('base_weights')
+    if base and not _is_weights_file(base):
+        model = base
+    if model != arch and not str(model).startswith(arch + '.'):
+        model = arch
+    argv += ['--model', model, '--adv-method', config['method']]
     argv += _data_flags(config, data_dir)
-    if config.get('base_weights'):
-        argv += ['--pretrained']
+    if base:
+        argv += ['--pretrained'] + (['--pretrained-path', str(base)] if _is_weights_file(base) else [])
     argv += _flags(config.get('method_args'))
     argv += _flags(config.get('train_args'))
     argv += ['--output', output, '--experiment', experiment]

@@ -1,1 +1,5 @@
+from .mae import (
+    MAE_HEAD_INIT_STD, MAELoadReport, MAEWeights, is_mae_checkpoint, is_mae_tag, load_mae_weights,
+    mae_checkpoint_filter_fn, resolve_mae_weights, warn_mae_normalisation,
+)
 from .sdi_generator import PreActResBlock, SDIGenerator, create_sdi_generator

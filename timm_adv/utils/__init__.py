@@ -4,3 +4,4 @@ from .checkpoint import (
 )
 from .args import explicit_args, flag_name
 from .files import atomic_write, file_sha256
+from .optim import check_layer_decay
