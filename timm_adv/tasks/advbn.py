@@ -50,6 +50,11 @@ _PIXEL_FLAGS = {
 }
 
 
+def _freeze(modules) -> None:
+    for m in modules:
+        m.requires_grad_(False)
+
+
 @register_method('advbn')
 class AdvBNTask(AuxBNStateMixin, AdversarialTask):
     """AdvBN fine-tuning of a CNN with an :class:`~timm_adv.layers.AdvBN` cut and dual BNs after it.
@@ -58,7 +63,7 @@ class AdvBNTask(AuxBNStateMixin, AdversarialTask):
         model: A model converted by :meth:`prepare_model` (or :func:`~timm_adv.layers.insert_advbn`).
         criterion: Training loss for both halves.
         attack: The feature-statistics attack (its ``relu`` should match the layer's).
-        freeze_front: Run the front without gradients and with eval-mode BN (the paper).
+        freeze_front: Freeze the front's parameters and run it without gradients, BN in eval mode (the paper).
         export_bn: BN set kept at export: ``clean`` (default) or ``adv``.
 
     Example:
@@ -96,6 +101,8 @@ class AdvBNTask(AuxBNStateMixin, AdversarialTask):
                              'adversarial BNs to export; use --adv-advbn-export-bn clean.')
         self.freeze_front = freeze_front
         self.export_bn = export_bn
+        if freeze_front:
+            _freeze(advbn.front_modules(self.unwrapped_model))
         if verbose:
             _logger.info(f'AdvBN: cut after {advbn.stage!r} (front: {", ".join(advbn.front_names) or "-"}), '
                          f'{"frozen" if freeze_front else "trained"} front, '
@@ -149,8 +156,7 @@ class AdvBNTask(AuxBNStateMixin, AdversarialTask):
         model = insert_advbn(model, after=getattr(args, 'adv_advbn_stage', None), input_size=input_size,
                              relu=getattr(args, 'adv_advbn_relu', None))
         if getattr(args, 'adv_advbn_freeze_front', True):
-            for m in get_advbn(model).front_modules(model):
-                m.requires_grad_(False)
+            _freeze(get_advbn(model).front_modules(model))  # before the optimiser is built, so it leaves them out
         return model
 
     @classmethod
