@@ -217,9 +217,9 @@ def insert_advbn(
     """
     if get_advbn(model) is not None:
         raise ValueError('The model already has an AdvBN layer; strip_advbn() it first.')
-    arch = getattr(model, 'default_cfg', {}).get('architecture') or type(model).__name__
+    arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
     stage, num_chs = _resolve_stage(model, after)
-    input_size = tuple(input_size or model.pretrained_cfg.get('input_size', (3, 224, 224)))
+    input_size = tuple(input_size or (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224)))
     param = next(model.parameters())
     x = torch.randn(2, *input_size, device=param.device, dtype=param.dtype)
     training = [(m, m.training) for m in model.modules()]
