@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """AdvBN training step cost relative to a plain step of the same model, next to its ideal, in one process.
 
-Measured, each as the median of ``--steps`` timed steps after warm-up, all in this one run:
+Measured in this one run, each the median of ``--steps`` timed calls after warm-up, the modes
+interleaved (one call of each per round) so that a shared machine's drifting load hits all alike:
 
 * ``plain``: a plain timm training step (forward, backward, SGD step) of the unmodified model;
 * ``advbn (ours)``: one ``--adv-method advbn`` step (front once, K attack passes over the back,
@@ -31,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from timm_adv.attacks import FeatureStatsAttack, perturb_feature_stats  # noqa: E402
 from timm_adv.layers import dual_bn_route, get_advbn  # noqa: E402
 from timm_adv.tasks import AdvBNTask  # noqa: E402
-from common import add_common_args, median_time  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import add_common_args, interleaved_median_times  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 def _sgd_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
@@ -52,11 +53,9 @@ def main():
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     n = args.batch_size
-    time_it = lambda fn: median_time(fn, args.steps, args.warmup, device)  # noqa: E731
 
     plain = timm.create_model(args.model, num_classes=args.num_classes).to(device).train()
     plain_opt = torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9)
-    t_plain = time_it(lambda: _sgd_step(F.cross_entropy(plain(x), y), plain_opt))
 
     train_args = argparse.Namespace(model=args.model, adv_advbn_stage=args.stage, pretrained=True,
                                     img_size=args.img_size, input_size=None)
@@ -69,19 +68,15 @@ def main():
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     dual = task.dual_bn
 
-    t_ours = time_it(lambda: _sgd_step(task(x, y)['loss'], optimizer))
-
     # the ideal's parts, each on its own
     with torch.no_grad():
         feature = advbn.front(model, x)
-    t_front = time_it(lambda: torch.no_grad()(advbn.front)(model, x))
     one_step = FeatureStatsAttack(steps=1, relu=advbn.relu)
 
     def attack_pass():
         with dual_bn_route(model, 'aux') if dual else nullcontext():
             one_step.perturb(model, lambda f: advbn.back(model, f), feature, y)
 
-    t_attack = time_it(attack_pass)
     features = torch.cat([feature, perturb_feature_stats(feature, 0.5 * torch.ones_like(feature[:1, :, :1, :1]),
                                                          torch.ones_like(feature[:1, :, :1, :1]), relu=advbn.relu)])
 
@@ -90,8 +85,6 @@ def main():
             out = advbn.back(model, features)
         _sgd_step(F.cross_entropy(out[:n], y) + F.cross_entropy(out[n:], y), optimizer)
 
-    t_back_train = time_it(back_train)
-    t_ideal = t_front + args.attack_steps * t_attack + t_back_train
 
     def recompute_front_step():
         def back_from_scratch(f):
@@ -119,8 +112,17 @@ def main():
                 loss_clean = F.cross_entropy(advbn.back(model, f), y)
             _sgd_step(loss_adv + loss_clean, optimizer)
 
-    t_recompute = time_it(recompute_front_step)
-    t_official = time_it(official_step)
+    t = interleaved_median_times({
+        'plain': lambda: _sgd_step(F.cross_entropy(plain(x), y), plain_opt),
+        'ours': lambda: _sgd_step(task(x, y)['loss'], optimizer),
+        'front': lambda: torch.no_grad()(advbn.front)(model, x),
+        'attack': attack_pass,
+        'back_train': back_train,
+        'recompute': recompute_front_step,
+        'official': official_step,
+    }, args.steps, args.warmup, device)
+    t_plain, t_front, t_attack, t_back_train = t['plain'], t['front'], t['attack'], t['back_train']
+    t_ideal = t_front + args.attack_steps * t_attack + t_back_train
 
     print(f'model={args.model} img={args.img_size} batch={n} device={device} torch={torch.__version__} '
           f'threads={torch.get_num_threads()} cut={advbn.stage!r} K={args.attack_steps} dual_bn={dual}')
@@ -128,10 +130,11 @@ def main():
           f'{t_attack / t_plain:.3f}, back training pass (2N, weight grads + SGD) {t_back_train / t_plain:.3f}')
     print('| mode | step / plain | step / ideal |')
     print('|---|---|---|')
-    for name, t in (('plain', t_plain), ('ideal', t_ideal), ('advbn (ours)', t_ours),
-                    ('front recomputed + anomaly detection', t_recompute),
-                    ('official code structure (front once, anomaly detection, separate back passes)', t_official)):
-        print(f'| {name} | {t / t_plain:.2f} | {t / t_ideal:.2f} |')
+    for name, seconds in (('plain', t_plain), ('ideal', t_ideal), ('advbn (ours)', t['ours']),
+                          ('front recomputed + anomaly detection', t['recompute']),
+                          ('official code structure (front once, anomaly detection, separate back passes)',
+                           t['official'])):
+        print(f'| {name} | {seconds / t_plain:.2f} | {seconds / t_ideal:.2f} |')
 
 
 if __name__ == '__main__':

@@ -2,10 +2,11 @@
 import argparse
 import statistics
 import time
+from typing import Callable, Dict, List
 
 import torch
 
-__all__ = ['add_common_args', 'sync', 'median_time']
+__all__ = ['add_common_args', 'sync', 'median_time', 'interleaved_median_times']
 
 
 def sync(device: torch.device) -> None:
@@ -26,6 +27,27 @@ def median_time(fn, steps: int, warmup: int, device: torch.device) -> float:
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_median_times(fns: Dict[str, Callable[[], None]], steps: int, warmup: int,
+                             device: torch.device) -> Dict[str, float]:
+    """Median seconds of each function, timed in rounds (one call of each per round).
+
+    On a shared machine the load drifts over minutes; interleaving makes every function see the same
+    load, so the ratios between them hold even when the absolute times do not.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def add_common_args(parser: argparse.ArgumentParser, what: str = 'method') -> None:

@@ -1,5 +1,4 @@
 """AdvBN: the cut layer, the feature-statistics attack, the task, checkpoints, export and refusals."""
-import copy
 import json
 
 import pytest
