@@ -199,6 +199,10 @@ def test_export_plain_timm(export_bn, tmp_path):
     assert get_advbn(exported) is None and not dual_bn_layers(exported)
     plain = _model(seed=3)
     plain.load_state_dict(exported.state_dict(), strict=True)
+    # the state-dict form of the strip keeps the same BN set as the module form
+    stripped = strip_aux_bn(model.state_dict(), keep='main' if export_bn == 'clean' else 'aux')
+    assert stripped.keys() == exported.state_dict().keys()
+    assert all(torch.equal(v, stripped[k]) for k, v in exported.state_dict().items())
     model.eval()
     with torch.no_grad(), dual_bn_route(model, 'main' if export_bn == 'clean' else 'aux'):
         expected = model(x)
