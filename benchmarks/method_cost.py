@@ -13,11 +13,9 @@ step, each method in a fresh subprocess so that memory cached by another method 
 """
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import threading
-import time
 
 import timm
 import torch
@@ -26,11 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train as train_script  # noqa: E402  (the same argument defaults as a real run)
 from timm_adv.attacks import PixelNormalizer, input_gradient  # noqa: E402
 from timm_adv.tasks import create_task, get_method, list_methods  # noqa: E402
-
-
-def _sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
+from common import add_common_args, median_time  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 def _rss_mb() -> float:
@@ -56,19 +50,6 @@ class _RssPeak:
         self._thread.join()
 
 
-def _time_steps(fn, steps: int, warmup: int, device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(method: str, bench_args, train_argv, device, x, y):
     args, _ = train_script.parse_args(train_argv + ['--adv-method', method])
     args.num_classes = bench_args.num_classes
@@ -88,32 +69,26 @@ def measure(method: str, bench_args, train_argv, device, x, y):
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-        seconds = _time_steps(step, bench_args.steps, bench_args.warmup, device)
+        seconds = median_time(step, bench_args.steps, bench_args.warmup, device)
         peak = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
         rss_before = _rss_mb()
         with _RssPeak() as rss:
-            seconds = _time_steps(step, bench_args.steps, bench_args.warmup, device)
+            seconds = median_time(step, bench_args.steps, bench_args.warmup, device)
         peak = rss.peak - rss_before
 
     normalizer = PixelNormalizer(mean, std)
     x_pix = normalizer.to_pixel(x)
     delta = torch.zeros_like(x_pix)
-    attack_pass = _time_steps(
+    attack_pass = median_time(
         lambda: input_gradient(task.unwrapped_model, x_pix, delta, y, normalizer), bench_args.steps, 1, device)
     return seconds, peak, attack_pass, task.ideal_cost()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', default='resnet10t')
-    parser.add_argument('--img-size', type=int, default=32)
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--num-classes', type=int, default=10)
-    parser.add_argument('--steps', type=int, default=7, help='timed steps per method (median reported)')
-    parser.add_argument('--warmup', type=int, default=2)
+    add_common_args(parser, 'method')
     parser.add_argument('--methods', nargs='+', default=None, help='methods to measure (default: all registered)')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--memory-of', default=None, help=argparse.SUPPRESS)  # internal: one method's CPU memory
     parser.add_argument('train_args', nargs=argparse.REMAINDER,
                         help='extra train.py flags after "--" for every measured method (train.py refuses a flag a method does '

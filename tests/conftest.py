@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 
 # CI has two cores: bound intra-op threads unless the caller chose (OMP_NUM_THREADS=1 on a busy machine).
 if 'OMP_NUM_THREADS' not in os.environ:
@@ -11,3 +12,17 @@ if 'OMP_NUM_THREADS' not in os.environ:
 @pytest.fixture(scope='session')
 def repo_root():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='session')
+def image_folder(tmp_path_factory):
+    """A tiny 10-class image folder (train / validation) so that train.py runs in seconds."""
+    root = tmp_path_factory.mktemp('digits')
+    g = torch.Generator().manual_seed(0)
+    for split, per_class in (('train', 4), ('validation', 2)):
+        for c in range(10):
+            os.makedirs(root / split / str(c))
+            for i in range(per_class):
+                pixels = (torch.rand(32, 32, 3, generator=g) * 80 + c * 17).clamp(0, 255).byte().numpy()
+                Image.fromarray(pixels).save(root / split / str(c) / f'{i}.png')
+    return root

@@ -1,13 +1,11 @@
 """AdvProp: dual BatchNorm conversion, routing, stripping, the task, checkpoints and refusals."""
 import copy
-import os
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from timm.layers import BatchNormAct2d, convert_sync_batchnorm
 from timm.loss import SoftTargetCrossEntropy
 from timm.models.regnet import RegNet, RegNetCfg
@@ -316,20 +314,6 @@ def test_sync_batchnorm_conversion(monkeypatch):
     for d in dual_bn_layers(synced):
         for bn in (d.main_bn, d.aux_bn[0]):
             assert bn.running_mean.data_ptr() in reduced and bn.running_var.data_ptr() in reduced
-
-
-@pytest.fixture(scope='module')
-def image_folder(tmp_path_factory):
-    """A tiny image folder (train / validation) so that train.py runs in seconds."""
-    root = tmp_path_factory.mktemp('digits')
-    g = torch.Generator().manual_seed(0)
-    for split, per_class in (('train', 4), ('validation', 2)):
-        for c in range(NUM_CLASSES):
-            os.makedirs(root / split / str(c))
-            for i in range(per_class):
-                pixels = (torch.rand(32, 32, 3, generator=g) * 80 + c * 17).clamp(0, 255).byte().numpy()
-                Image.fromarray(pixels).save(root / split / str(c) / f'{i}.png')
-    return root
 
 
 def _train_argv(data, out, *extra):

@@ -1,5 +1,6 @@
 from .bn_mode import BN_MODES, attack_bn_mode, check_bn_mode
 from .factory import create_attack, parse_eps
+from .feature_stats import FeatureStatsAttack, channel_mean, perturb_feature_stats
 from .normalize import PixelNormalizer
 from .pgd import (
     NORMS, TARGETINGS, PGDAttack, ascent_step, hard_labels, input_gradient, per_sample_norm, project,

@@ -56,9 +56,12 @@ def random_init(x: torch.Tensor, eps: float, norm: str = 'linf') -> torch.Tensor
     return direction * radius.view(-1, *([1] * (x.ndim - 1)))
 
 
-def project(delta: torch.Tensor, x_pix: torch.Tensor, eps: float, norm: str = 'linf',
+def project(delta: torch.Tensor, x_pix: Optional[torch.Tensor], eps: float, norm: str = 'linf',
             clamp: bool = True) -> torch.Tensor:
-    """Projects ``delta`` onto the eps ball and, with ``clamp``, keeps ``x_pix + delta`` in [0, 1]."""
+    """Projects ``delta`` onto the eps ball and, with ``clamp``, keeps ``x_pix + delta`` in [0, 1].
+
+    ``x_pix`` is only read with ``clamp``; pass None to project a perturbation that is not an image's.
+    """
     if norm == 'linf':
         delta = delta.clamp(-eps, eps)
     else:

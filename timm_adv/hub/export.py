@@ -158,6 +158,9 @@ def _training_metadata(train_args: Optional[argparse.Namespace], task, extra: Op
         meta['method'] = getattr(task, 'method_name', '') or type(task).__name__
         if getattr(task, 'attack', None) is not None:
             meta['attack'] = repr(task.attack)
+        note = task.export_note() if hasattr(task, 'export_note') else ''
+        if note:
+            meta['export_note'] = note
     if train_args is not None:
         args = vars(train_args)
         meta['method_args'] = {k: _plain(v) for k, v in sorted(args.items()) if k.startswith('adv_')}
@@ -237,7 +240,8 @@ def export_from_task(
         >>> export_from_task(task, 'hub/resnet10t.pgd_mnist', data_config, train_args=args)
     """
     task = task_or_model if hasattr(task_or_model, 'export_model') else None
-    reference = task.unwrapped_model if task is not None else task_or_model
+    reference = task_or_model if task is None else (
+        task.export_reference() if hasattr(task, 'export_reference') else task.unwrapped_model)
     plain = task.export_model() if task is not None else task_or_model
     architecture = architecture or getattr(plain, 'pretrained_cfg', {}).get('architecture') \
         or (getattr(train_args, 'model', None) if train_args is not None else None)

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .transparent import register_transparent_child
+
 __all__ = [
     'ROUTES', 'AUX_BN_KEY', 'DualBatchNorm2d', 'convert_dual_bn', 'strip_aux_bn', 'aux_bn_state_dict',
     'set_dual_bn_route', 'dual_bn_route', 'dual_bn_layers',
@@ -46,30 +48,6 @@ def _copy_norm(bn: nn.Module) -> nn.Module:
     """An independent copy of ``bn`` (weights, running statistics) sharing its activation and drop."""
     shared = {name: getattr(bn, name) for name in ('act', 'drop') if isinstance(getattr(bn, name, None), nn.Module)}
     return copy.deepcopy(bn, memo={id(m): m for m in shared.values()})
-
-
-def _save_main_at_own_keys(module: nn.Module, state_dict: Dict, prefix: str, local_metadata) -> None:
-    # the subtree of this module was written last, so its keys are the tail of ``state_dict``
-    main_prefix = f'{prefix}{_MAIN}.'
-    own = [k for k in state_dict if k.startswith(prefix)]
-    entries = [(k, state_dict.pop(k)) for k in own]
-    for k, v in entries:
-        if k.startswith(main_prefix):
-            state_dict[prefix + k[len(main_prefix):]] = v
-    for k, v in entries:
-        if not k.startswith(main_prefix):
-            state_dict[k] = v
-    metadata = getattr(state_dict, '_metadata', None)
-    if metadata is not None and prefix + _MAIN in metadata:
-        # BN reads its version from the metadata at its own key when loading
-        metadata[prefix[:-1]] = metadata.pop(prefix + _MAIN)
-
-
-def _load_main_from_own_keys(module: nn.Module, state_dict: Dict, prefix: str, local_metadata, strict,
-                             missing_keys, unexpected_keys, error_msgs) -> None:
-    aux_prefix = f'{prefix}{AUX_BN_KEY}.'
-    for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(aux_prefix)]:
-        state_dict[f'{prefix}{_MAIN}.{k[len(prefix):]}'] = state_dict.pop(k)
 
 
 class DualBatchNorm2d(nn.Module):
@@ -95,8 +73,7 @@ class DualBatchNorm2d(nn.Module):
         self.aux_bn = nn.ModuleList([_copy_norm(bn) if aux_bn is None else aux_bn])
         self.route = 'main'
         self.split_size: Optional[int] = None
-        self.register_state_dict_post_hook(_save_main_at_own_keys)
-        self.register_load_state_dict_pre_hook(_load_main_from_own_keys)
+        register_transparent_child(self, _MAIN, apart=(AUX_BN_KEY,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.route == 'main':
@@ -145,30 +122,41 @@ def convert_dual_bn(module: nn.Module) -> nn.Module:
     return module
 
 
-def _strip_module(module: nn.Module) -> nn.Module:
+def _strip_module(module: nn.Module, keep: str) -> nn.Module:
     if isinstance(module, DualBatchNorm2d):
-        return module.main_bn
+        return module.main_bn if keep == 'main' else module.aux_bn[0]
     for name, child in module.named_children():
-        stripped = _strip_module(child)
+        stripped = _strip_module(child, keep)
         if stripped is not child:
             module.add_module(name, stripped)
     return module
 
 
-def strip_aux_bn(model_or_state_dict: ModelOrStateDict) -> ModelOrStateDict:
+def strip_aux_bn(model_or_state_dict: ModelOrStateDict, keep: str = 'main') -> ModelOrStateDict:
     """Removes the auxiliary BNs: the plain model, or the state dict of the plain model.
 
     A module is changed in place (each :class:`DualBatchNorm2d` is replaced by its main BN, so eval
     outputs are unchanged bit for bit); copy it first to keep training. A state dict is returned
     as a new dict without the ``aux_bn`` entries, loadable strictly into ``timm.create_model(arch)``.
 
+    Args:
+        model_or_state_dict: A dual-BN model or its state dict.
+        keep: ``main`` keeps the main BNs (the default); ``aux`` puts the auxiliary BNs in their place
+            (AdvBN's adversarial BNs, for a model meant for style-shifted inputs).
+
     Example:
         >>> plain = strip_aux_bn(copy.deepcopy(dual_model))
         >>> timm.create_model('resnet10t').load_state_dict(strip_aux_bn(dual_model.state_dict()))
     """
+    if keep not in ('main', 'aux'):
+        raise ValueError(f"strip_aux_bn keeps the 'main' or the 'aux' BNs, got {keep!r}.")
     if isinstance(model_or_state_dict, nn.Module):
-        return _strip_module(model_or_state_dict)
-    return {k: v for k, v in model_or_state_dict.items() if not _is_aux_key(k)}
+        return _strip_module(model_or_state_dict, keep)
+    plain = {k: v for k, v in model_or_state_dict.items() if not _is_aux_key(k)}
+    if keep == 'aux':
+        marker = f'{AUX_BN_KEY}.0.'
+        plain.update({k.replace(marker, '', 1): v for k, v in model_or_state_dict.items() if _is_aux_key(k)})
+    return plain
 
 
 def aux_bn_state_dict(model_or_state_dict: Union[nn.Module, StateDict]) -> Dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@ from .base import ATTACK_ARGS, AdversarialTask, top1
 from .registry import get_method, list_methods, register_method
 from .standard import PGDTrainingTask, StandardTask
 from .advprop import AdvPropTask
+from .advbn import AdvBNTask
 from .fgsm_rs import FGSMRSTask
 from .fgsm_sdi import FGSMSDITask
 from .factory import add_adv_args, check_adv_args, create_task, method_args

@@ -137,3 +137,11 @@ class AdversarialTask(ClassificationTask):
     def export_model(self) -> nn.Module:
         """The plain model for evaluation and export (training-only parts removed)."""
         return self.unwrapped_model
+
+    def export_reference(self) -> nn.Module:
+        """The trained model whose eval outputs the exported plain model must reproduce."""
+        return self.unwrapped_model
+
+    def export_note(self) -> str:
+        """What the export kept, when a method has a choice (shown in the model card); empty otherwise."""
+        return ''
