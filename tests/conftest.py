@@ -11,3 +11,22 @@ if 'OMP_NUM_THREADS' not in os.environ:
 @pytest.fixture(scope='session')
 def repo_root():
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_killed_and_resumed(run, tmp_path, monkeypatch, args):
+    """Runs ``run('full', *args)``, then the same run killed in its second epoch and resumed from its
+    ``last.pth.tar``; ``run(name, *argv)`` is a test's ``train.main`` wrapper writing to ``tmp_path / name``."""
+    import train
+    run('full', *args)
+    real_train_one_epoch = train.train_one_epoch
+
+    def killed_in_second_epoch(epoch, *a, **k):
+        if epoch == 1:
+            raise KeyboardInterrupt('simulated kill')
+        return real_train_one_epoch(epoch, *a, **k)
+
+    monkeypatch.setattr(train, 'train_one_epoch', killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run('killed', *args)
+    monkeypatch.setattr(train, 'train_one_epoch', real_train_one_epoch)
+    return run('killed', *args, '--resume', str(tmp_path / 'killed' / 'last.pth.tar'))

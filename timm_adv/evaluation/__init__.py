@@ -8,3 +8,4 @@ from .shift import IMAGENET_A_INDICES, IMAGENET_R_INDICES, SHIFT_TYPES, LogitSub
 from .overfit_guard import (
     CO_ACTIONS, GuardRecord, OverfitGuard, add_overfit_guard_args, create_overfit_guard, detect_collapse,
 )
+from .knn import create_feature_model, create_knn_classifier, find_model_bank

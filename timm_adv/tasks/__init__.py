@@ -5,3 +5,6 @@ from .advprop import AdvPropTask
 from .fgsm_rs import FGSMRSTask
 from .fgsm_sdi import FGSMSDITask
 from .factory import add_adv_args, check_adv_args, create_task
+from .representation import RepresentationTask
+from .contrastive import ContrastiveTask
+from .ssat import SSATTask
