@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ['KNN_BACKENDS', 'BANK_FILE', 'FeatureBank', 'KNNClassifier', 'knn_search', 'build_feature_bank', 'load_feature_bank',
-           'save_feature_bank', 'import_faiss', 'check_bank']
+           'save_feature_bank', 'import_faiss', 'check_bank', 'check_knn_settings']
 
 KNN_BACKENDS = ('torch', 'faiss')
 #: File name of a feature bank published beside an exported feature model.
@@ -134,12 +134,7 @@ class KNNClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, bank: Union[FeatureBank, Callable[[], FeatureBank]], k: int = 75,
                  temperature: float = 0.07, backend: str = 'torch'):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f'--knn-temperature must be > 0, got {temperature}.')
-        if backend not in KNN_BACKENDS:
-            raise ValueError(f'Unknown --knn-backend {backend!r}; choose one of {", ".join(KNN_BACKENDS)}.')
-        if backend == 'faiss':
-            import_faiss()
+        check_knn_settings(k, temperature, backend)
         self.backbone = backbone
         self._bank = bank
         self.k = int(k)
@@ -168,6 +163,18 @@ class KNNClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bank = self.bank  # resolved before the forward: a refresh never runs inside an attack's graph
         return self.vote(self.embed(x), bank)
+
+
+def check_knn_settings(k: int, temperature: float, backend: str = 'torch') -> None:
+    """Fails early on kNN settings that cannot work (a missing faiss included)."""
+    if int(k) != k or k < 1:
+        raise ValueError(f'--knn-k must be an integer >= 1, got {k}.')
+    if not temperature > 0:
+        raise ValueError(f'--knn-temperature must be > 0, got {temperature}.')
+    if backend not in KNN_BACKENDS:
+        raise ValueError(f'Unknown --knn-backend {backend!r}; choose one of {", ".join(KNN_BACKENDS)}.')
+    if backend == 'faiss':
+        import_faiss()
 
 
 def check_bank(bank: FeatureBank, k: int, num_features: Optional[int] = None, flag: str = '--knn-bank') -> None:

@@ -21,7 +21,7 @@ from timm.utils.model import unwrap_model
 from timm_adv.attacks import PixelNormalizer
 from timm_adv.data import create_bank_loader
 from timm_adv.layers import split_projection_head_state, strip_projection_head
-from timm_adv.models import KNN_BACKENDS, FeatureBank, KNNClassifier, build_feature_bank
+from timm_adv.models import KNN_BACKENDS, FeatureBank, KNNClassifier, build_feature_bank, check_knn_settings
 from .arg_types import bounded_type
 from .base import AdversarialTask
 
@@ -121,8 +121,7 @@ class RepresentationTask(AdversarialTask):
         self.bank_refresh_seconds = []
         self._banks: Dict[bool, tuple] = {}
         self._knn: Dict[bool, KNNClassifier] = {}
-        # validates k / temperature / backend before any work
-        KNNClassifier(nn.Identity(), lambda: None, self.knn_k, self.knn_temperature, self.knn_backend)
+        check_knn_settings(self.knn_k, self.knn_temperature, self.knn_backend)
 
     @classmethod
     def prepare_model(cls, model: nn.Module, args: Optional[argparse.Namespace] = None) -> nn.Module:

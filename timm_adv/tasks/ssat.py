@@ -93,8 +93,9 @@ class SSATTask(RepresentationTask):
         return {'train_steps': 2.0, 'attack_passes': float(self.attack.steps)}
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        bank = self._epoch_bank if self._epoch_bank is not None else self.feature_bank()
-        self._epoch_bank = bank
+        if self._epoch_bank is None:  # used without the loop's on_epoch_start
+            self._epoch_bank = self.feature_bank()
+        bank = self._epoch_bank
         knn = self.knn_classifier(bank=bank)
         x = input.detach()
         with torch.no_grad(), attack_bn_mode(knn.backbone, 'eval'):  # the kNN judges as at test time
