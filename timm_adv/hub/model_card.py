@@ -109,7 +109,8 @@ def _knn_usage(folder: str, repo_id: str, meta: Mapping) -> str:
             (f'`{BANK_FILE}` holds the training split embedded with these weights (`features`, `labels`).'
              if bank else 'Embed a labelled set of your task with the model to build the bank.') + '\n',
             '```python\nfrom timm_adv.models import KNNClassifier, load_feature_bank\n' +
-            (f"bank = load_feature_bank(huggingface_hub.hf_hub_download('{repo_id}', '{BANK_FILE}'))\n" if bank else
+            (f"import huggingface_hub\nbank = load_feature_bank(huggingface_hub.hf_hub_download('{repo_id}', "
+             f"'{BANK_FILE}'))\n" if bank else
              'bank = build_feature_bank(model, labelled_loader)  # timm_adv.models.build_feature_bank\n') +
             f'knn = KNNClassifier(model, bank, k={k}, temperature={t})\n'
             'log_probs = knn(transform(img).unsqueeze(0))   # [1, classes]\n```\n',
