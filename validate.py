@@ -320,6 +320,8 @@ def validate(args) -> OrderedDict:
 
 def _evaluate_knn_guided(args, knn, eps, attack, loader, eval_kwargs, results, report) -> None:
     """kNN top-1 under the guided attack on the representation (same eps, steps and step size as the PGD)."""
+    if args.restarts > 1:
+        _logger.warning('--restarts applies to the PGD through the soft vote; the guided attack runs one restart.')
     torch.manual_seed(args.seed)
     guided = create_knn_guided_attack(eps=eps, steps=attack.steps, step_size=attack.step_size, norm=args.norm,
                                       random_start=attack.random_start, num_guides=args.knn_guides,
