@@ -23,14 +23,16 @@ from timm import utils
 from timm.data import create_loader, resolve_data_config
 from timm.models import create_model
 
-from timm_adv.attacks import NORMS, create_attack, parse_eps
-from timm_adv.data import (DEFAULT_DATASET, TransformSubset, apply_bundled_defaults, create_dataset, default_workers,
-                           spread_subset)
+from timm_adv.attacks import NORMS, create_attack, create_knn_guided_attack, parse_eps
+from timm_adv.data import (DEFAULT_DATASET, TransformSubset, apply_bundled_defaults, create_bank_loader, create_dataset,
+                           default_workers, spread_subset)
 from timm_adv.evaluation import (IMAGENET_C_CORRUPTIONS, SEVERITIES, SHIFT_TYPES, evaluate_accuracy, evaluate_autoattack,
                                  evaluate_corruption_folder, evaluate_generated_corruptions, evaluate_shift,
                                  report_to_markdown, save_report, scan_corruption_folder)
 from timm_adv.evaluation.autoattack import AUTOATTACK_VERSIONS, import_autoattack
 from timm_adv.evaluation.corruptions import FOLDER_PROTOCOLS, import_imagecorruptions
+from timm_adv.evaluation.knn import create_feature_model, create_knn_classifier, find_model_bank
+from timm_adv.models import KNN_BACKENDS, build_feature_bank, import_faiss, load_feature_bank
 from timm_adv.utils import explicit_args, load_training_checkpoint
 
 _logger = logging.getLogger('validate')
@@ -87,6 +89,23 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--restarts', type=int, default=1, metavar='R', help='PGD random restarts (default: 1)')
     group.add_argument('--attack-samples', type=int, default=None, metavar='N',
                        help='attack only N evenly spaced samples of the split (default: all)')
+
+    group = parser.add_argument_group('kNN evaluation of feature models (self-supervised AT)')
+    group.add_argument('--knn', action='store_true',
+                       help='classify with a kNN over a feature bank (the head, if any, is dropped); with --attack '
+                            'pgd also reports the kNN-guided attack on the representation')
+    group.add_argument('--knn-bank', default=None, metavar='FILE',
+                       help='feature bank safetensors (default: knn_bank.safetensors beside a local-dir:/hf-hub: model)')
+    group.add_argument('--knn-bank-split', default=None, metavar='NAME',
+                       help='embed this split of the dataset as the bank instead, e.g. train')
+    group.add_argument('--knn-bank-samples', type=int, default=None, metavar='N',
+                       help='with --knn-bank-split: N evenly spaced images of it (default: all)')
+    group.add_argument('--knn-k', type=int, default=75, metavar='K', help='kNN neighbours (default: 75)')
+    group.add_argument('--knn-temperature', type=float, default=0.07, metavar='T',
+                       help='kNN vote weight exp(cos / T) (default: 0.07)')
+    group.add_argument('--knn-backend', choices=KNN_BACKENDS, default='torch', help='exact search backend (default: torch)')
+    group.add_argument('--knn-guides', type=int, default=300, metavar='M',
+                       help='guided attack: guide samples of the nearest wrong class (default: 300)')
 
     group = parser.add_argument_group('Robustness evaluation (timm_adv.evaluation)')
     group.add_argument('--autoattack', choices=('none',) + AUTOATTACK_VERSIONS, default='none',
@@ -150,6 +169,10 @@ _NEEDS = {
     'corruption_samples': (lambda a: bool(a.corruption_dir) or a.corruptions_generated,
                            '--corruption-dir or --corruptions-generated'),
     'no_plots': (lambda a: bool(a.report_dir), '--report-dir'),
+    **{dest: (lambda a: a.knn, '--knn') for dest in ('knn_bank', 'knn_bank_split', 'knn_k', 'knn_temperature',
+                                                     'knn_backend')},
+    'knn_bank_samples': (lambda a: a.knn and bool(a.knn_bank_split), '--knn --knn-bank-split'),
+    'knn_guides': (lambda a: a.knn and a.attack != 'none', '--knn and --attack fgsm|pgd (the guided attack)'),
 }
 
 
@@ -190,7 +213,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error('--corruption-dir and --corruptions-generated are exclusive; pick the released folder or regeneration.')
     if args.results_format not in ('csv', 'json'):
         parser.error(f'--results-format must be csv or json, got {args.results_format!r}.')
+    _check_knn_args(parser, args)
     return args
+
+
+def _check_knn_args(parser, args) -> None:
+    if args.knn_bank and args.knn_bank_split:
+        parser.error('--knn-bank and --knn-bank-split are exclusive: load a saved bank or embed a split.')
+    if args.knn_k < 1:
+        parser.error(f'--knn-k must be >= 1, got {args.knn_k}.')
+    if not args.knn_temperature > 0:
+        parser.error(f'--knn-temperature must be > 0, got {args.knn_temperature}.')
+    if args.knn_guides < 1:
+        parser.error(f'--knn-guides must be >= 1, got {args.knn_guides}.')
 
 
 def _attack_key(args, eps: float) -> str:
@@ -219,17 +254,38 @@ def validate(args) -> OrderedDict:
     if args.shift_dir and not os.path.isdir(args.shift_dir):
         raise FileNotFoundError(f'--shift-dir {args.shift_dir!r} is not a folder; point it at the extracted '
                                 f'{args.shift_type} dataset.')
+    if args.knn and args.knn_backend == 'faiss':
+        import_faiss()
+    if args.knn and not args.knn_bank_split:
+        args.knn_bank = args.knn_bank or find_model_bank(args.model)
+        if not args.knn_bank:
+            raise ValueError(f'--knn: {args.model!r} has no feature bank; pass --knn-bank FILE (the '
+                             f'knn_bank.safetensors of its export) or --knn-bank-split train to embed the training split.')
+        bank = load_feature_bank(args.knn_bank)
 
     # a hub or folder model without --checkpoint is only meaningful with its own weights
     pretrained = args.pretrained or (args.model.startswith(('hf-hub:', 'local-dir:')) and not args.checkpoint)
     torch.manual_seed(args.seed)  # reproducible even for a model left at its random initialisation
-    model = create_model(args.model, pretrained=pretrained, num_classes=args.num_classes,
-                         in_chans=args.in_chans or 3, global_pool=args.gp, **args.model_kwargs)
-    if args.checkpoint:
-        model = load_training_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
+    if args.knn:
+        model = create_feature_model(args.model, pretrained=pretrained, checkpoint=args.checkpoint,
+                                     use_ema=args.use_ema, in_chans=args.in_chans or 3, global_pool=args.gp,
+                                     **args.model_kwargs)
+    else:
+        model = create_model(args.model, pretrained=pretrained, num_classes=args.num_classes,
+                             in_chans=args.in_chans or 3, global_pool=args.gp, **args.model_kwargs)
+        if args.checkpoint:
+            model = load_training_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
     param_count = sum(p.numel() for p in model.parameters())
     data_config = resolve_data_config(vars(args), model=model, use_test_size=True, verbose=True)
     model.to(device).eval()
+    if args.knn:
+        if args.knn_bank_split:
+            bank_loader = create_bank_loader(
+                args.dataset, args.data_dir, args.knn_bank_split, data_config, batch_size=args.batch_size,
+                workers=args.workers, device=device, num_samples=args.knn_bank_samples,
+                use_prefetcher=not args.no_prefetcher, class_map=args.class_map, download=args.dataset_download)
+            bank = build_feature_bank(model, bank_loader, args.num_classes, device=device)
+        model = create_knn_classifier(model, bank, args.knn_k, args.knn_temperature, args.knn_backend, device=device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
 
@@ -291,6 +347,8 @@ def validate(args) -> OrderedDict:
             report.setdefault('pgd', []).append(dict(
                 attack=args.attack, eps=eps, norm=args.norm, steps=attack.steps, step_size=attack.step_size,
                 restarts=attack.restarts, samples=adv['samples'], top1=adv['top1']))
+            if args.knn:
+                _evaluate_knn_guided(args, model, eps, attack, attack_loader, eval_kwargs, results, report)
         results['eps'] = ' '.join(f'{e:.6g}' for e in args.eps)
     aa_loader = None
     if args.autoattack != 'none':
@@ -304,6 +362,22 @@ def validate(args) -> OrderedDict:
         save_report(report, args.report_dir, plots=not args.no_plots)
     results['report'] = report
     return results
+
+
+def _evaluate_knn_guided(args, knn, eps, attack, loader, eval_kwargs, results, report) -> None:
+    """kNN top-1 under the guided attack on the representation (same eps, steps and step size as the PGD)."""
+    if args.restarts > 1:
+        _logger.warning('--restarts applies to the PGD through the soft vote; the guided attack runs one restart.')
+    torch.manual_seed(args.seed)
+    guided = create_knn_guided_attack(eps=eps, steps=attack.steps, step_size=attack.step_size, norm=args.norm,
+                                      random_start=attack.random_start, num_guides=args.knn_guides,
+                                      mean=attack.normalizer.mean, std=attack.normalizer.std)
+    _logger.info(f'Attacking with {guided}')
+    adv = evaluate_accuracy(knn, loader, attack=guided, log_prefix=f'Guided eps={eps:.4g}', **eval_kwargs)
+    key = _attack_key(args, eps).replace(args.attack if args.attack == 'fgsm' else 'pgd', 'knn_guided', 1)
+    results[key] = round(adv['top1'], 4)
+    report.setdefault('knn_guided', []).append(dict(eps=eps, steps=guided.steps, guides=guided.num_guides,
+                                                    samples=adv['samples'], top1=adv['top1']))
 
 
 def _evaluate_robustness(args, model, data_config, aa_loader, device, results, report,

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train as train_script  # noqa: E402  (the same argument defaults as a real run)
 from timm_adv.attacks import PixelNormalizer, input_gradient  # noqa: E402
+from timm_adv.data import DEFAULT_DATASET, apply_bundled_defaults  # noqa: E402
 from timm_adv.tasks import create_task, get_method, list_methods  # noqa: E402
 from common import add_common_args, median_time  # noqa: E402  (benchmarks/common.py, beside this script)
 
@@ -53,11 +54,15 @@ class _RssPeak:
 def measure(method: str, bench_args, train_argv, device, x, y):
     args, _ = train_script.parse_args(train_argv + ['--adv-method', method])
     args.num_classes = bench_args.num_classes
+    if not args.dataset and not args.data_dir:  # the kNN bank of contrastive / ssat embeds the bundled digits
+        args.dataset = DEFAULT_DATASET
+        apply_bundled_defaults(args)
     torch.manual_seed(0)
     model = timm.create_model(bench_args.model, num_classes=bench_args.num_classes)
     model = get_method(method).prepare_model(model, args).to(device)
     mean, std = model.pretrained_cfg.get('mean'), model.pretrained_cfg.get('std')
     task = create_task(model, torch.nn.CrossEntropyLoss(), args, mean=mean, std=std, device=device).to(device)
+    task.on_epoch_start(0)
     task.train()
     optimizer = torch.optim.SGD(task.unwrapped_model.parameters(), lr=0.01, momentum=0.9)
 

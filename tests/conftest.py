@@ -26,3 +26,22 @@ def image_folder(tmp_path_factory):
                 pixels = (torch.rand(32, 32, 3, generator=g) * 80 + c * 17).clamp(0, 255).byte().numpy()
                 Image.fromarray(pixels).save(root / split / str(c) / f'{i}.png')
     return root
+
+
+def run_killed_and_resumed(run, tmp_path, monkeypatch, args):
+    """Runs ``run('full', *args)``, then the same run killed in its second epoch and resumed from its
+    ``last.pth.tar``; ``run(name, *argv)`` is a test's ``train.main`` wrapper writing to ``tmp_path / name``."""
+    import train
+    run('full', *args)
+    real_train_one_epoch = train.train_one_epoch
+
+    def killed_in_second_epoch(epoch, *a, **k):
+        if epoch == 1:
+            raise KeyboardInterrupt('simulated kill')
+        return real_train_one_epoch(epoch, *a, **k)
+
+    monkeypatch.setattr(train, 'train_one_epoch', killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run('killed', *args)
+    monkeypatch.setattr(train, 'train_one_epoch', real_train_one_epoch)
+    return run('killed', *args, '--resume', str(tmp_path / 'killed' / 'last.pth.tar'))

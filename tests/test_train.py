@@ -9,6 +9,7 @@ import torch
 import yaml
 
 import train
+from conftest import run_killed_and_resumed
 
 FAST = ['--model', 'test_resnet', '--no-aug', '-b', '64', '--lr', '0.1', '--warmup-epochs', '0', '--workers', '0',
         '--smoothing', '0', '--log-interval', '1000', '--adv-val-samples', '100']
@@ -49,20 +50,7 @@ def test_pgd_training_reports_adversarial_metrics(tmp_path):
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     args = ['--epochs', '2', '--adv-method', 'pgd', '--adv-eps', '0.1', '--adv-steps', '1']
-    _run(tmp_path, 'full', *args)
-
-    real_train_one_epoch = train.train_one_epoch
-
-    def killed_in_second_epoch(epoch, *a, **k):
-        if epoch == 1:
-            raise KeyboardInterrupt('simulated kill')
-        return real_train_one_epoch(epoch, *a, **k)
-
-    monkeypatch.setattr(train, 'train_one_epoch', killed_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, 'killed', *args)
-    monkeypatch.setattr(train, 'train_one_epoch', real_train_one_epoch)
-    _run(tmp_path, 'killed', *args, '--resume', str(tmp_path / 'killed' / 'last.pth.tar'))
+    run_killed_and_resumed(lambda name, *a: _run(tmp_path, name, *a), tmp_path, monkeypatch, args)
 
     full, resumed = _load(tmp_path / 'full' / 'last.pth.tar'), _load(tmp_path / 'killed' / 'last.pth.tar')
     assert full['epoch'] == resumed['epoch'] == 1

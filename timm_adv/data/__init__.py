@@ -4,3 +4,5 @@ from .recipes import (DATASET_RECIPES, DatasetRecipe, RecipeItem, apply_bundled_
                       available_cpus, default_workers, format_recipe, get_dataset_recipe,
                       resolve_dataset_name)
 from .subset import TransformSubset, spread_subset
+from .batch_augment import ViewAugment
+from .bank_loader import create_bank_loader

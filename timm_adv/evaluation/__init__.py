@@ -9,3 +9,4 @@ from .overfit_guard import (
     CO_ACTIONS, GuardRecord, OverfitGuard, add_overfit_guard_args, check_overfit_guard_args, create_overfit_guard,
     detect_collapse, guard_enabled,
 )
+from .knn import create_feature_model, create_knn_classifier, find_model_bank

@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--use-ema', action='store_true', help='export the EMA weights')
     p.add_argument('--license', default='apache-2.0', help='licence identifier (default: apache-2.0)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing --out folder')
+    p.add_argument('--knn-bank', action='store_true',
+                   help='contrastive / ssat feature models: also write knn_bank.safetensors (the training split '
+                        'embedded with the exported weights)')
 
     p = sub.add_parser('publish', help='upload an export folder to the Hub (needs a token) or check it (--dry-run)')
     p.add_argument('folder')
@@ -64,7 +67,7 @@ def _export(args) -> dict:
     from .export import export_checkpoint
     from .model_card import write_model_card
     exported, train_args = export_checkpoint(args.checkpoint, args.out, use_ema=args.use_ema, license=args.license,
-                                             overwrite=args.overwrite)
+                                             overwrite=args.overwrite, knn_bank=args.knn_bank)
     run_name = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) or train_args.model
     repo_id = args.repo_id or f'timm-adv/{run_name}'
     card = write_model_card(args.out, repo_id)

@@ -258,6 +258,9 @@ def export_from_task(
 
     data_config = dict(data_config)
     num_classes = plain.num_classes
+    if num_classes == 0 and label_names is not None:  # a feature model: the names label its kNN bank's classes
+        metadata = dict(metadata or {}, bank_label_names=list(label_names))
+        label_names = None
     if label_names is not None and len(label_names) != num_classes:
         raise ExportError(f'{len(label_names)} label names for a model with {num_classes} outputs; give one name per class.')
     pretrained_cfg = dict(
@@ -339,18 +342,31 @@ def export_checkpoint(
         license: str = 'apache-2.0',
         metadata: Optional[Mapping] = None,
         overwrite: bool = False,
+        knn_bank: bool = False,
 ) -> Tuple[ExportedModel, argparse.Namespace]:
     """Checkpoint -> task -> ``export_model()`` -> verified Hub folder (see :func:`export_from_task`).
+
+    With ``knn_bank`` (feature models of ``contrastive`` / ``ssat`` runs) the training split is embedded
+    with the exported weights and written beside them as ``knn_bank.safetensors``.
 
     Example:
         >>> exported, train_args = export_checkpoint('output/train/run/last.pth.tar', 'hub/resnet10t.pgd_mnist')
     """
     task, train_args, data_config = task_from_checkpoint(checkpoint, use_ema=use_ema)
+    if knn_bank and not hasattr(task, 'feature_bank'):
+        raise ExportError(f'--knn-bank: {checkpoint!r} is a {train_args.adv_method!r} run, not a feature model '
+                          f'(--adv-method contrastive or ssat); export it without --knn-bank.')
     if label_names is None:
         label_names = label_names_for(getattr(train_args, 'dataset', None), train_args.num_classes)
     meta = dict(metadata or {})
     meta.setdefault('checkpoint', os.path.basename(checkpoint) + (' (EMA weights)' if use_ema else ''))
     exported = export_from_task(task, out_dir, data_config, architecture=train_args.model, label_names=label_names,
                                 license=license, train_args=train_args, metadata=meta, overwrite=overwrite)
+    if knn_bank:
+        from timm_adv.models import BANK_FILE, save_feature_bank
+        # the task's model holds the exported weights (the EMA ones with use_ema)
+        save_feature_bank(task.feature_bank(), os.path.join(out_dir, BANK_FILE), metadata=dict(
+            split=getattr(train_args, 'train_split', ''), dataset=train_args.dataset or train_args.data_dir or '',
+            knn_k=train_args.adv_knn_k, knn_temperature=train_args.adv_knn_temperature))
     return exported, train_args
 

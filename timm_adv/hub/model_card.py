@@ -95,6 +95,32 @@ def _front_matter(config: Mapping, meta: Mapping, hub_config: Mapping) -> str:
     return '---\n' + yaml.safe_dump(data, sort_keys=False) + '---\n'
 
 
+def _knn_usage(folder: str, repo_id: str, meta: Mapping) -> str:
+    """How to classify with the feature model: a cosine kNN over a bank of labelled features."""
+    from timm_adv.models import BANK_FILE
+    args = meta.get('method_args', {})
+    k, t = args.get('adv_knn_k', 75), args.get('adv_knn_temperature', 0.07)
+    bank = os.path.isfile(os.path.join(folder, BANK_FILE))
+    names = meta.get('bank_label_names')
+    text = ['### kNN classification\n',
+            'The model outputs a feature vector, not logits: it was trained without labels (self-supervised) and '
+            f'classifies by a cosine k-nearest-neighbour vote (k = {k}, neighbour weight exp(cos / {t})) over the '
+            'L2-normalised features of a labelled set, as it was evaluated. ' +
+            (f'`{BANK_FILE}` holds the training split embedded with these weights (`features`, `labels`).'
+             if bank else 'Embed a labelled set of your task with the model to build the bank.') + '\n',
+            '```python\nfrom timm_adv.models import KNNClassifier, load_feature_bank\n' +
+            (f"import huggingface_hub\nbank = load_feature_bank(huggingface_hub.hf_hub_download('{repo_id}', "
+             f"'{BANK_FILE}'))\n" if bank else
+             'bank = build_feature_bank(model, labelled_loader)  # timm_adv.models.build_feature_bank\n') +
+            f'knn = KNNClassifier(model, bank, k={k}, temperature={t})\n'
+            'log_probs = knn(transform(img).unsqueeze(0))   # [1, classes]\n```\n',
+            f'`python validate.py --model hf-hub:{repo_id} --knn --attack pgd` reports kNN top-1, clean, under PGD '
+            'through the soft vote and under the kNN-guided attack on the representation.\n']
+    if names:
+        text.append('Bank classes: ' + ', '.join(str(n) for n in names) + '.\n')
+    return '\n'.join(text)
+
+
 def render_model_card(
         folder: str,
         repo_id: str,
@@ -126,7 +152,9 @@ def render_model_card(
     arch = config['architecture']
     lines: List[str] = [_front_matter(config, meta, hub_config)]
     lines.append(f'# Model card for {repo_id.split("/")[-1]}\n')
-    lines.append(f'A {arch} image classifier trained with **{method}** adversarial training using '
+    feature_model = config.get('num_classes') == 0
+    kind = 'feature extractor (`num_classes=0`, classified by a kNN)' if feature_model else 'image classifier'
+    lines.append(f'A {arch} {kind} trained with **{method}** adversarial training using '
                  f'timm-adv and exported as a plain timm model: every training-only part '
                  f'was removed and the exported weights reproduce the trained model\'s outputs.\n')
     lines.append('## Model details\n')
@@ -154,6 +182,8 @@ def render_model_card(
                  'logits = model(transform(img).unsqueeze(0))\n```\n')
     lines.append('The model expects the preprocessing above (timm applies it from `pretrained_cfg`). '
                  'Attacks and robustness numbers below are in pixel space [0, 1] (eps k/255).\n')
+    if feature_model:
+        lines.append(_knn_usage(folder, repo_id, meta))
     lines.append('## Training\n')
     if train_command:
         lines.append('Exact command:\n\n```bash\n' + train_command + '\n```\n')

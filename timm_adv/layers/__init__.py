@@ -4,3 +4,6 @@ from .dual_batchnorm import (
 )
 from .advbn import AdvBN, advbn_stages, get_advbn, insert_advbn, strip_advbn
 from .transparent import register_transparent_child
+from .projection_head import (
+    PROJECTION_HEAD_KEY, ProjectionHead, insert_projection_head, split_projection_head_state, strip_projection_head,
+)

@@ -6,3 +6,6 @@ from .advbn import AdvBNTask
 from .fgsm_rs import FGSMRSTask
 from .fgsm_sdi import FGSMSDITask
 from .factory import add_adv_args, check_adv_args, create_task, method_args
+from .representation import RepresentationTask
+from .contrastive import ContrastiveTask
+from .ssat import SSATTask

@@ -1,0 +1,1 @@
+from .info_nce import info_nce, pair_top1

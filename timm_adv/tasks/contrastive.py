@@ -1,0 +1,104 @@
+"""Stage 1 of self-supervised adversarial training: contrastive (InfoNCE) pre-training of a timm backbone.
+
+Chen et al. (ICASSP 2020) start from a self-supervised AMDIM encoder, which timm does not have; we
+pre-train any timm backbone with SimCLR-style InfoNCE instead. Per batch, two random views of every
+image are drawn on the device (:class:`~timm_adv.data.ViewAugment`: random resized crop, flip,
+brightness / contrast jitter, noise, in pixel space), both go through the backbone in one forward
+(shared batch statistics) and a projection head, and the symmetric InfoNCE loss pulls each pair
+together against the other ``2B - 2`` views of the batch. Labels are not used; the per-epoch
+validation is the kNN of :class:`~timm_adv.tasks.representation.RepresentationTask`.
+"""
+import argparse
+import logging
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from timm_adv.data import ViewAugment
+from timm_adv.layers import PROJECTION_HEAD_KEY, insert_projection_head
+from timm_adv.loss import info_nce, pair_top1
+from .arg_types import bounded_type
+from .registry import register_method
+from .representation import ATTACK_FLAGS, RepresentationTask, add_knn_args, bank_loader_from_args, check_label_free_args
+
+__all__ = ['ContrastiveTask']
+
+_logger = logging.getLogger(__name__)
+
+
+@register_method('contrastive')
+class ContrastiveTask(RepresentationTask):
+    """InfoNCE on two augmented views, in-batch negatives, projection head (see the module docstring).
+
+    Args:
+        model: Feature model with a projection head (:func:`~timm_adv.layers.insert_projection_head`).
+        bank_loader: Loader over the labelled bank split, for the kNN validation.
+        num_classes: Classes of the bank labels.
+        augment: The view augmentation.
+        **kwargs: kNN / InfoNCE settings and normalisation of :class:`RepresentationTask`.
+
+    Example:
+        >>> model = insert_projection_head(timm.create_model('resnet10t'))
+        >>> task = ContrastiveTask(model, bank_loader, 10, ViewAugment(hflip=0.0), mean=mean, std=std)
+        >>> task(x, y)['loss'].backward()
+    """
+
+    attack_defaults = dict(eps=0.03)  # only the per-epoch robust validation of the kNN attacks
+
+    def __init__(self, model: nn.Module, bank_loader, num_classes: int, augment: Optional[ViewAugment] = None,
+                 **kwargs):
+        super().__init__(model, bank_loader, num_classes, **kwargs)
+        if not hasattr(model, PROJECTION_HEAD_KEY):
+            raise ValueError('ContrastiveTask needs a projection head on the model: use insert_projection_head().')
+        self.augment = augment or ViewAugment()
+        if self.verbose:
+            _logger.info(f'Contrastive pre-training: {self.augment}, InfoNCE T={self.nce_temperature}; labels are '
+                         f'not used (the training criterion, e.g. --smoothing, neither).')
+
+    @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        add_knn_args(group)
+        group.add_argument('--adv-contrastive-scale', type=float, nargs=2, default=(0.2, 1.0), metavar=('MIN', 'MAX'),
+                           help='contrastive: area range of the random resized crop of each view (default: 0.2 1.0)')
+        group.add_argument('--adv-contrastive-hflip', type=float, default=0.5, metavar='P',
+                           help='contrastive: horizontal flip probability of each view; 0 for digits (default: 0.5)')
+        group.add_argument('--adv-contrastive-jitter', type=float, default=0.4, metavar='J',
+                           help='contrastive: brightness / contrast jitter of each view (default: 0.4)')
+        group.add_argument('--adv-contrastive-noise', type=float, default=0.0, metavar='STD',
+                           help='contrastive: Gaussian noise std added to each view, pixel units (default: 0)')
+        group.add_argument('--adv-contrastive-proj-dim', type=bounded_type('--adv-contrastive-proj-dim', int, 1),
+                           default=128, metavar='D', help='contrastive: projection head output size (default: 128)')
+        group.add_argument('--adv-contrastive-proj-hidden',
+                           type=bounded_type('--adv-contrastive-proj-hidden', int, 1), default=512, metavar='D',
+                           help='contrastive: projection head hidden size (default: 512)')
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module, args: Optional[argparse.Namespace] = None) -> nn.Module:
+        """Feature model (``num_classes=0``) plus the projection head (kept out of exports)."""
+        return insert_projection_head(model, getattr(args, 'adv_contrastive_proj_hidden', 512),
+                                      getattr(args, 'adv_contrastive_proj_dim', 128))
+
+    @classmethod
+    def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'ContrastiveTask':
+        given = [f'--{name.replace("_", "-")}' for name in ATTACK_FLAGS if getattr(args, name, None) is not None]
+        if given:
+            raise ValueError(f'--adv-method contrastive trains without an attack: drop {", ".join(given)} (the '
+                             f'per-epoch robust validation takes --adv-val-eps / --adv-val-steps).')
+        check_label_free_args(args, 'contrastive')
+        augment = ViewAugment(scale=args.adv_contrastive_scale, hflip=args.adv_contrastive_hflip,
+                              jitter=args.adv_contrastive_jitter, noise_std=args.adv_contrastive_noise)
+        return cls(model, bank_loader_from_args(args, model, device), args.num_classes, augment=augment, mean=mean,
+                   std=std, device=device, **cls.knn_kwargs(args))
+
+    def ideal_cost(self) -> Dict[str, float]:
+        return {'train_steps': 2.0, 'attack_passes': 0.0}  # one training step on the two views (2x batch)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        x_pix = self.normalizer.to_pixel(input.detach())
+        views = self.normalizer.from_pixel(torch.cat([self.augment(x_pix), self.augment(x_pix)]))
+        features = self.trainable_module(views)
+        z1, z2 = getattr(self.unwrapped_model, PROJECTION_HEAD_KEY)(features).chunk(2)
+        loss = info_nce(z1, z2, self.nce_temperature)
+        self.after_step()
+        return {'loss': loss, 'output': features, 'pair_top1': pair_top1(z1, z2)}

@@ -1,0 +1,206 @@
+"""Shared machinery of the label-free methods (``contrastive``, ``ssat``): a feature model judged by a kNN.
+
+The trained model is a timm feature model (``num_classes=0``). Labels never reach the loss; only the
+kNN classifier reads them, through a feature bank of the training split that the task embeds itself
+(eval transform, fixed order) whenever the weights have changed since the last embedding: once per
+epoch in practice. The task's eval model is that :class:`~timm_adv.models.KNNClassifier`, so the
+training loop's per-epoch validation reports kNN top-1 (``top1``) and kNN top-1 under PGD through the
+kNN's soft vote (``pgd_top1``) without any change to the loop.
+"""
+import argparse
+import logging
+import time
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+from timm.data import resolve_data_config
+from timm.utils import get_state_dict
+from timm.utils.model import unwrap_model
+
+from timm_adv.attacks import PixelNormalizer
+from timm_adv.data import create_bank_loader
+from timm_adv.layers import split_projection_head_state, strip_projection_head
+from timm_adv.models import KNN_BACKENDS, FeatureBank, KNNClassifier, build_feature_bank, check_knn_settings
+from .arg_types import bounded_type
+from .base import AdversarialTask
+
+__all__ = ['ATTACK_FLAGS', 'RepresentationTask', 'add_knn_args', 'bank_loader_from_args', 'check_label_free_args']
+
+_logger = logging.getLogger(__name__)
+
+#: Attack flags that a method without a training attack refuses rather than ignores.
+ATTACK_FLAGS = ('adv_eps', 'adv_steps', 'adv_step_size', 'adv_norm', 'adv_random_start', 'adv_targeted',
+                'adv_bn_mode')
+
+
+def add_knn_args(group: argparse._ArgumentGroup) -> None:
+    """The kNN and InfoNCE flags shared by ``contrastive`` and ``ssat``."""
+    group.add_argument('--adv-knn-k', type=bounded_type('--adv-knn-k', int, 1), default=75, metavar='K',
+                       help='contrastive, ssat: neighbours of the kNN classifier (default: 75)')
+    group.add_argument('--adv-knn-temperature', type=float, default=0.07, metavar='T',
+                       help='contrastive, ssat: kNN vote weight exp(cos / T) (default: 0.07)')
+    group.add_argument('--adv-knn-backend', choices=KNN_BACKENDS, default='torch',
+                       help='contrastive, ssat: exact kNN search in torch or faiss-cpu (default: torch)')
+    group.add_argument('--adv-knn-bank-samples', type=bounded_type('--adv-knn-bank-samples', int, 1), default=None,
+                       metavar='N', help='contrastive, ssat: bank of N evenly spaced training images (default: all)')
+    group.add_argument('--adv-nce-temperature', type=float, default=0.2, metavar='T',
+                       help='contrastive, ssat: InfoNCE temperature (default: 0.2)')
+
+
+def bank_loader_from_args(args: argparse.Namespace, model: nn.Module, device: Optional[torch.device] = None):
+    """A callable creating the training-split loader (eval transform, ``--adv-knn-bank-samples``) on first use."""
+    data_config = resolve_data_config(vars(args), model=model)
+    return lambda: create_bank_loader(
+        args.dataset, args.data_dir, args.train_split, data_config,
+        batch_size=getattr(args, 'validation_batch_size', None) or args.batch_size, workers=args.workers,
+        device=device, num_samples=getattr(args, 'adv_knn_bank_samples', None),
+        use_prefetcher=not getattr(args, 'no_prefetcher', False), class_map=getattr(args, 'class_map', ''),
+        download=getattr(args, 'dataset_download', False))
+
+
+def check_label_free_args(args: argparse.Namespace, method: str) -> None:
+    """Refuses flags that only make sense with labels."""
+    if getattr(args, 'mixup', 0) > 0 or getattr(args, 'cutmix', 0) > 0 or getattr(args, 'cutmix_minmax', None):
+        raise ValueError(f'--mixup/--cutmix mix labels, but --adv-method {method} trains without labels: drop them.')
+
+
+class RepresentationTask(AdversarialTask):
+    """Base of the label-free methods: kNN eval model, bank refresh, feature-model checkpoints and export.
+
+    Args:
+        model: timm feature model (``num_classes=0``), possibly with a projection head.
+        bank_loader: Loader over the labelled bank split (eval transform, fixed order), or a callable creating it
+            on first use (exports that never embed a bank need no data).
+        num_classes: Classes of the bank labels.
+        attack: Training attack (stage 2) or None.
+        mean: Input normalisation mean (pixel space conversions).
+        std: Input normalisation std.
+        knn_k: kNN neighbours.
+        knn_temperature: kNN vote temperature.
+        knn_backend: ``torch`` or ``faiss``.
+        nce_temperature: InfoNCE temperature.
+    """
+
+    default_bn_mode = 'eval'
+
+    def __init__(
+            self,
+            model: nn.Module,
+            bank_loader,
+            num_classes: int,
+            attack=None,
+            mean=None,
+            std=None,
+            knn_k: int = 75,
+            knn_temperature: float = 0.07,
+            knn_backend: str = 'torch',
+            nce_temperature: float = 0.2,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = True,
+    ):
+        super().__init__(model, None, attack=attack, device=device, dtype=dtype, verbose=verbose)
+        if getattr(model, 'num_classes', 0) != 0:
+            raise ValueError(f'{type(self).__name__} trains a feature model: create it with num_classes=0 '
+                             f'(prepare_model does it).')
+        if not nce_temperature > 0:
+            raise ValueError(f'--adv-nce-temperature must be > 0, got {nce_temperature}.')
+        if num_classes is None or num_classes < 2:
+            raise ValueError(f'The kNN needs the class count of the bank labels (>= 2), got {num_classes} '
+                             f'(--num-classes).')
+        self._bank_loader = bank_loader
+        self.num_classes = int(num_classes)
+        self.normalizer = PixelNormalizer(mean, std)
+        self.knn_k = int(knn_k)
+        self.knn_temperature = float(knn_temperature)
+        self.knn_backend = knn_backend
+        self.nce_temperature = float(nce_temperature)
+        #: Training steps taken; a bank built at an older version is stale.
+        self.weights_version = 0
+        self.bank_refresh_seconds = []
+        self._banks: Dict[bool, tuple] = {}
+        self._knn: Dict[bool, KNNClassifier] = {}
+        check_knn_settings(self.knn_k, self.knn_temperature, self.knn_backend)
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module, args: Optional[argparse.Namespace] = None) -> nn.Module:
+        """The feature model: the classifier head is removed (``reset_classifier(0)``)."""
+        model.reset_classifier(0)
+        return model
+
+    @classmethod
+    def knn_kwargs(cls, args: argparse.Namespace) -> Dict[str, Any]:
+        return dict(knn_k=args.adv_knn_k, knn_temperature=args.adv_knn_temperature, knn_backend=args.adv_knn_backend,
+                    nce_temperature=args.adv_nce_temperature)
+
+    @property
+    def bank_loader(self):
+        if callable(self._bank_loader) and not hasattr(self._bank_loader, '__iter__'):
+            self._bank_loader = self._bank_loader()
+        return self._bank_loader
+
+    def backbone(self, ema: bool = False) -> Optional[nn.Module]:
+        """The feature model (or its EMA copy) without DDP / EMA wrappers."""
+        module = self.get_trainable_module(ema=ema)
+        return None if module is None else unwrap_model(module)
+
+    def feature_bank(self, ema: bool = False) -> FeatureBank:
+        """The bank of the current weights, re-embedded only when they changed since the last embedding."""
+        cached = self._banks.get(ema)
+        if cached is not None and cached[0] == self.weights_version:
+            return cached[1]
+        start = time.time()
+        bank = build_feature_bank(self.backbone(ema), self.bank_loader, self.num_classes, device=self.device)
+        self.bank_refresh_seconds.append(time.time() - start)
+        if len(bank) < self.knn_k:
+            raise ValueError(f'--adv-knn-k {self.knn_k} is larger than the bank ({len(bank)} images); lower it or '
+                             f'raise --adv-knn-bank-samples.')
+        self._banks[ema] = (self.weights_version, bank)
+        if self.verbose:
+            _logger.info(f'kNN bank{" (EMA)" if ema else ""}: {len(bank)} x {bank.dim} features embedded in '
+                         f'{self.bank_refresh_seconds[-1]:.1f}s')
+        return bank
+
+    def knn_classifier(self, ema: bool = False, bank: Optional[FeatureBank] = None) -> KNNClassifier:
+        """The kNN classifier over the (lazily refreshed) bank, or over ``bank`` when given."""
+        if bank is not None:
+            return KNNClassifier(self.backbone(ema), bank, self.knn_k, self.knn_temperature, self.knn_backend)
+        if ema not in self._knn:
+            self._knn[ema] = KNNClassifier(self.backbone(ema), lambda: self.feature_bank(ema), self.knn_k,
+                                           self.knn_temperature, self.knn_backend)
+        return self._knn[ema]
+
+    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+        """The kNN classifier: the loop's per-epoch validation measures kNN top-1 (clean and under PGD)."""
+        if module is not None or self.get_trainable_module(ema=ema) is None:
+            return module
+        return self.knn_classifier(ema)
+
+    def after_step(self) -> None:
+        """Marks the weights as changed (called by ``forward``: the loop steps the optimiser after it)."""
+        self.weights_version += 1
+
+    def get_checkpoint_state(self, ema: bool = False, unwrap_fn: Callable = unwrap_model) -> Dict[str, Any]:
+        """``state_dict``: the plain feature model; ``task_state``: the projection head, if any."""
+        module = self.get_trainable_module(ema=ema)
+        if module is None:
+            return {}
+        plain, head = split_projection_head_state(get_state_dict(module, unwrap_fn))
+        state: Dict[str, Any] = {'state_dict_ema' if ema else 'state_dict': plain}
+        if head:
+            state['task_state_ema' if ema else 'task_state'] = {'projection_head': head}
+        return state
+
+    def load_checkpoint_state(self, state_dict: Dict[str, Any], task_state: Optional[Dict[str, Any]] = None,
+                              ema: bool = False, strict: bool = True) -> None:
+        module = self.get_trainable_module(ema=ema)
+        if module is None:
+            raise RuntimeError('Cannot load EMA checkpoint state before setup_ema().')
+        unwrap_model(module).load_state_dict({**state_dict, **(task_state or {}).get('projection_head', {})},
+                                             strict=strict)
+        self.after_step()
+
+    def export_model(self) -> nn.Module:
+        """The plain timm feature model (``num_classes=0``), projection head removed."""
+        return strip_projection_head(self.unwrapped_model)
