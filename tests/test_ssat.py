@@ -294,9 +294,9 @@ def test_validate_knn_bank_of_another_feature_size(tmp_path, capsys):
 
 @pytest.mark.parametrize('argv,message', [
     (['--adv-method', 'ssat', '--adv-eps', '0'], '--adv-eps must be > 0'),
-    (['--adv-method', 'contrastive', '--adv-eps', '0.1'], 'drop --adv-eps'),
+    (['--adv-method', 'contrastive', '--adv-eps', '0.1'], '--adv-eps does nothing with --adv-method contrastive'),
     (['--adv-method', 'ssat', '--mixup', '0.2'], 'without labels'),
-    (['--adv-method', 'ssat', '--adv-targeted', 'random'], 'drop --adv-targeted'),
+    (['--adv-method', 'ssat', '--adv-targeted', 'random'], '--adv-targeted does nothing with --adv-method ssat'),
 ])
 def test_train_bad_input(digits_dir, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:

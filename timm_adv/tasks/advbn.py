@@ -43,13 +43,6 @@ __all__ = ['AdvBNTask']
 _logger = logging.getLogger(__name__)
 
 EXPORT_BNS = ('clean', 'adv')
-#: Pixel-attack flags with no meaning for AdvBN, and the flag that takes their place.
-_PIXEL_FLAGS = {
-    'adv_eps': '--adv-advbn-eps', 'adv_steps': '--adv-advbn-steps', 'adv_step_size': '--adv-advbn-step-size',
-    'adv_norm': None, 'adv_random_start': None, 'adv_targeted': None,
-}
-
-
 def _freeze(modules) -> None:
     for m in modules:
         m.requires_grad_(False)
@@ -74,6 +67,9 @@ class AdvBNTask(AuxBNStateMixin, AdversarialTask):
     """
 
     default_bn_mode = 'eval'
+    uses_args = ('adv_bn_mode',)  # the attack perturbs feature statistics, not pixels
+    arg_hints = {'adv_eps': '--adv-advbn-eps', 'adv_steps': '--adv-advbn-steps',
+                 'adv_step_size': '--adv-advbn-step-size'}
     #: No pixel attack: the per-epoch robust validation keeps its own default eps (8/255).
     attack_defaults: Dict[str, Any] = {}
 
@@ -136,13 +132,7 @@ class AdvBNTask(AuxBNStateMixin, AdversarialTask):
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
-        """Refuses the pixel-attack flags, which AdvBN does not use; warns when not fine-tuning."""
-        given = [k for k in _PIXEL_FLAGS if getattr(args, k, None) is not None]
-        if given:
-            flags = ', '.join('--' + k.replace('_', '-') for k in given)
-            own = ', '.join(sorted({v for k, v in _PIXEL_FLAGS.items() if k in given and v}))
-            raise ValueError(f'--adv-method advbn perturbs feature statistics, not pixels: drop {flags}'
-                             + (f' (use {own})' if own else '') + '.')
+        """Warns when not fine-tuning (the pixel-attack flags are refused by ``check_adv_args``: ``uses_args``)."""
         if not any(getattr(args, k, None) for k in ('pretrained', 'pretrained_path', 'initial_checkpoint', 'resume')):
             warnings.warn('--adv-method advbn without --pretrained (or --initial-checkpoint): the paper fine-tunes a '
                           'trained model for a few epochs; from random weights the frozen front stays random.',

@@ -49,6 +49,8 @@ class AdversarialTask(ClassificationTask):
     #: Flags this method reads besides the ones its own :meth:`add_args` creates: common attack flags
     #: (:data:`ATTACK_ARGS`) or another method's flags. ``check_adv_args`` rejects the rest.
     uses_args: Tuple[str, ...] = ATTACK_ARGS
+    #: For a common flag the method does not read, the method's own flag that takes its place (named in the error).
+    arg_hints: Dict[str, str] = {}
     #: Restore task-owned optimiser state (e.g. a generator's Adam) on resume; ``--no-resume-opt`` clears it.
     resume_optimizer_state: bool = True
     #: BN behaviour of the training attack when ``--adv-bn-mode`` is not given.

@@ -20,7 +20,7 @@ from timm_adv.layers import PROJECTION_HEAD_KEY, insert_projection_head
 from timm_adv.loss import info_nce, pair_top1
 from .arg_types import bounded_type
 from .registry import register_method
-from .representation import ATTACK_FLAGS, RepresentationTask, add_knn_args, bank_loader_from_args, check_label_free_args
+from .representation import RepresentationTask, add_knn_args, bank_loader_from_args, check_label_free_args
 
 __all__ = ['ContrastiveTask']
 
@@ -43,6 +43,8 @@ class ContrastiveTask(RepresentationTask):
         >>> task = ContrastiveTask(model, bank_loader, 10, ViewAugment(hflip=0.0), mean=mean, std=std)
         >>> task(x, y)['loss'].backward()
     """
+
+    uses_args = ()  # no training attack; the per-epoch robust validation takes --adv-val-eps / --adv-val-steps
 
     attack_defaults = dict(eps=0.03)  # only the per-epoch robust validation of the kNN attacks
 
@@ -81,10 +83,6 @@ class ContrastiveTask(RepresentationTask):
 
     @classmethod
     def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'ContrastiveTask':
-        given = [f'--{name.replace("_", "-")}' for name in ATTACK_FLAGS if getattr(args, name, None) is not None]
-        if given:
-            raise ValueError(f'--adv-method contrastive trains without an attack: drop {", ".join(given)} (the '
-                             f'per-epoch robust validation takes --adv-val-eps / --adv-val-steps).')
         check_label_free_args(args, 'contrastive')
         augment = ViewAugment(scale=args.adv_contrastive_scale, hflip=args.adv_contrastive_hflip,
                               jitter=args.adv_contrastive_jitter, noise_std=args.adv_contrastive_noise)

@@ -88,8 +88,9 @@ def check_adv_args(args: argparse.Namespace, explicit: Optional[Mapping[str, str
         if dest in used or not users:
             continue
         hint = ' (the robust validation radius is --adv-val-eps)' if dest == 'adv_eps' else ''
+        own = f' {args.adv_method} has {method.arg_hints[dest]} instead.' if dest in method.arg_hints else ''
         raise ValueError(f'{flag} does nothing with --adv-method {args.adv_method}; it applies to '
-                         f'{", ".join(users)}{hint}. Drop it, or pick one of those methods.')
+                         f'{", ".join(users)}{hint}.{own} Drop it, or pick one of those methods.')
     if args.adv_val_samples == 0:
         for dest in ('adv_val_steps', 'adv_val_eps'):
             if dest in explicit:

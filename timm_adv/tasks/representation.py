@@ -25,13 +25,12 @@ from timm_adv.models import KNN_BACKENDS, FeatureBank, KNNClassifier, build_feat
 from .arg_types import bounded_type
 from .base import AdversarialTask
 
-__all__ = ['ATTACK_FLAGS', 'RepresentationTask', 'add_knn_args', 'bank_loader_from_args', 'check_label_free_args']
+__all__ = ['KNN_ARGS', 'RepresentationTask', 'add_knn_args', 'bank_loader_from_args', 'check_label_free_args']
 
 _logger = logging.getLogger(__name__)
 
-#: Attack flags that a method without a training attack refuses rather than ignores.
-ATTACK_FLAGS = ('adv_eps', 'adv_steps', 'adv_step_size', 'adv_norm', 'adv_random_start', 'adv_targeted',
-                'adv_bn_mode')
+#: Destinations of the kNN / InfoNCE flags that ``contrastive`` creates (:func:`add_knn_args`) and ``ssat`` reads too.
+KNN_ARGS = ('adv_knn_k', 'adv_knn_temperature', 'adv_knn_backend', 'adv_knn_bank_samples', 'adv_nce_temperature')
 
 
 def add_knn_args(group: argparse._ArgumentGroup) -> None:

@@ -33,7 +33,8 @@ from timm_adv.attacks import KNNGuidedAttack, PGDAttack, attack_bn_mode
 from timm_adv.loss import info_nce
 from .arg_types import bounded_type
 from .registry import register_method
-from .representation import RepresentationTask, bank_loader_from_args, check_label_free_args
+from .base import ATTACK_ARGS
+from .representation import KNN_ARGS, RepresentationTask, bank_loader_from_args, check_label_free_args
 
 __all__ = ['SSATTask']
 
@@ -57,6 +58,9 @@ class SSATTask(RepresentationTask):
         >>> task.on_epoch_start(0)   # embeds the bank
         >>> task(x, y)['loss'].backward()
     """
+
+    # the guides set the direction of the attack, so --adv-targeted has nothing to choose
+    uses_args = tuple(a for a in ATTACK_ARGS if a != 'adv_targeted') + KNN_ARGS
 
     attack_defaults = dict(eps=0.03, steps=10, step_size=lambda eps: eps / 6, norm='linf', random_start=True)
 

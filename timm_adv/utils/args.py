@@ -21,6 +21,13 @@ def flag_name(parser: argparse.ArgumentParser, dest: str) -> str:
     return dest
 
 
+def _same_value(a, b) -> bool:
+    # a YAML config turns tuple defaults (e.g. nargs=2 flags) into lists
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
 def explicit_args(
         parser: argparse.ArgumentParser,
         argv: Optional[Sequence[str]],
@@ -61,7 +68,7 @@ def explicit_args(
             if dest in explicit:
                 continue
             action = next((a for a in parser._actions if a.dest == dest), None)
-            if action is not None and value != action.default:
+            if action is not None and not _same_value(value, action.default):
                 explicit[dest] = f'{flag_name(parser, dest)} (from {config_name})'
     return explicit
 
