@@ -16,19 +16,18 @@ Defaults and where they come from (see ``shared/methods.md``):
 
 Checkpoints written by timm's ``CheckpointSaver`` hold the plain model under ``state_dict`` (so
 ``model_best.pth.tar`` loads strictly into ``timm.create_model``) and the auxiliary BNs under
-``task_state['aux_bn']`` (so ``--resume`` restores them).
+``task_state['aux_bn']`` (so ``--resume`` restores them), through :class:`.aux_bn.AuxBNCheckpointMixin`.
 """
 import argparse
-import copy
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
-from timm.utils.model import unwrap_model
 
 from timm_adv.attacks import PGDAttack
-from timm_adv.layers import aux_bn_state_dict, convert_dual_bn, dual_bn_layers, dual_bn_route, strip_aux_bn
+from timm_adv.layers import convert_dual_bn, dual_bn_layers, dual_bn_route
 from .arg_types import bounded_type
+from .aux_bn import AuxBNCheckpointMixin
 from .base import AdversarialTask, top1
 from .registry import register_method
 
@@ -49,7 +48,7 @@ def advprop_steps(eps: float) -> int:
 
 
 @register_method('advprop')
-class AdvPropTask(AdversarialTask):
+class AdvPropTask(AuxBNCheckpointMixin, AdversarialTask):
     """AdvProp training of a BatchNorm model with auxiliary BNs for the adversarial examples.
 
     Args:
@@ -138,39 +137,3 @@ class AdvPropTask(AdversarialTask):
             'loss': loss, 'output': output_clean, 'loss_clean': loss_clean.detach(), 'loss_adv': loss_adv.detach(),
             'top1_clean': top1(output_clean, target), 'top1_adv': top1(output_adv, target),
         }
-
-    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        """The auxiliary BNs (timm key layout, ``*.aux_bn.0.*``), kept out of the plain ``state_dict``."""
-        model = self.get_eval_model(module, ema=ema)
-        return {} if model is None else {'aux_bn': aux_bn_state_dict(unwrap_model(model))}
-
-    def get_checkpoint_state(self, ema: bool = False, unwrap_fn=unwrap_model) -> Dict[str, Any]:
-        """``state_dict`` holds the plain timm model, ``task_state['aux_bn']`` the auxiliary BNs."""
-        state = super().get_checkpoint_state(ema=ema, unwrap_fn=unwrap_fn)
-        key = 'state_dict_ema' if ema else 'state_dict'
-        if key in state:
-            state[key] = strip_aux_bn(state[key])
-        return state
-
-    def load_checkpoint_state(
-            self,
-            state_dict: Dict[str, Any],
-            task_state: Optional[Dict[str, Any]] = None,
-            ema: bool = False,
-            strict: bool = True,
-    ) -> None:
-        """Restores the plain weights and, from ``task_state``, the auxiliary BNs."""
-        model = self.get_eval_model(ema=ema)
-        if model is None:
-            raise RuntimeError('Cannot load EMA checkpoint state before setup_ema().')
-        aux = (task_state or {}).get('aux_bn', {})
-        if strict and not aux and not aux_bn_state_dict(state_dict):
-            raise ValueError(
-                '--resume: the checkpoint has no auxiliary BN state (task_state["aux_bn"]), so it was not written by '
-                'an --adv-method advprop run. To start AdvProp from plain weights, pass them with '
-                '--initial-checkpoint (the auxiliary BNs start as copies of the main BNs).')
-        unwrap_model(model).load_state_dict({**state_dict, **aux}, strict=strict)
-
-    def export_model(self) -> nn.Module:
-        """A copy of the trained model without auxiliary BNs: the original timm architecture."""
-        return strip_aux_bn(copy.deepcopy(self.unwrapped_model))
