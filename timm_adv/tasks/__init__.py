@@ -4,4 +4,5 @@ from .standard import PGDTrainingTask, StandardTask
 from .advprop import AdvPropTask
 from .fgsm_rs import FGSMRSTask
 from .fgsm_sdi import FGSMSDITask
+from .dat import DATTask
 from .factory import add_adv_args, check_adv_args, create_task

@@ -4,6 +4,7 @@ A method is a ``timm.task.ClassificationTask`` that owns its attack. The trainin
 ``task(input, target)``, backpropagates ``result['loss']`` and averages the other scalar entries as
 metrics, so methods plug in without touching the loop. Hooks, all optional:
 
+* :meth:`check_args` (classmethod): reject bad or misplaced flags at parse time, before any work.
 * :meth:`prepare_model` (classmethod): convert the model before the optimiser, EMA and DDP exist
   (dual-BN conversion, layer insertion).
 * :meth:`from_args`: build the task and its attack from parsed ``--adv-*`` flags.
@@ -68,13 +69,24 @@ class AdversarialTask(ClassificationTask):
         """Adds this method's own flags (``--adv-<method>-*``) to the parser."""
 
     @classmethod
+    def check_args(cls, args: argparse.Namespace) -> None:
+        """Raises ValueError naming the flag on bad settings of this method's own flags.
+
+        Called for every registered method, whichever is chosen (``args.adv_method``), so a method
+        can also refuse its flags when another method is selected instead of ignoring them.
+        """
+
+    @classmethod
     def prepare_model(cls, model: nn.Module, args: argparse.Namespace) -> nn.Module:
         """Converts the model for this method; called before optimiser, EMA and DDP are created."""
         return model
 
     @classmethod
-    def attack_from_args(cls, args: argparse.Namespace, mean=None, std=None) -> PGDAttack:
-        """The method's attack from the common ``--adv-*`` flags, filling gaps with its defaults."""
+    def attack_from_args(cls, args: argparse.Namespace, mean=None, std=None, **kwargs) -> PGDAttack:
+        """The method's attack from the common ``--adv-*`` flags, filling gaps with its defaults.
+
+        ``kwargs`` go to :func:`~timm_adv.attacks.create_attack` (a method's own attack settings).
+        """
         d = cls.attack_defaults
         eps = parse_eps(getattr(args, 'adv_eps', None) or d['eps'])
 
@@ -96,6 +108,7 @@ class AdversarialTask(ClassificationTask):
             mean=mean,
             std=std,
             num_classes=getattr(args, 'num_classes', None),
+            **kwargs,
         )
 
     @classmethod

@@ -47,6 +47,8 @@ def add_adv_args(parser: argparse.ArgumentParser) -> None:
 def check_adv_args(args: argparse.Namespace) -> None:
     """Fails early, naming the flag, on adversarial settings that cannot work."""
     get_method(args.adv_method)
+    for name in list_methods():
+        get_method(name).check_args(args)
     if args.adv_val_samples < 0:
         raise ValueError(f'--adv-val-samples must be >= 0, got {args.adv_val_samples}.')
 

@@ -1,0 +1,1 @@
+from .discrete_adversarial import DiscreteAdversarialAugment, DiscreteAdversarialBatch, check_vqgan_input_size
