@@ -9,15 +9,9 @@ import os
 import shutil
 from typing import Optional
 
+from timm_adv.utils.files import file_sha256
+
 __all__ = ['populate_hf_cache']
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def populate_hf_cache(folder: str, repo_id: str, cache_dir: Optional[str] = None, revision: str = 'main') -> str:
@@ -44,12 +38,12 @@ def populate_hf_cache(folder: str, repo_id: str, cache_dir: Optional[str] = None
     files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
     digest = hashlib.sha1()
     for rel in files:
-        digest.update(rel.encode() + _sha256(os.path.join(folder, rel)).encode())
+        digest.update(rel.encode() + file_sha256(os.path.join(folder, rel)).encode())
     commit = digest.hexdigest()  # a 40-hex id standing for this exact content
     snapshot = os.path.join(repo_dir, 'snapshots', commit)
     for rel in files:
         src = os.path.join(folder, rel)
-        blob = os.path.join(repo_dir, 'blobs', _sha256(src))
+        blob = os.path.join(repo_dir, 'blobs', file_sha256(src))
         os.makedirs(os.path.dirname(blob), exist_ok=True)
         if not os.path.exists(blob):
             shutil.copyfile(src, blob)

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 from timm.models import clean_state_dict
 
-__all__ = ['CheckpointError', 'read_checkpoint', 'checkpoint_state_dict', 'check_state_dict_matches',
-           'load_training_checkpoint']
+__all__ = ['CheckpointError', 'read_checkpoint', 'checkpoint_state_dict', 'state_dict_mismatch',
+           'check_state_dict_matches', 'load_training_checkpoint']
 
 
 class CheckpointError(ValueError):
@@ -53,6 +53,23 @@ def checkpoint_state_dict(checkpoint: Any, ema: bool = False) -> Dict[str, torch
     return clean_state_dict(checkpoint)
 
 
+def state_dict_mismatch(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
+    """What separates ``state_dict`` from ``expected`` (missing/unexpected keys, shapes), or ``''`` if they match."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    detail = []
+    if missing:
+        detail.append(f'{len(missing)} missing keys (e.g. {missing[0]})')
+    if unexpected:
+        detail.append(f'{len(unexpected)} unexpected keys (e.g. {unexpected[0]})')
+    if mismatched:
+        k = mismatched[0]
+        detail.append(f'{len(mismatched)} shape mismatches (e.g. {k}: {tuple(state_dict[k].shape)} vs '
+                      f'{tuple(expected[k].shape)})')
+    return '; '.join(detail)
+
+
 def check_state_dict_matches(state_dict: Mapping[str, torch.Tensor],
                              model: Union[nn.Module, Mapping[str, torch.Tensor]], flag: str, arch: str = '') -> None:
     """Raises a clear error when a state dict was saved for a different architecture or set-up.
@@ -60,22 +77,11 @@ def check_state_dict_matches(state_dict: Mapping[str, torch.Tensor],
     ``model`` is the model, or the state dict it is expected to match (e.g. what a task saves).
     """
     expected = model if isinstance(model, Mapping) else model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or mismatched:
-        detail = []
-        if missing:
-            detail.append(f'{len(missing)} missing keys (e.g. {missing[0]})')
-        if unexpected:
-            detail.append(f'{len(unexpected)} unexpected keys (e.g. {unexpected[0]})')
-        if mismatched:
-            k = mismatched[0]
-            detail.append(f'{len(mismatched)} shape mismatches (e.g. {k}: {tuple(state_dict[k].shape)} vs '
-                          f'{tuple(expected[k].shape)})')
+    detail = state_dict_mismatch(state_dict, expected)
+    if detail:
         saved = f' It was saved for {arch!r}.' if arch else ''
         raise CheckpointError(
-            f'{flag}: the checkpoint does not fit this model: {"; ".join(detail)}.{saved} Use the same --model, '
+            f'{flag}: the checkpoint does not fit this model: {detail}.{saved} Use the same --model, '
             f'--num-classes and --adv-method as the run that wrote it.')
 
 

@@ -1,0 +1,173 @@
+"""VQGAN discretiser: shapes, nearest-code quantiser, checkpoint formats and sources, bad input."""
+import argparse
+import os
+
+import pytest
+import torch
+import yaml
+
+from timm_adv.hub import populate_hf_cache
+from timm_adv.vqgan import (VQGANConfig, VQModel, compare_precision, create_vqgan, load_vqgan_config,
+                            load_vqgan_weights, save_vqgan)
+from timm_adv.vqgan import model as vq_model
+
+TINY = dict(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], in_channels=3, resolution=16,
+            z_channels=4, double_z=False, dropout=0.0)
+
+
+def _tiny_model(n_embed=64, seed=0):
+    """A tiny VQGAN whose codebook is spread over its encoder's latents, so codes vary across images."""
+    torch.manual_seed(seed)
+    model = VQModel(VQGANConfig(embed_dim=4, n_embed=n_embed, ddconfig=dict(TINY)))
+    with torch.no_grad():
+        h = model.encode_latent(torch.rand(8, 3, 16, 16) * 2 - 1).permute(0, 2, 3, 1).reshape(-1, 4)
+        model.quantize.embedding.weight.copy_(h[torch.randperm(h.shape[0])[:n_embed]])
+    return model
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp('vq') / 'tiny')
+    save_vqgan(_tiny_model(), folder, metadata={'note': 'test'})
+    return folder
+
+
+@pytest.fixture(scope='module')
+def images():
+    torch.manual_seed(1)
+    return torch.rand(3, 3, 16, 16)
+
+
+def test_shapes_range_and_decode_of_encode_is_reconstruct(saved, images):
+    vq = create_vqgan(saved)
+    codes = vq.encode(images)
+    assert vq.downsample_factor == 2
+    assert codes.shape == (3, 8, 8) and codes.dtype == torch.long
+    assert 0 <= int(codes.min()) and int(codes.max()) < 64 and codes.unique().numel() > 1
+    rec = vq.reconstruct(images)
+    assert rec.shape == images.shape and float(rec.min()) >= 0 and float(rec.max()) <= 1
+    assert torch.equal(vq.decode(codes), rec)
+    assert torch.equal(vq(images), rec)
+
+
+def test_frozen_eval_and_no_grad(saved, images):
+    vq = create_vqgan(saved)
+    assert not any(p.requires_grad for p in vq.parameters())
+    container = torch.nn.Sequential(vq)
+    container.train()
+    assert not vq.training and not any(m.training for m in vq.modules())
+    out = vq.reconstruct(images.clone().requires_grad_(True))
+    assert out.grad_fn is None and not out.requires_grad
+
+
+def test_quantiser_returns_nearest_codebook_entry(saved, images, monkeypatch):
+    vq = create_vqgan(saved)
+    with torch.no_grad():
+        h = vq.model.encode_latent(images * 2 - 1)
+    flat = h.permute(0, 2, 3, 1).reshape(-1, 4).double()
+    brute = torch.cdist(flat, vq.model.quantize.embedding.weight.double()).argmin(1).reshape(3, 8, 8)
+    assert torch.equal(vq.encode(images), brute)
+    monkeypatch.setattr(vq_model, '_MAX_DISTANCES', 8 * 8 * 64)  # one image per chunk
+    assert torch.equal(vq.encode(images), brute)
+
+
+def test_reload_from_path_local_dir_and_offline_hf_cache(saved, images, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+    reference = create_vqgan(saved).reconstruct(images)
+    cache = str(tmp_path / 'hub')
+    populate_hf_cache(saved, 'test-org/tiny_vqgan', cache)
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', cache)
+    for name in (os.path.join(saved, 'config.yaml'), os.path.join(saved, 'model.safetensors'),
+                 'local-dir:' + saved, 'hf-hub:test-org/tiny_vqgan'):
+        vq = create_vqgan(name)
+        assert torch.equal(vq.reconstruct(images), reference), name
+        assert vq.describe()['weights_sha256'] == create_vqgan(saved).weights_sha256
+
+
+def test_taming_ckpt_layout_ignores_loss_keys(saved, images, tmp_path):
+    """taming's download layout: configs/model.yaml + checkpoints/last.ckpt holding Lightning's 'state_dict'."""
+    model = create_vqgan(saved).model
+    state = dict(model.state_dict(), **{'loss.discriminator.main.0.weight': torch.zeros(2)})
+    os.makedirs(tmp_path / 'configs')
+    os.makedirs(tmp_path / 'checkpoints')
+    with open(tmp_path / 'configs' / 'model.yaml', 'w') as f:
+        yaml.safe_dump(dict(model=dict(params=dict(model.config.params(), lossconfig=dict(target='x.Loss')))), f)
+    torch.save({'state_dict': state, 'global_step': 7}, tmp_path / 'checkpoints' / 'last.ckpt')
+    for name in (str(tmp_path), str(tmp_path / 'checkpoints' / 'last.ckpt')):
+        assert torch.equal(create_vqgan(name).reconstruct(images), create_vqgan(saved).reconstruct(images))
+
+
+def test_weights_that_do_not_fit_the_config_fail_naming_both(saved, tmp_path):
+    other = VQGANConfig(embed_dim=4, n_embed=32, ddconfig=dict(TINY), source='other.yaml')
+    with pytest.raises(ValueError, match=r"model\.safetensors.*do not fit config 'other\.yaml'.*quantize\.embedding"):
+        load_vqgan_weights(VQModel(other), os.path.join(saved, 'model.safetensors'))
+    state = create_vqgan(saved).model.state_dict()
+    state.pop('decoder.conv_out.bias')
+    torch.save({'state_dict': state}, tmp_path / 'cut.ckpt')
+    with pytest.raises(ValueError, match=r'cut\.ckpt.*1 missing keys \(e\.g\. decoder\.conv_out\.bias\)'):
+        create_vqgan(str(tmp_path / 'cut.ckpt'), config=os.path.join(saved, 'config.yaml'))
+
+
+def test_pickled_objects_need_explicit_trust(saved, images, tmp_path):
+    state = create_vqgan(saved).model.state_dict()
+    torch.save({'state_dict': state, 'hparams': argparse.Namespace(lr=1.0)}, tmp_path / 'pl.ckpt')
+    config = os.path.join(saved, 'config.yaml')
+    with pytest.raises(ValueError, match='unsafe_pickle=True'):
+        create_vqgan(str(tmp_path / 'pl.ckpt'), config=config)
+    vq = create_vqgan(str(tmp_path / 'pl.ckpt'), config=config, unsafe_pickle=True)
+    assert torch.equal(vq.reconstruct(images), create_vqgan(saved).reconstruct(images))
+
+
+def test_bad_sources_fail_clearly(tmp_path, saved):
+    with pytest.raises(ValueError, match='Unknown VQGAN'):
+        create_vqgan('vq-f9')
+    with pytest.raises(ValueError, match='ommer-lab.com'):
+        create_vqgan('vq-f8')
+    with pytest.raises(ValueError, match='lacks a config .* and a weights file'):
+        create_vqgan('local-dir:' + str(tmp_path))
+    with pytest.raises(ValueError, match='no config found'):
+        torch.save({}, tmp_path / 'lonely.ckpt')
+        create_vqgan(str(tmp_path / 'lonely.ckpt'))
+    with pytest.raises(ValueError, match='GroupNorm'):
+        VQGANConfig(embed_dim=4, n_embed=8, ddconfig=dict(TINY, ch=16))
+    with pytest.raises(ValueError, match='double_z'):
+        VQGANConfig(embed_dim=4, n_embed=8, ddconfig=dict(TINY, double_z=True))
+
+
+def test_presets_match_published_architectures():
+    f8 = create_vqgan('vq-f8', pretrained=False)
+    assert f8.downsample_factor == 8 and f8.n_embed == 16384
+    assert f8.model.quantize.embedding.weight.shape == (16384, 4)
+    assert len(f8.model.encoder.down[3].attn) == 2 and len(f8.model.encoder.down[2].attn) == 0  # attention at 32 px
+    f16 = load_vqgan_config('vqgan_imagenet_f16_1024')
+    assert f16.downsample_factor == 16 and f16.n_embed == 1024 and f16.embed_dim == 256
+
+
+def test_bad_images_and_codes_fail_clearly(saved, images):
+    vq = create_vqgan(saved)
+    with pytest.raises(ValueError, match=r'in \[0, 1\].*clamp'):
+        vq.reconstruct(images * 2 - 1)
+    with pytest.raises(ValueError, match=r'in \[0, 1\]'):
+        vq.encode(torch.full_like(images, float('nan')))
+    with pytest.raises(ValueError, match='multiples of 2'):
+        vq.encode(images[..., :15])
+    with pytest.raises(ValueError, match=r'\[0, 64\)'):
+        vq.decode(torch.full((1, 8, 8), 64, dtype=torch.long))
+
+
+def test_bf16_channels_last_and_describe(saved, images):
+    vq = create_vqgan(saved)
+    reference, codes = vq.reconstruct(images), vq.encode(images)
+    vq.set_channels_last(True)
+    assert vq.model.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert (vq.encode(images) == codes).float().mean() > 0.95
+    stats = compare_precision(vq, images)
+    assert not vq.bf16  # restored
+    assert stats['code_agreement'] > 0.5 and 0 < stats['max_abs_pixel_error'] < 1
+    assert stats['decode_max_abs_error'] < 0.1
+    bf = create_vqgan(saved, bf16=True)
+    assert (bf.reconstruct(images) - reference).abs().mean() < 0.05
+    desc = bf.describe()
+    assert desc['bf16'] and desc['downsample_factor'] == 2 and desc['config']['n_embed'] == 64
+    assert yaml.safe_load(yaml.safe_dump(desc)) == desc  # plain types: fits a checkpoint's task state

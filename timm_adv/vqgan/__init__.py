@@ -1,0 +1,10 @@
+"""VQGAN discretiser on taming-transformers: load published checkpoints, fit one to small images.
+
+    >>> from timm_adv.vqgan import create_vqgan
+    >>> vq = create_vqgan('/work/artifacts/vqgan_mnist')       # folder written by `python -m timm_adv.vqgan fit`
+    >>> x_rec = vq.reconstruct(images)                         # images in [0, 1] -> codebook-snapped images
+"""
+from .config import VQGAN_PRESETS, VQGANConfig, list_vqgan_presets, load_vqgan_config
+from .discretizer import VQGANDiscretizer, compare_precision
+from .factory import CONFIG_FILE, WEIGHTS_FILE, create_vqgan, load_vqgan_weights, save_vqgan
+from .model import VQModel
