@@ -18,6 +18,7 @@ AdvProp's auxiliary BatchNorms, dropped at export.
 """
 import argparse
 import contextlib
+import functools
 import logging
 from typing import Any, Callable, Dict, Optional, Union
 
@@ -52,6 +53,16 @@ def _flag(dest: str) -> str:
 def _dat_setting(args: argparse.Namespace, dest: str):
     value = getattr(args, dest, None)
     return DAT_FLAG_DEFAULTS[dest] if value is None else value
+
+
+@functools.lru_cache(maxsize=1)
+def _load_vqgan(spec: str, bf16: bool, channels_last: bool) -> nn.Module:
+    # prepare_model checks it before any data is read and from_args uses it: load the weights once
+    from timm_adv.vqgan import create_vqgan
+    try:
+        return create_vqgan(spec, bf16=bf16, channels_last=channels_last)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f'--adv-dat-vqgan {spec!r}: {e}') from None
 
 
 def _vqgan_identity(vqgan: nn.Module) -> Dict[str, Any]:
@@ -158,8 +169,12 @@ class DATTask(AuxBNCheckpointMixin, AdversarialTask):
 
     @classmethod
     def prepare_model(cls, model: nn.Module, args: Optional[argparse.Namespace] = None) -> nn.Module:
-        """With ``--adv-dat-aux-bn``, gives every BatchNorm an auxiliary copy; refuses models without BatchNorm."""
-        if args is None or not _dat_setting(args, 'adv_dat_aux_bn'):
+        """Checks the VQGAN against the input size and, with ``--adv-dat-aux-bn``, gives every BatchNorm an
+        auxiliary copy; called before any data is read, so a bad VQGAN fails first."""
+        if args is None:
+            return model
+        check_vqgan_input_size(cls.create_vqgan(args), resolve_data_config(vars(args), model=model)['input_size'])
+        if not _dat_setting(args, 'adv_dat_aux_bn'):
             return model
         model = convert_dual_bn(model)
         if not dual_bn_layers(model):
@@ -170,17 +185,14 @@ class DATTask(AuxBNCheckpointMixin, AdversarialTask):
 
     @classmethod
     def create_vqgan(cls, args: argparse.Namespace, device: Optional[torch.device] = None) -> nn.Module:
-        """The frozen VQGAN named by ``--adv-dat-vqgan``, errors naming the flag."""
-        from timm_adv.vqgan import create_vqgan
-        try:
-            return create_vqgan(args.adv_dat_vqgan, device=device, bf16=_dat_setting(args, 'adv_dat_vqgan_bf16'),
-                                channels_last=_dat_setting(args, 'adv_dat_vqgan_channels_last'))
-        except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f'--adv-dat-vqgan {args.adv_dat_vqgan!r}: {e}') from None
+        """The frozen VQGAN named by ``--adv-dat-vqgan`` (loaded once per process), errors naming the flag."""
+        cls.check_args(args)
+        vqgan = _load_vqgan(args.adv_dat_vqgan, _dat_setting(args, 'adv_dat_vqgan_bf16'),
+                            _dat_setting(args, 'adv_dat_vqgan_channels_last'))
+        return vqgan.to(device) if device is not None else vqgan
 
     @classmethod
     def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'DATTask':
-        cls.check_args(args)
         vqgan = cls.create_vqgan(args, device)
         check_vqgan_input_size(vqgan, resolve_data_config(vars(args), model=model)['input_size'])
         attack = cls.attack_from_args(
