@@ -261,10 +261,13 @@ def test_train_learns_resumes_exactly_and_exports_plain(digit_folder, vqgan_dir,
         assert torch.equal(v, resumed['task_state']['aux_bn'][k]), k
     assert not any('aux_bn' in k or 'vqgan' in k or 'quantize' in k for k in full['state_dict'])
 
-    from timm_adv.hub import export_checkpoint
+    from timm_adv.hub import export_checkpoint, render_model_card
     folder = str(tmp_path / 'export')
     export_checkpoint(str(tmp_path / 'full' / 'last.pth.tar'), folder)
     assert {'config.json', 'model.safetensors'} <= set(os.listdir(folder))
+    sha = full['task_state']['vqgan']['weights_sha256']
+    assert f'| VQGAN (training only, not in the model) | `{vqgan_dir}`, sha256 {sha[:16]}, f=4, 32 codes |' in \
+        render_model_card(folder, 'me/test_resnet.dat')
     plain = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     ref = timm.create_model('test_resnet', num_classes=10)
     ref.load_state_dict(full['state_dict'])

@@ -12,6 +12,7 @@ metrics, so methods plug in without touching the loop. Hooks, all optional:
   saved in ``task_state`` of every checkpoint and restored on ``--resume``.
 * :meth:`on_epoch_start`: per-epoch bookkeeping.
 * :meth:`export_model`: the plain timm model to evaluate and publish (training-only parts stripped).
+* :meth:`card_details`: rows the model card adds about those parts (e.g. DAT's VQGAN).
 """
 import argparse
 from typing import Any, Callable, Dict, Optional, Union
@@ -133,6 +134,10 @@ class AdversarialTask(ClassificationTask):
         """
         steps = self.attack.steps * self.attack.restarts if self.attack is not None else 0
         return {'train_steps': 1.0, 'attack_passes': float(steps)}
+
+    def card_details(self) -> Dict[str, str]:
+        """Extra ``label -> text`` rows for the exported model card (training-only parts worth naming)."""
+        return {}
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the training loop before each epoch."""

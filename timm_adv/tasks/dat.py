@@ -236,6 +236,13 @@ class DATTask(AuxBNCheckpointMixin, AdversarialTask):
         result.update(loss=loss, output=output)
         return result
 
+    def card_details(self) -> Dict[str, str]:
+        v = self.vqgan_identity
+        sha = v.get('weights_sha256')
+        return {'VQGAN (training only, not in the model)': (
+            f'`{v.get("source")}`' + (f', sha256 {sha[:16]}' if sha else ', random weights') +
+            f', f={v.get("downsample_factor")}, {v.get("n_embed")} codes')}
+
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         """The auxiliary BNs (if any) and the VQGAN's identity; never its weights."""
         return {**super().get_task_state(module, ema=ema), 'vqgan': dict(self.vqgan_identity)}
