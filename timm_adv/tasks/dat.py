@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 from timm.data import resolve_data_config
 
-from timm_adv.attacks import PGDAttack
 from timm_adv.augment import DiscreteAdversarialAugment, check_vqgan_input_size, compile_vqgan
 from timm_adv.layers import convert_dual_bn, dual_bn_layers, dual_bn_route
 from .arg_types import bounded_type
@@ -38,7 +37,8 @@ __all__ = ['DATTask', 'DAT_FLAG_DEFAULTS']
 
 _logger = logging.getLogger(__name__)
 
-#: ``--adv-dat-*`` flags and the values they take when not given (the official behaviour).
+#: ``--adv-dat-*`` flags and the values they take when not given: the official behaviour (channels_last only
+#: changes speed, and the result up to float rounding).
 DAT_FLAG_DEFAULTS: Dict[str, Any] = dict(
     adv_dat_vqgan=None, adv_dat_start_prob=0.8, adv_dat_start_on_sphere=True, adv_dat_clean_weight=1.0,
     adv_dat_weight=1.0, adv_dat_aux_bn=False, adv_dat_vqgan_bf16=False, adv_dat_vqgan_channels_last=True,
@@ -58,7 +58,8 @@ def _dat_setting(args: argparse.Namespace, dest: str):
 
 @functools.lru_cache(maxsize=1)
 def _load_vqgan(spec: str, bf16: bool, channels_last: bool, compile: bool) -> nn.Module:
-    # prepare_model checks it before any data is read and from_args uses it: load the weights once
+    # prepare_model checks it before any data is read and from_args uses it: load the weights once;
+    # imported here so that other methods never import taming
     from timm_adv.vqgan import create_vqgan
     try:
         vqgan = create_vqgan(spec, bf16=bf16, channels_last=channels_last)
