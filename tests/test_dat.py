@@ -132,8 +132,10 @@ def test_attack_changes_codes_of_a_trained_model_and_uses_soft_targets(vqgan, di
     out = augment.generate(digit_classifier, _normalise(x_pix), soft)
     assert 0 < out.code_change < 1 and out.samples_changed > 0
     x_rec = vqgan.reconstruct(x_pix)
+    delta = augment.attack.perturb(digit_classifier, x_rec, soft)
+    # the attack itself moves codes: some differ from those of the reconstruction it started from
+    assert (vqgan.encode((x_rec + delta).clamp(0, 1)) != vqgan.encode(x_rec)).any()
     with torch.no_grad():  # the step ascends the soft-target loss at the reconstruction
-        delta = augment.attack.perturb(digit_classifier, x_rec, soft)
         before = F.cross_entropy(digit_classifier(_normalise(x_rec)), soft)
         after = F.cross_entropy(digit_classifier(_normalise(x_rec + delta)), soft)
     assert after > before

@@ -35,8 +35,9 @@ class DiscreteAdversarialBatch(NamedTuple):
 
     Attributes:
         images: The discrete adversarial images ``x_dat``, in the model's input space.
-        code_change: Fraction of code positions whose index the attack changed (``[]`` tensor).
-        samples_changed: Fraction of samples with at least one changed code (``[]`` tensor).
+        code_change: Fraction of code positions where ``x_dat``'s codes differ from the clean image's
+            (``[]`` tensor); the reconstruction alone moves some, since a VQGAN is not idempotent.
+        samples_changed: Fraction of samples with at least one such code, i.e. decoded twice (``[]`` tensor).
     """
     images: torch.Tensor
     code_change: torch.Tensor
