@@ -107,7 +107,7 @@ class DiscreteAdversarialAugment:
 
     @torch.no_grad()
     def generate(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> DiscreteAdversarialBatch:
-        """The discrete adversarial batch and how many codes the attack changed.
+        """The discrete adversarial batch and how many of its codes differ from the clean image's.
 
         Args:
             model: The classifier (taking normalised input; DDP wrappers are bypassed by the attack).
@@ -125,9 +125,12 @@ class DiscreteAdversarialAugment:
             adv_codes = self.vqgan.encode((x_rec + delta).clamp(0.0, 1.0))
             diff = adv_codes != codes
             changed = diff.flatten(1).any(dim=1)
-            x_dat = x_rec.clone()
-            if bool(changed.any()):
-                x_dat[changed] = self.vqgan.decode(adv_codes[changed]).float()
+            if bool(changed.all()):
+                x_dat = self.vqgan.decode(adv_codes).float()
+            else:
+                x_dat = x_rec.clone()
+                if bool(changed.any()):
+                    x_dat[changed] = self.vqgan.decode(adv_codes[changed]).float()
         images = self.normalizer.from_pixel(x_dat).to(dtype=x.dtype)
         if x.is_contiguous(memory_format=torch.channels_last):
             images = images.contiguous(memory_format=torch.channels_last)
