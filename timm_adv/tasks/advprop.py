@@ -16,18 +16,19 @@ Defaults and where they come from (see ``shared/methods.md``):
 
 Checkpoints written by timm's ``CheckpointSaver`` hold the plain model under ``state_dict`` (so
 ``model_best.pth.tar`` loads strictly into ``timm.create_model``) and the auxiliary BNs under
-``task_state['aux_bn']`` (so ``--resume`` restores them), through :class:`.aux_bn.AuxBNCheckpointMixin`.
+``task_state['aux_bn']`` (so ``--resume`` restores them).
 """
 import argparse
+import copy
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from timm_adv.attacks import PGDAttack
-from timm_adv.layers import convert_dual_bn, dual_bn_layers, dual_bn_route
+from timm_adv.layers import convert_dual_bn, dual_bn_layers, dual_bn_route, strip_aux_bn
 from .arg_types import bounded_type
-from .aux_bn import AuxBNCheckpointMixin
+from .aux_bn_state import AuxBNStateMixin
 from .base import AdversarialTask, top1
 from .registry import register_method
 
@@ -48,7 +49,7 @@ def advprop_steps(eps: float) -> int:
 
 
 @register_method('advprop')
-class AdvPropTask(AuxBNCheckpointMixin, AdversarialTask):
+class AdvPropTask(AuxBNStateMixin, AdversarialTask):
     """AdvProp training of a BatchNorm model with auxiliary BNs for the adversarial examples.
 
     Args:
@@ -137,3 +138,7 @@ class AdvPropTask(AuxBNCheckpointMixin, AdversarialTask):
             'loss': loss, 'output': output_clean, 'loss_clean': loss_clean.detach(), 'loss_adv': loss_adv.detach(),
             'top1_clean': top1(output_clean, target), 'top1_adv': top1(output_adv, target),
         }
+
+    def export_model(self) -> nn.Module:
+        """A copy of the trained model without auxiliary BNs: the original timm architecture."""
+        return strip_aux_bn(copy.deepcopy(self.unwrapped_model))

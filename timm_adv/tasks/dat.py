@@ -18,6 +18,7 @@ AdvProp's auxiliary BatchNorms, dropped at export.
 """
 import argparse
 import contextlib
+import copy
 import functools
 import logging
 from typing import Any, Callable, Dict, Optional, Union
@@ -27,9 +28,9 @@ import torch.nn as nn
 from timm.data import resolve_data_config
 
 from timm_adv.augment import DiscreteAdversarialAugment, check_vqgan_input_size, compile_vqgan
-from timm_adv.layers import convert_dual_bn, dual_bn_layers, dual_bn_route
+from timm_adv.layers import convert_dual_bn, dual_bn_layers, dual_bn_route, strip_aux_bn
 from .arg_types import bounded_type
-from .aux_bn import AuxBNCheckpointMixin
+from .aux_bn_state import AuxBNStateMixin
 from .base import AdversarialTask, top1
 from .registry import register_method
 
@@ -80,7 +81,7 @@ def _same_vqgan(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
 
 
 @register_method('dat')
-class DATTask(AuxBNCheckpointMixin, AdversarialTask):
+class DATTask(AuxBNStateMixin, AdversarialTask):
     """Discrete adversarial training of any timm model (see the module docstring).
 
     Args:
@@ -100,7 +101,6 @@ class DATTask(AuxBNCheckpointMixin, AdversarialTask):
 
     default_bn_mode = 'train'
     attack_defaults: Dict[str, Any] = dict(eps=0.1, steps=1, step_size=0.1, norm='l2', random_start=True)
-    aux_bn_source = '--adv-method dat --adv-dat-aux-bn (or advprop)'
 
     def __init__(
             self,
@@ -247,6 +247,17 @@ class DATTask(AuxBNCheckpointMixin, AdversarialTask):
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         """The auxiliary BNs (if any) and the VQGAN's identity; never its weights."""
         return {**super().get_task_state(module, ema=ema), 'vqgan': dict(self.vqgan_identity)}
+
+    def load_checkpoint_state(self, state_dict: Dict[str, Any], task_state: Optional[Dict[str, Any]] = None,
+                              ema: bool = False, strict: bool = True) -> None:
+        """The model (and auxiliary BNs, if any), then the VQGAN check of :meth:`load_task_state`."""
+        super().load_checkpoint_state(state_dict, task_state, ema=ema, strict=strict)
+        self.load_task_state(task_state, strict=strict, ema=ema)
+
+    def export_model(self) -> nn.Module:
+        """The trained model without the auxiliary BNs (a copy if it has them): the original timm architecture."""
+        model = self.unwrapped_model
+        return strip_aux_bn(copy.deepcopy(model)) if self.aux_bn else model
 
     def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
                         module: Optional[nn.Module] = None, ema: bool = False) -> None:
