@@ -61,8 +61,8 @@ def check_vqgan_input_size(vqgan: nn.Module, input_size, flag: str = '--adv-dat-
 def compile_vqgan(vqgan: nn.Module) -> nn.Module:
     """Compiles the encoder and decoder of a :class:`~timm_adv.vqgan.VQGANDiscretizer` in place.
 
-    GroupNorm + SiLU at full resolution are memory-bound and fuse well (about 2.7x per pass on a
-    2-core CPU), at the price of minutes of compilation. Call it after loading the weights: compiled
+    GroupNorm + SiLU at full resolution are memory-bound and fuse well (1.3x to 2.7x per pass on a
+    2-core CPU in ``benchmarks/dat_cost.py`` runs), at the price of minutes of compilation. Call it after loading the weights: compiled
     submodules prefix their ``state_dict`` keys.
 
     Example:

@@ -151,8 +151,8 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
                            help='dat: run the VQGAN encoder/decoder under bf16 autocast; fast on GPUs and CPUs with '
                                 'bf16 units, slow elsewhere (default: fp32, as the official code)')
         group.add_argument('--adv-dat-vqgan-channels-last', action=argparse.BooleanOptionalAction, default=None,
-                           help='dat: run the VQGAN in channels_last memory format, 1.8x faster on CPU '
-                                '(benchmarks/dat_cost.py) (default: on)')
+                           help='dat: run the VQGAN in channels_last memory format; on CPU 1.8x faster for a tiny VQGAN, '
+                                'no gain measured for the digits one (benchmarks/dat_cost.py) (default: on)')
         group.add_argument('--adv-dat-vqgan-compile', action=argparse.BooleanOptionalAction, default=None,
                            help='dat: torch.compile the VQGAN encoder and decoder: faster passes after minutes of '
                                 'compilation, worth it for long runs (default: off)')
