@@ -107,7 +107,10 @@ def main():
     if bench_args.memory_of:
         print(measure(bench_args.memory_of, bench_args, extra, device, x, y)[1])
         return
-    methods = bench_args.methods or list_methods()
+    # DAT needs a VQGAN (--adv-dat-vqgan) and its cost has a third part: benchmarks/dat_cost.py measures it
+    methods = bench_args.methods or [m for m in list_methods() if m != 'dat']
+    if 'dat' in methods:
+        parser.error('dat: use benchmarks/dat_cost.py, which also times the VQGAN passes.')
     if 'none' in methods:
         methods = ['none'] + [m for m in methods if m != 'none']
     else:

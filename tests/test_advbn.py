@@ -216,7 +216,7 @@ def test_export_plain_timm(export_bn, tmp_path):
     meta = json.loads((tmp_path / 'hub' / 'config.json').read_text())['timm_adv']
     card = open(write_model_card(str(tmp_path / 'hub'), 'me/test_resnet.advbn')).read()
     word = 'clean BatchNorms are kept' if export_bn == 'clean' else 'adversarial BatchNorms are kept'
-    assert word in meta['export_note'] and word in card
+    assert word in meta['details']['Exported weights'] and word in card
 
 
 def test_strip_advbn_restores_the_module():

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm_adv.attacks import PGDAttack, PixelNormalizer, attack_bn_mode, create_attack, parse_eps
+from timm_adv.attacks import PGDAttack, PixelNormalizer, attack_bn_mode, create_attack, parse_eps, random_init
 from timm_adv.data import BundledMnist
 from timm_adv.evaluation import PixelSpaceModel
 
@@ -234,6 +234,38 @@ def _fut(t):
     f = torch.futures.Future()
     f.set_result(t)
     return f
+
+
+@pytest.mark.parametrize('norm', ['linf', 'l2'])
+def test_random_start_on_sphere(norm):
+    x = torch.rand(6, 3, 8, 8)
+    delta = random_init(x, 0.1, norm, on_sphere=True)
+    if norm == 'l2':
+        assert torch.allclose(delta.flatten(1).norm(dim=1), torch.full((6,), 0.1), atol=1e-6)
+    else:
+        assert torch.allclose(delta.abs(), torch.full_like(x, 0.1))
+    inside = random_init(x, 0.1, norm).flatten(1).norm(p=2 if norm == 'l2' else float('inf'), dim=1)
+    assert (inside < 0.1).all()
+
+
+def test_random_start_probability_is_one_draw_per_batch():
+    class Recorder(nn.Module):  # zero input gradient: the returned delta is the starting point
+        def forward(self, x):
+            return x.flatten(1)[:, :10] * 0.0
+
+    x, y = torch.rand(4, 3, 8, 8) * 0.8 + 0.1, torch.zeros(4, dtype=torch.long)
+    attack = PGDAttack(0.1, steps=1, norm='l2', start_prob=0.8, start_on_sphere=True)
+    torch.manual_seed(0)
+    started = []
+    for _ in range(400):
+        delta = attack.perturb(Recorder(), x, y)
+        norms = delta.flatten(1).norm(dim=1)
+        assert torch.allclose(norms, norms[0].expand(4), atol=1e-5)  # every sample of a batch alike
+        started.append(bool(norms[0] > 0.05))
+    assert 0.74 < sum(started) / len(started) < 0.86
+    assert not any(PGDAttack(0.1, steps=1, start_prob=0.0).perturb(Recorder(), x, y).abs().max() > 0 for _ in range(5))
+    with pytest.raises(ValueError, match='start_prob'):
+        PGDAttack(0.1, start_prob=1.5)
 
 
 @pytest.mark.parametrize('bad', ['-1', '0', 'abc', '1/0'])

@@ -42,7 +42,7 @@ def _train_error(capsys, *argv):
 
 @pytest.mark.parametrize('argv,message', [
     (['--adv-eps', '0.1'], '--adv-eps does nothing with --adv-method none; it applies to pgd, advprop, fgsm-rs, '
-                           'fgsm-sdi, ssat (the robust validation radius is --adv-val-eps)'),
+                           'fgsm-sdi, dat, ssat (the robust validation radius is --adv-val-eps)'),
     (['--adv-steps', '10'], '--adv-steps does nothing with --adv-method none'),  # typed at a value a method defaults to
     (['--adv-method', 'none', '--adv-bn-mode', 'eval'], '--adv-bn-mode does nothing with --adv-method none'),
     (['--adv-method', 'advprop', '--adv-clean-weight', '0.5'],

@@ -45,12 +45,20 @@ def per_sample_norm(t: torch.Tensor, p: float = 2) -> torch.Tensor:
     return t.flatten(1).norm(p=p, dim=1).view(-1, *([1] * (t.ndim - 1)))
 
 
-def random_init(x: torch.Tensor, eps: float, norm: str = 'linf') -> torch.Tensor:
-    """A random perturbation in the eps ball (uniform in the L-inf cube, uniform in the L2 ball)."""
+def random_init(x: torch.Tensor, eps: float, norm: str = 'linf', on_sphere: bool = False) -> torch.Tensor:
+    """A random perturbation in the eps ball (uniform in the L-inf cube, uniform in the L2 ball).
+
+    With ``on_sphere`` it lies on the ball's surface: L2 at distance exactly eps in a uniformly drawn
+    direction (DAT's start), L-inf at a random vertex (every coordinate +-eps).
+    """
     if norm == 'linf':
+        if on_sphere:
+            return eps * (torch.randint_like(x, 0, 2) * 2 - 1)
         return torch.empty_like(x).uniform_(-eps, eps)
     direction = torch.randn_like(x)
     direction = direction / per_sample_norm(direction).clamp_min(1e-12)
+    if on_sphere:
+        return eps * direction
     dim = x[0].numel()
     radius = eps * torch.rand(x.shape[0], device=x.device, dtype=x.dtype) ** (1.0 / dim)
     return direction * radius.view(-1, *([1] * (x.ndim - 1)))
@@ -141,6 +149,9 @@ class PGDAttack:
         step_size: Step length; defaults to ``eps`` for one step and ``2.5 * eps / steps`` otherwise.
         norm: ``linf`` or ``l2``.
         random_start: Start from a random point of the eps ball.
+        start_prob: Probability, drawn once per batch, that the random start is used (DAT: 0.8);
+            otherwise the attack starts at the clean image.
+        start_on_sphere: Draw the random start on the surface of the eps ball (see :func:`random_init`).
         targeted: ``None`` (untargeted), ``random`` or ``least_likely``; an explicit target can also
             be passed to :meth:`__call__`.
         loss_fn: Per-sample loss ``(logits, target) -> [B]``; cross-entropy on hard or soft targets
@@ -172,6 +183,8 @@ class PGDAttack:
             restarts: int = 1,
             clamp: bool = True,
             num_classes: Optional[int] = None,
+            start_prob: float = 1.0,
+            start_on_sphere: bool = False,
     ):
         if not eps > 0:
             raise ValueError(f'eps must be > 0, got {eps} (--adv-eps / --eps, e.g. 8/255).')
@@ -183,6 +196,8 @@ class PGDAttack:
             raise ValueError(f'Unknown targeting {targeted!r}; choose random or least_likely (--adv-targeted).')
         if restarts < 1:
             raise ValueError(f'restarts must be >= 1, got {restarts} (--restarts).')
+        if not 0.0 <= start_prob <= 1.0:
+            raise ValueError(f'start_prob must be in [0, 1], got {start_prob} (the probability of a random start).')
         if step_size is None:
             step_size = eps if steps == 1 else 2.5 * eps / steps
         if not step_size > 0:
@@ -192,6 +207,8 @@ class PGDAttack:
         self.step_size = float(step_size)
         self.norm = norm
         self.random_start = random_start
+        self.start_prob = float(start_prob)
+        self.start_on_sphere = start_on_sphere
         self.targeted = targeted
         self.loss_fn = loss_fn or _cross_entropy
         self.bn_mode = check_bn_mode(bn_mode)
@@ -228,8 +245,8 @@ class PGDAttack:
             for _ in range(self.restarts):
                 if init is not None:
                     delta = init.detach()
-                elif self.random_start:
-                    delta = random_init(x_pix, self.eps, self.norm)
+                elif self._use_random_start():
+                    delta = random_init(x_pix, self.eps, self.norm, self.start_on_sphere)
                 else:
                     delta = torch.zeros_like(x_pix)
                 delta = project(delta, x_pix, self.eps, self.norm, self.clamp)
@@ -243,6 +260,12 @@ class PGDAttack:
                 best_delta, best_score = self._keep_strongest(
                     model, x_pix, delta, target, goal, targeted, best_delta, best_score)
         return best_delta.detach()
+
+    def _use_random_start(self) -> bool:
+        if not self.random_start or self.start_prob == 0.0:
+            return False
+        # one draw per batch, from torch's generator so that seeded runs replay it
+        return self.start_prob == 1.0 or bool(torch.rand(()) < self.start_prob)
 
     @torch.no_grad()
     def _choose_target(self, model: nn.Module, x_pix: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -279,5 +302,10 @@ class PGDAttack:
 
     def __repr__(self) -> str:
         return (f'PGDAttack(eps={self.eps:.5g}, steps={self.steps}, step_size={self.step_size:.5g}, '
-                f'norm={self.norm}, random_start={self.random_start}, targeted={self.targeted}, '
+                f'norm={self.norm}, random_start={self._start_repr()}, targeted={self.targeted}, '
                 f'bn_mode={self.bn_mode}, restarts={self.restarts})')
+
+    def _start_repr(self) -> str:
+        if not self.random_start or (not self.start_on_sphere and self.start_prob == 1.0):
+            return str(self.random_start)
+        return ('sphere' if self.start_on_sphere else 'ball') + (f' p={self.start_prob:g}' if self.start_prob < 1 else '')

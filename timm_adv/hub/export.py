@@ -158,9 +158,8 @@ def _training_metadata(train_args: Optional[argparse.Namespace], task, extra: Op
         meta['method'] = getattr(task, 'method_name', '') or type(task).__name__
         if getattr(task, 'attack', None) is not None:
             meta['attack'] = repr(task.attack)
-        note = task.export_note() if hasattr(task, 'export_note') else ''
-        if note:
-            meta['export_note'] = note
+        if getattr(task, 'card_details', None) and task.card_details():
+            meta['details'] = dict(task.card_details())
     if train_args is not None:
         args = vars(train_args)
         meta['method_args'] = {k: _plain(v) for k, v in sorted(args.items()) if k.startswith('adv_')}

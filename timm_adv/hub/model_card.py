@@ -171,8 +171,7 @@ def render_model_card(
     ]
     if meta.get('attack'):
         details.append(('Training attack', f'`{meta["attack"]}`'))
-    if meta.get('export_note'):
-        details.append(('Exported weights', meta['export_note']))
+    details += list(meta.get('details', {}).items())
     lines.append('| | |\n|---|---|\n' + '\n'.join(f'| {k} | {v} |' for k, v in details) + '\n')
     lines.append('## How to use\n')
     lines.append('```python\nimport timm, torch\n'

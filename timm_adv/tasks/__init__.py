@@ -5,6 +5,7 @@ from .advprop import AdvPropTask
 from .advbn import AdvBNTask
 from .fgsm_rs import FGSMRSTask
 from .fgsm_sdi import FGSMSDITask
+from .dat import DATTask
 from .factory import add_adv_args, check_adv_args, create_task, method_args
 from .representation import RepresentationTask
 from .contrastive import ContrastiveTask

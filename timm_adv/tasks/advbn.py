@@ -141,7 +141,6 @@ class AdvBNTask(AuxBNStateMixin, AdversarialTask):
     @classmethod
     def prepare_model(cls, model: nn.Module, args: argparse.Namespace) -> nn.Module:
         """Inserts the AdvBN cut (dual BNs after it) and freezes the front unless told otherwise."""
-        cls.check_args(args)
         input_size = resolve_data_config(vars(args), model=model)['input_size']
         model = insert_advbn(model, after=getattr(args, 'adv_advbn_stage', None), input_size=input_size,
                              relu=getattr(args, 'adv_advbn_relu', None))
@@ -202,9 +201,9 @@ class AdvBNTask(AuxBNStateMixin, AdversarialTask):
         set_dual_bn_route(reference, 'aux')
         return reference
 
-    def export_note(self) -> str:
+    def card_details(self) -> Dict[str, str]:
         if self.export_bn == 'clean':
-            return ('AdvBN layer removed; the clean BatchNorms are kept and the adversarial ones dropped (the paper '
-                    'evaluates ImageNet and ImageNet-C this way).')
-        return ('AdvBN layer removed; the adversarial BatchNorms are kept in place of the clean ones (the paper '
-                'evaluates Stylized-ImageNet and Sketch this way; clean accuracy may be lower).')
+            return {'Exported weights': 'AdvBN layer removed; the clean BatchNorms are kept and the adversarial ones dropped (the paper '
+                    'evaluates ImageNet and ImageNet-C this way).'}
+        return {'Exported weights': 'AdvBN layer removed; the adversarial BatchNorms are kept in place of the '
+                'clean ones (the paper evaluates Stylized-ImageNet and Sketch this way; clean accuracy may be lower).'}

@@ -4,6 +4,7 @@ A method is a ``timm.task.ClassificationTask`` that owns its attack. The trainin
 ``task(input, target)``, backpropagates ``result['loss']`` and averages the other scalar entries as
 metrics, so methods plug in without touching the loop. Hooks, all optional:
 
+* :meth:`check_args` (classmethod): reject bad or misplaced flags at parse time, before any work.
 * :meth:`prepare_model` (classmethod): convert the model before the optimiser, EMA and DDP exist
   (dual-BN conversion, layer insertion).
 * :meth:`from_args`: build the task and its attack from parsed ``--adv-*`` flags.
@@ -11,6 +12,7 @@ metrics, so methods plug in without touching the loop. Hooks, all optional:
   saved in ``task_state`` of every checkpoint and restored on ``--resume``.
 * :meth:`on_epoch_start`: per-epoch bookkeeping.
 * :meth:`export_model`: the plain timm model to evaluate and publish (training-only parts stripped).
+* :meth:`card_details`: rows the model card adds about those parts (e.g. DAT's VQGAN).
 """
 import argparse
 from typing import Any, Callable, Dict, Optional, Tuple, Union
@@ -80,13 +82,23 @@ class AdversarialTask(ClassificationTask):
         """Adds this method's own flags (``--adv-<method>-*``) to the parser."""
 
     @classmethod
+    def check_args(cls, args: argparse.Namespace) -> None:
+        """Raises ValueError naming the flag on bad settings of this method's own flags.
+
+        Called for the chosen method only: flags of other methods are refused by ``check_adv_args``.
+        """
+
+    @classmethod
     def prepare_model(cls, model: nn.Module, args: argparse.Namespace) -> nn.Module:
         """Converts the model for this method; called before optimiser, EMA and DDP are created."""
         return model
 
     @classmethod
-    def attack_from_args(cls, args: argparse.Namespace, mean=None, std=None) -> PGDAttack:
-        """The method's attack from the common ``--adv-*`` flags, filling gaps with its defaults."""
+    def attack_from_args(cls, args: argparse.Namespace, mean=None, std=None, **kwargs) -> PGDAttack:
+        """The method's attack from the common ``--adv-*`` flags, filling gaps with its defaults.
+
+        ``kwargs`` go to :func:`~timm_adv.attacks.create_attack` (a method's own attack settings).
+        """
         d = cls.attack_defaults
         eps = parse_eps(getattr(args, 'adv_eps', None) or d['eps'])
 
@@ -108,6 +120,7 @@ class AdversarialTask(ClassificationTask):
             mean=mean,
             std=std,
             num_classes=getattr(args, 'num_classes', None),
+            **kwargs,
         )
 
     @classmethod
@@ -133,6 +146,10 @@ class AdversarialTask(ClassificationTask):
         steps = self.attack.steps * self.attack.restarts if self.attack is not None else 0
         return {'train_steps': 1.0, 'attack_passes': float(steps)}
 
+    def card_details(self) -> Dict[str, str]:
+        """Extra ``label -> text`` rows for the exported model card (training-only parts worth naming)."""
+        return {}
+
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the training loop before each epoch."""
 
@@ -143,7 +160,3 @@ class AdversarialTask(ClassificationTask):
     def export_reference(self) -> nn.Module:
         """The trained model whose eval outputs the exported plain model must reproduce."""
         return self.unwrapped_model
-
-    def export_note(self) -> str:
-        """What the export kept, when a method has a choice (shown in the model card); empty otherwise."""
-        return ''

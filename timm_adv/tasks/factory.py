@@ -80,6 +80,7 @@ def check_adv_args(args: argparse.Namespace, explicit: Optional[Mapping[str, str
     """
     method = get_method(args.adv_method)
     explicit = explicit or {}
+    method.check_args(args)
     if args.adv_val_samples < 0:
         raise ValueError(f'--adv-val-samples must be >= 0, got {args.adv_val_samples}.')
     used = set(method.uses_args) | method_args(args.adv_method)

@@ -1,0 +1,259 @@
+"""DAT: Discrete Adversarial Training (Mao et al., NeurIPS 2022).
+
+Each step trains on the clean batch and on its discrete adversarial version (see
+:class:`~timm_adv.augment.DiscreteAdversarialAugment`): ``loss = w_clean * CE(f(x)) + w_dat *
+CE(f(x_dat))``, one backward. The official code (EasyRobust ``examples/imageclassification/imagenet/
+dat``) runs the two forwards separately, so each batch normalises with its own BN statistics; so
+does this task. Defaults follow the official code (see ``shared/methods.md``):
+
+* attack: one L2 step of 0.1 within eps 0.1 at the reconstruction, random start on the eps sphere
+  with probability 0.8 per batch, the model in train mode (batch statistics; running statistics
+  are left alone: ``--adv-bn-mode train``, where the official attack updates them);
+* ``w_clean = w_dat = 1``; soft targets from mixup / cutmix go to the attack and both losses.
+
+The VQGAN (``--adv-dat-vqgan``: a preset, a folder or file, ``hf-hub:`` or ``local-dir:``) is built
+once, frozen, and is never part of the model: not in checkpoints (its identity is, in the task
+state), not exported. ``--adv-dat-aux-bn`` sends the DAT examples (attack and loss) through
+AdvProp's auxiliary BatchNorms, dropped at export.
+"""
+import argparse
+import contextlib
+import copy
+import functools
+import logging
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+from timm.data import resolve_data_config
+
+from timm_adv.augment import DiscreteAdversarialAugment, check_vqgan_input_size, compile_vqgan
+from timm_adv.layers import convert_dual_bn, dual_bn_layers, dual_bn_route, strip_aux_bn
+from .arg_types import bounded_type
+from .aux_bn_state import AuxBNStateMixin
+from .base import AdversarialTask, top1
+from .registry import register_method
+
+__all__ = ['DATTask', 'DAT_FLAG_DEFAULTS']
+
+_logger = logging.getLogger(__name__)
+
+#: ``--adv-dat-*`` flags and the values they take when not given: the official behaviour (channels_last only
+#: changes speed, and the result up to float rounding).
+DAT_FLAG_DEFAULTS: Dict[str, Any] = dict(
+    adv_dat_vqgan=None, adv_dat_start_prob=0.8, adv_dat_start_on_sphere=True, adv_dat_clean_weight=1.0,
+    adv_dat_weight=1.0, adv_dat_aux_bn=False, adv_dat_vqgan_bf16=False, adv_dat_vqgan_channels_last=True,
+    adv_dat_vqgan_compile=False,
+)
+_VQGAN_HELP = '<preset | folder | file | hf-hub:org/name | local-dir:folder>'
+
+
+def _dat_setting(args: argparse.Namespace, dest: str):
+    value = getattr(args, dest, None)
+    return DAT_FLAG_DEFAULTS[dest] if value is None else value
+
+
+@functools.lru_cache(maxsize=1)
+def _load_vqgan(spec: str, bf16: bool, channels_last: bool, compile: bool) -> nn.Module:
+    # prepare_model checks it before any data is read and from_args uses it: load the weights once;
+    # imported here so that other methods never import taming
+    from timm_adv.vqgan import create_vqgan
+    try:
+        vqgan = create_vqgan(spec, bf16=bf16, channels_last=channels_last)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f'--adv-dat-vqgan {spec!r}: {e}') from None
+    return compile_vqgan(vqgan) if compile else vqgan
+
+
+def _vqgan_identity(vqgan: nn.Module) -> Dict[str, Any]:
+    describe = getattr(vqgan, 'describe', None)
+    return dict(describe()) if callable(describe) else {'type': type(vqgan).__name__}
+
+
+def _same_vqgan(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    # precision / layout settings may change between runs; weights and architecture may not
+    keys = ('weights_sha256', 'config', 'n_embed', 'downsample_factor')
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+@register_method('dat')
+class DATTask(AuxBNStateMixin, AdversarialTask):
+    """Discrete adversarial training of any timm model (see the module docstring).
+
+    Args:
+        model: Model to train (converted by :meth:`prepare_model` when ``aux_bn``).
+        criterion: Training loss for both batches (soft targets from mixup / cutmix work).
+        augment: The discrete adversarial augmentation (VQGAN + attack).
+        clean_weight: Weight of the clean loss (0 trains on the DAT batch only).
+        dat_weight: Weight of the DAT loss.
+        aux_bn: Route the DAT examples (attack and loss) through the auxiliary BNs.
+
+    Example:
+        >>> attack = create_attack(0.1, steps=1, step_size=0.1, norm='l2', bn_mode='train', start_prob=0.8,
+        ...                        start_on_sphere=True, mean=mean, std=std)
+        >>> task = DATTask(model, nn.CrossEntropyLoss(), DiscreteAdversarialAugment(vqgan, attack))
+        >>> task(x, y)['loss'].backward()
+    """
+
+    default_bn_mode = 'train'
+    attack_defaults: Dict[str, Any] = dict(eps=0.1, steps=1, step_size=0.1, norm='l2', random_start=True)
+
+    def __init__(
+            self,
+            model: nn.Module,
+            criterion: Union[nn.Module, Callable],
+            augment: DiscreteAdversarialAugment,
+            clean_weight: float = 1.0,
+            dat_weight: float = 1.0,
+            aux_bn: bool = False,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = True,
+    ):
+        super().__init__(model, criterion, attack=augment.attack, device=device, dtype=dtype, verbose=verbose)
+        if clean_weight < 0 or not dat_weight > 0:
+            raise ValueError(f'--adv-dat-clean-weight must be >= 0 and --adv-dat-weight > 0, got {clean_weight} and '
+                             f'{dat_weight} (--adv-method none trains without DAT examples).')
+        if aux_bn and not dual_bn_layers(self.unwrapped_model):
+            raise ValueError('DATTask(aux_bn=True) needs a model with auxiliary BNs; convert it with '
+                             'DATTask.prepare_model (or timm_adv.layers.convert_dual_bn) first.')
+        self.augment = augment
+        self.clean_weight = float(clean_weight)
+        self.dat_weight = float(dat_weight)
+        self.aux_bn = aux_bn
+        self.vqgan_identity = _vqgan_identity(augment.vqgan)
+        if verbose:
+            _logger.info(f'DAT: VQGAN {self.vqgan_identity.get("source", "?")} (f={self.vqgan_identity.get("downsample_factor")}, '
+                         f'{self.vqgan_identity.get("n_embed")} codes), attack {augment.attack!r}, loss '
+                         f'{clean_weight:g} * CE(clean) + {dat_weight:g} * CE(DAT){", DAT through auxiliary BNs" if aux_bn else ""}.')
+
+    @classmethod
+    def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument('--adv-dat-vqgan', default=None, metavar='VQGAN',
+                           help=f'dat: the VQGAN discretiser, {_VQGAN_HELP} (required by --adv-method dat)')
+        group.add_argument('--adv-dat-start-prob', type=float, default=None, metavar='P',
+                           help='dat: probability (one draw per batch) of the random start (default: 0.8)')
+        group.add_argument('--adv-dat-start-on-sphere', action=argparse.BooleanOptionalAction, default=None,
+                           help='dat: random start on the eps sphere, as the official code; --no-... draws it inside '
+                                'the ball (default: sphere)')
+        group.add_argument('--adv-dat-clean-weight', type=bounded_type('--adv-dat-clean-weight', float, 0),
+                           default=None, metavar='W', help='dat: weight of CE(clean) (default: 1)')
+        group.add_argument('--adv-dat-weight', type=bounded_type('--adv-dat-weight', float, 0), default=None,
+                           metavar='W', help='dat: weight of CE(DAT examples) (default: 1)')
+        group.add_argument('--adv-dat-aux-bn', action=argparse.BooleanOptionalAction, default=None,
+                           help='dat: route the DAT examples through auxiliary BatchNorms (AdvProp-style), dropped '
+                                'at export (default: off)')
+        group.add_argument('--adv-dat-vqgan-bf16', action=argparse.BooleanOptionalAction, default=None,
+                           help='dat: run the VQGAN encoder/decoder under bf16 autocast; fast on GPUs and CPUs with '
+                                'bf16 units, slow elsewhere (default: fp32, as the official code)')
+        group.add_argument('--adv-dat-vqgan-channels-last', action=argparse.BooleanOptionalAction, default=None,
+                           help='dat: run the VQGAN in channels_last memory format; on CPU 1.8x faster for a tiny VQGAN, '
+                                'no gain measured for the digits one (benchmarks/dat_cost.py) (default: on)')
+        group.add_argument('--adv-dat-vqgan-compile', action=argparse.BooleanOptionalAction, default=None,
+                           help='dat: torch.compile the VQGAN encoder and decoder: faster passes after minutes of '
+                                'compilation, worth it for long runs (default: off)')
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace) -> None:
+        if not getattr(args, 'adv_dat_vqgan', None):
+            raise ValueError(f'--adv-method dat needs a VQGAN: pass --adv-dat-vqgan {_VQGAN_HELP}; on small images '
+                             f'fit one first (python -m timm_adv.vqgan fit).')
+        prob = _dat_setting(args, 'adv_dat_start_prob')
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f'--adv-dat-start-prob must be in [0, 1], got {prob}.')
+        if not _dat_setting(args, 'adv_dat_weight') > 0:
+            raise ValueError('--adv-dat-weight must be > 0 (--adv-method none trains without DAT examples).')
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module, args: Optional[argparse.Namespace] = None) -> nn.Module:
+        """Checks the VQGAN against the input size and, with ``--adv-dat-aux-bn``, gives every BatchNorm an
+        auxiliary copy; called before any data is read, so a bad VQGAN fails first."""
+        if args is None:
+            return model
+        check_vqgan_input_size(cls.create_vqgan(args), resolve_data_config(vars(args), model=model)['input_size'])
+        if not _dat_setting(args, 'adv_dat_aux_bn'):
+            return model
+        model = convert_dual_bn(model)
+        if not dual_bn_layers(model):
+            name = getattr(args, 'model', None) or type(model).__name__
+            raise ValueError(f'--adv-dat-aux-bn needs BatchNorm layers, but {name!r} has none (LayerNorm / GroupNorm '
+                             f'models such as ViT or ConvNeXt): drop --adv-dat-aux-bn.')
+        return model
+
+    @classmethod
+    def create_vqgan(cls, args: argparse.Namespace, device: Optional[torch.device] = None) -> nn.Module:
+        """The frozen VQGAN named by ``--adv-dat-vqgan`` (loaded once per process), errors naming the flag."""
+        cls.check_args(args)
+        vqgan = _load_vqgan(args.adv_dat_vqgan, _dat_setting(args, 'adv_dat_vqgan_bf16'),
+                            _dat_setting(args, 'adv_dat_vqgan_channels_last'), _dat_setting(args, 'adv_dat_vqgan_compile'))
+        return vqgan.to(device) if device is not None else vqgan
+
+    @classmethod
+    def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'DATTask':
+        vqgan = cls.create_vqgan(args, device)
+        check_vqgan_input_size(vqgan, resolve_data_config(vars(args), model=model)['input_size'])
+        attack = cls.attack_from_args(
+            args, mean, std, start_prob=_dat_setting(args, 'adv_dat_start_prob'),
+            start_on_sphere=_dat_setting(args, 'adv_dat_start_on_sphere'))
+        return cls(model, criterion, DiscreteAdversarialAugment(vqgan, attack),
+                   clean_weight=_dat_setting(args, 'adv_dat_clean_weight'),
+                   dat_weight=_dat_setting(args, 'adv_dat_weight'),
+                   aux_bn=_dat_setting(args, 'adv_dat_aux_bn'), device=device)
+
+    def ideal_cost(self) -> Dict[str, float]:
+        cost = super().ideal_cost()
+        cost['train_steps'] = 2.0 if self.clean_weight > 0 else 1.0
+        cost['vqgan_passes'] = 2.0  # reconstruct(x) and reconstruct(x_adv)
+        return cost
+
+    def _dat_route(self):
+        return dual_bn_route(self.unwrapped_model, 'aux') if self.aux_bn else contextlib.nullcontext()
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        # the DAT batch first: no training graph is held while the VQGAN runs
+        with self._dat_route():
+            dat = self.augment.generate(self.trainable_module, input, target)
+            output_dat = self.trainable_module(dat.images)
+        loss_dat = self.criterion(output_dat, target)
+        result = {'top1_dat': top1(output_dat, target), 'loss_dat': loss_dat.detach(),
+                  'dat_code_change': dat.code_change, 'dat_samples_changed': dat.samples_changed}
+        loss = self.dat_weight * loss_dat
+        output = output_dat
+        if self.clean_weight > 0:
+            output = self.trainable_module(input)
+            loss_clean = self.criterion(output, target)
+            loss = loss + self.clean_weight * loss_clean
+            result.update(top1_clean=top1(output, target), loss_clean=loss_clean.detach())
+        result.update(loss=loss, output=output)
+        return result
+
+    def card_details(self) -> Dict[str, str]:
+        v = self.vqgan_identity
+        sha = v.get('weights_sha256')
+        return {'VQGAN (training only, not in the model)': (
+            f'`{v.get("source")}`' + (f', sha256 {sha[:16]}' if sha else ', random weights') +
+            f', f={v.get("downsample_factor")}, {v.get("n_embed")} codes')}
+
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        """The auxiliary BNs (if any) and the VQGAN's identity; never its weights."""
+        return {**super().get_task_state(module, ema=ema), 'vqgan': dict(self.vqgan_identity)}
+
+    def load_checkpoint_state(self, state_dict: Dict[str, Any], task_state: Optional[Dict[str, Any]] = None,
+                              ema: bool = False, strict: bool = True) -> None:
+        """The model (and auxiliary BNs, if any), then the VQGAN check of :meth:`load_task_state`."""
+        super().load_checkpoint_state(state_dict, task_state, ema=ema, strict=strict)
+        self.load_task_state(task_state, strict=strict, ema=ema)
+
+    def export_model(self) -> nn.Module:
+        """The trained model without the auxiliary BNs (a copy if it has them): the original timm architecture."""
+        model = self.unwrapped_model
+        return strip_aux_bn(copy.deepcopy(model)) if self.aux_bn else model
+
+    def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
+                        module: Optional[nn.Module] = None, ema: bool = False) -> None:
+        saved = (state or {}).get('vqgan')
+        if saved is not None and not _same_vqgan(saved, self.vqgan_identity):
+            _logger.warning(f'DAT: the checkpoint was trained with VQGAN {saved.get("source")!r} '
+                            f'(sha256 {saved.get("weights_sha256")}), this run uses '
+                            f'{self.vqgan_identity.get("source")!r} (sha256 {self.vqgan_identity.get("weights_sha256")}); '
+                            f'check --adv-dat-vqgan.')
