@@ -208,7 +208,7 @@ def test_aux_bn_routes_dat_examples_through_auxiliary_bns(vqgan_dir):
     (['--adv-dat-vqgan', 'VQ', '--adv-dat-start-prob', '1.5'], '--adv-dat-start-prob must be in'),
     (['--adv-dat-vqgan', '/nonexistent/vqgan'], "--adv-dat-vqgan '/nonexistent/vqgan'"),
     (['--adv-dat-vqgan', 'VQ', '--img-size', '30'], 'downsamples by 4, which does not divide the input size 30x30'),
-    (['--adv-method', 'pgd', '--adv-dat-aux-bn'], '--adv-dat-aux-bn only apply to --adv-method dat'),
+    (['--adv-method', 'pgd', '--adv-dat-aux-bn'], '--adv-dat-aux-bn/--no-adv-dat-aux-bn does nothing with --adv-method pgd; it applies to dat'),
 ])
 def test_bad_input_fails_before_any_work(argv, message, vqgan_dir, tmp_path, capsys):
     argv = [vqgan_dir if a == 'VQ' else a for a in argv]
