@@ -151,7 +151,7 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
                                 'no gain measured for the digits one (benchmarks/dat_cost.py) (default: on)')
         group.add_argument('--adv-dat-vqgan-compile', action=argparse.BooleanOptionalAction, default=None,
                            help='dat: torch.compile the VQGAN encoder and decoder: faster passes after minutes of '
-                                'compilation, worth it for long runs (default: off)')
+                                'compilation (again for each new batch shape), worth it for long runs (default: off)')
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
