@@ -144,6 +144,13 @@ def test_presets_match_published_architectures():
     assert f16.downsample_factor == 16 and f16.n_embed == 1024 and f16.embed_dim == 256
 
 
+def test_config_without_double_z_builds_a_vqgan(images):
+    # taming's Encoder defaults to double_z=True; a config that omits the key must still encode
+    ddconfig = {k: v for k, v in TINY.items() if k != 'double_z'}
+    model = VQModel(VQGANConfig(embed_dim=4, n_embed=16, ddconfig=ddconfig))
+    assert model.encode_latent(images * 2 - 1).shape == (3, 4, 8, 8)
+
+
 def test_bad_images_and_codes_fail_clearly(saved, images):
     vq = create_vqgan(saved)
     with pytest.raises(ValueError, match=r'in \[0, 1\].*clamp'):

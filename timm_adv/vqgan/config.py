@@ -46,6 +46,8 @@ class VQGANConfig:
             raise ValueError(f'{where}: ddconfig lacks {", ".join(missing)}.')
         if self.ddconfig.get('double_z', False):
             raise ValueError(f'{where}: ddconfig.double_z is true (a KL autoencoder); a VQGAN needs double_z: false.')
+        # taming's Encoder defaults to double_z=True: an omitted key must reach it as false
+        self.ddconfig = {**self.ddconfig, 'double_z': False}
         if int(self.n_embed) < 2 or int(self.embed_dim) < 1:
             raise ValueError(f'{where}: n_embed must be >= 2 and embed_dim >= 1, got {self.n_embed}, {self.embed_dim}.')
         # taming's Normalize is GroupNorm(32): every width must split into 32 groups
