@@ -44,11 +44,7 @@ from timm_adv.data import BundledMnist  # noqa: E402
 from timm_adv.tasks import DATTask, StandardTask  # noqa: E402
 from timm_adv.utils import checkpoint_state_dict, read_checkpoint  # noqa: E402
 from timm_adv.vqgan import create_vqgan  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+from common import interleaved_median_times, sync  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 class _Sections:
@@ -58,10 +54,10 @@ class _Sections:
         self.device, self.times = device, {}
 
     def run(self, name: str, fn: Callable):
-        _sync(self.device)
+        sync(self.device)
         start = time.perf_counter()
         out = fn()
-        _sync(self.device)
+        sync(self.device)
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
         return out
 
@@ -194,16 +190,8 @@ def main(argv=None) -> Dict[str, float]:
     for _ in range(args.warmup):
         for fn in variants.values():
             fn()
-    ref_sections.times.clear()
-    samples = {k: [] for k in variants}
-    for _ in range(args.repeats):
-        for k, fn in variants.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[k].append(time.perf_counter() - start)
-    t = {k: statistics.median(v) for k, v in samples.items()}
+    ref_sections.times.clear()  # the reference's section times count the timed rounds only
+    t = interleaved_median_times(variants, args.repeats, 0, device)
     ref_split = {k: v / args.repeats for k, v in ref_sections.times.items()}
     plain = t['plain step']
     ours_split = {'vqgan': t['ours: augmentation'] - t['ours: attack'], 'attack': t['ours: attack'],
