@@ -5,7 +5,7 @@ import re
 
 from packaging.version import Version
 
-from timm_adv.layers import dual_batchnorm
+from timm_adv.layers import transparent
 from timm_adv.utils import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,9 +26,10 @@ def test_every_core_dependency_declares_a_minimum():
 
 
 def test_torch_minimum_has_the_public_apis_we_call():
-    # public since torch 2.5 (pytorch#131690); safe_globals as a context manager since 2.5 too
-    assert 'register_state_dict_post_hook' in inspect.getsource(dual_batchnorm)
-    assert 'register_load_state_dict_pre_hook' in inspect.getsource(dual_batchnorm)
+    # public since torch 2.5 (pytorch#131690; DualBatchNorm2d and AdvBN keep their child's keys through
+    # them); safe_globals as a context manager since 2.5 too
+    assert 'register_state_dict_post_hook' in inspect.getsource(transparent)
+    assert 'register_load_state_dict_pre_hook' in inspect.getsource(transparent)
     assert 'safe_globals' in inspect.getsource(checkpoint)
     minimums = _minimums()
     assert minimums['torch'] >= Version('2.5') and minimums['torchvision'] >= Version('0.20')
