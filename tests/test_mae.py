@@ -16,6 +16,7 @@ from timm.models.vision_transformer import Block
 from timm.optim import create_optimizer_v2
 
 import train
+from conftest import run_killed_and_resumed
 from timm_adv.attacks import create_attack
 from timm_adv.models import MAEWeights, is_mae_checkpoint, load_mae_weights, resolve_mae_weights
 from timm_adv.hub.pipeline import load_hub_config, train_command
@@ -270,20 +271,8 @@ def test_exact_resume_with_accumulation_and_layer_decay(image_folder, tmp_path, 
     extra = ['--epochs', '2', '--opt', 'adamw', '--lr', '1e-3', '--layer-decay', '0.65', '--sched-on-updates',
              '--grad-accum-steps', '4', '--adv-method', 'pgd', '--adv-eps', '0.05', '--adv-steps', '1',
              '--pretrained', '--pretrained-path', str(path)]
-    train.main(_fast(image_folder, tmp_path, 'full', *extra))
-
-    real = train.train_one_epoch
-
-    def killed_in_second_epoch(epoch, *a, **k):
-        if epoch == 1:
-            raise KeyboardInterrupt('simulated kill')
-        return real(epoch, *a, **k)
-
-    monkeypatch.setattr(train, 'train_one_epoch', killed_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(_fast(image_folder, tmp_path, 'killed', *extra))
-    monkeypatch.setattr(train, 'train_one_epoch', real)
-    train.main(_fast(image_folder, tmp_path, 'killed', *extra, '--resume', str(tmp_path / 'killed' / 'last.pth.tar')))
+    run_killed_and_resumed(lambda name, *argv: train.main(_fast(image_folder, tmp_path, name, *argv)),
+                           tmp_path, monkeypatch, extra)
 
     full, resumed = _load(tmp_path / 'full' / 'last.pth.tar'), _load(tmp_path / 'killed' / 'last.pth.tar')
     for k, v in full['state_dict'].items():
