@@ -38,8 +38,8 @@ __all__ = ['DATTask', 'DAT_FLAG_DEFAULTS']
 
 _logger = logging.getLogger(__name__)
 
-#: ``--adv-dat-*`` flags and the values they take when not given: the official behaviour (channels_last only
-#: changes speed, and the result up to float rounding).
+#: ``--adv-dat-*`` flags and their defaults, the official behaviour (channels_last only changes speed, and the
+#: result up to float rounding); also used for namespaces built without the DAT flags.
 DAT_FLAG_DEFAULTS: Dict[str, Any] = dict(
     adv_dat_vqgan=None, adv_dat_start_prob=0.8, adv_dat_start_on_sphere=True, adv_dat_clean_weight=1.0,
     adv_dat_weight=1.0, adv_dat_aux_bn=False, adv_dat_vqgan_bf16=False, adv_dat_vqgan_channels_last=True,
@@ -129,27 +129,33 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
-        group.add_argument('--adv-dat-vqgan', default=None, metavar='VQGAN',
+        d = DAT_FLAG_DEFAULTS
+        group.add_argument('--adv-dat-vqgan', default=d['adv_dat_vqgan'], metavar='VQGAN',
                            help=f'dat: the VQGAN discretiser, {_VQGAN_HELP} (required by --adv-method dat)')
-        group.add_argument('--adv-dat-start-prob', type=float, default=None, metavar='P',
+        group.add_argument('--adv-dat-start-prob', type=float, default=d['adv_dat_start_prob'], metavar='P',
                            help='dat: probability (one draw per batch) of the random start (default: 0.8)')
-        group.add_argument('--adv-dat-start-on-sphere', action=argparse.BooleanOptionalAction, default=None,
+        group.add_argument('--adv-dat-start-on-sphere', action=argparse.BooleanOptionalAction,
+                           default=d['adv_dat_start_on_sphere'],
                            help='dat: random start on the eps sphere, as the official code; --no-... draws it inside '
                                 'the ball (default: sphere)')
         group.add_argument('--adv-dat-clean-weight', type=bounded_type('--adv-dat-clean-weight', float, 0),
-                           default=None, metavar='W', help='dat: weight of CE(clean) (default: 1)')
-        group.add_argument('--adv-dat-weight', type=bounded_type('--adv-dat-weight', float, 0), default=None,
-                           metavar='W', help='dat: weight of CE(DAT examples) (default: 1)')
-        group.add_argument('--adv-dat-aux-bn', action=argparse.BooleanOptionalAction, default=None,
+                           default=d['adv_dat_clean_weight'], metavar='W', help='dat: weight of CE(clean) (default: 1)')
+        group.add_argument('--adv-dat-weight', type=bounded_type('--adv-dat-weight', float, 0),
+                           default=d['adv_dat_weight'], metavar='W', help='dat: weight of CE(DAT examples) (default: 1)')
+        group.add_argument('--adv-dat-aux-bn', action=argparse.BooleanOptionalAction,
+                           default=d['adv_dat_aux_bn'],
                            help='dat: route the DAT examples through auxiliary BatchNorms (AdvProp-style), dropped '
                                 'at export (default: off)')
-        group.add_argument('--adv-dat-vqgan-bf16', action=argparse.BooleanOptionalAction, default=None,
+        group.add_argument('--adv-dat-vqgan-bf16', action=argparse.BooleanOptionalAction,
+                           default=d['adv_dat_vqgan_bf16'],
                            help='dat: run the VQGAN encoder/decoder under bf16 autocast; fast on GPUs and CPUs with '
                                 'bf16 units, slow elsewhere (default: fp32, as the official code)')
-        group.add_argument('--adv-dat-vqgan-channels-last', action=argparse.BooleanOptionalAction, default=None,
+        group.add_argument('--adv-dat-vqgan-channels-last', action=argparse.BooleanOptionalAction,
+                           default=d['adv_dat_vqgan_channels_last'],
                            help='dat: run the VQGAN in channels_last memory format; on CPU 1.8x faster for a tiny VQGAN, '
                                 'no gain measured for the digits one (benchmarks/dat_cost.py) (default: on)')
-        group.add_argument('--adv-dat-vqgan-compile', action=argparse.BooleanOptionalAction, default=None,
+        group.add_argument('--adv-dat-vqgan-compile', action=argparse.BooleanOptionalAction,
+                           default=d['adv_dat_vqgan_compile'],
                            help='dat: torch.compile the VQGAN encoder and decoder: faster passes after minutes of '
                                 'compilation (again for each new batch shape), worth it for long runs (default: off)')
 
