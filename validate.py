@@ -271,7 +271,9 @@ def check_combinations(args: argparse.Namespace) -> None:
          '--shift-type and --knn choose their own classes'),
         ('test_pool', '--test-pool', (('knn', '--knn'),), 'the kNN drops the classifier head that test-time pooling wraps'),
         ('torchscript', '--torchscript', (('knn', '--knn'),), 'the kNN classifier is not scriptable; use --torchcompile'),
-        ('aot_autograd', '--aot-autograd', (('knn', '--knn'),), 'the kNN classifier is not traced; use --torchcompile'),
+        ('aot_autograd', '--aot-autograd', (('attack', '--attack'), ('autoattack', '--autoattack'), ('knn', '--knn')),
+         'functorch\'s memory_efficient_fusion compiles for the grad mode of its first call (the clean, no-grad '
+         'pass), so attacks would get no input gradient, and it does not trace the kNN; use --torchcompile'),
         ('model_dtype', '--model-dtype', (('knn', '--knn'),), 'the feature bank is float32'),
         ('tf_preprocessing', '--tf-preprocessing', (('no_prefetcher', '--no-prefetcher'), *own_transforms),
          'the TF pipeline runs in the prefetching loader of the clean, --attack and --autoattack evaluations only'),

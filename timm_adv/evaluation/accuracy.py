@@ -65,7 +65,7 @@ def evaluate_accuracy(
         if isinstance(input, dict):  # NaFlex batches: patches, coordinates, validity (clean evaluation only)
             if attack is not None or channels_last:
                 raise ValueError('patch-dict (NaFlex) batches take neither attacks nor channels-last.')
-            input = {k: v.to(device) for k, v in input.items()} if device is not None else input
+            input = {k: v.to(device) if torch.is_tensor(v) and device is not None else v for k, v in input.items()}
             target = target.to(device) if device is not None else target
         elif device is not None:
             input, target = input.to(device), target.to(device)
@@ -75,7 +75,8 @@ def evaluate_accuracy(
             remaining = max_samples - int(totals[3])
             if remaining <= 0:
                 break
-            input = {k: v[:remaining] for k, v in input.items()} if isinstance(input, dict) else input[:remaining]
+            input = ({k: v[:remaining] if torch.is_tensor(v) else v for k, v in input.items()}
+                     if isinstance(input, dict) else input[:remaining])
             target = target[:remaining]
         if attack is not None:
             with amp_autocast():
