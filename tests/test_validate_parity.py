@@ -68,9 +68,13 @@ def test_aot_autograd_clean_accuracy_like_eager(checkpoint):
 def test_compiled_and_scripted_models_are_attacked_like_eager(checkpoint, flags):
     eager = _run('--model', 'test_resnet', '--checkpoint', checkpoint, *PGD)
     assert eager['pgd2_top1'] < eager['top1']  # the attack acts on this model
+    from torch._dynamo.utils import counters
+    graphs = counters['stats']['unique_graphs']
     wrapped = _run('--model', 'test_resnet', '--checkpoint', checkpoint, *PGD, *flags)
     assert wrapped['top1'] == eager['top1'] and wrapped['loss'] == pytest.approx(eager['loss'], abs=1e-4)
     assert wrapped['pgd2_top1'] == eager['pgd2_top1']
+    if '--torchcompile' in flags:  # one graph for the no-grad clean pass, one for the attack: no recompiles per step
+        assert counters['stats']['unique_graphs'] - graphs == 2
 
 
 def test_valid_labels_subset_every_evaluation(checkpoint, tmp_path):
