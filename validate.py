@@ -708,6 +708,7 @@ def main(argv=None):
     try:
         models = list_bulk_models(args.model, args.checkpoint)
         if models:
+            _prepare_data_args(args)  # a missing folder or package fails once, not once per model
             if args.retry:
                 _logger.warning('--retry: bulk runs always retry with smaller batches; the flag changes nothing.')
             results = validate_bulk(args, models)

@@ -85,7 +85,8 @@ def test_valid_labels_subset_every_evaluation(checkpoint, tmp_path):
     head = model.get_classifier()
     head.weight.data, head.bias.data = head.weight.data[perm], head.bias.data[perm]
     permuted = _save_checkpoint(model, tmp_path / 'permuted.pth.tar')
-    subset = _run('--model', 'test_resnet', '--checkpoint', checkpoint, '--valid-labels', str(tmp_path / 'valid.txt'), *PGD)
+    subset = _run('--model', 'test_resnet', '--checkpoint', checkpoint, '--valid-labels', str(tmp_path / 'valid.txt'),
+                  *PGD)
     expected = _run('--model', 'test_resnet', '--checkpoint', permuted, *PGD)
     plain = _run('--model', 'test_resnet', '--checkpoint', checkpoint, *PGD)
     assert (subset['top1'], subset['pgd2_top1']) == (expected['top1'], expected['pgd2_top1'])

@@ -84,5 +84,5 @@ class ClassMetrics:
         from sklearn.metrics import f1_score, precision_score, recall_score
         preds, targets = torch.cat(self.preds).numpy(), torch.cat(self.targets).numpy()
         scores = dict(precision=precision_score, recall=recall_score, f1_score=f1_score)
-        return {f'{self.average}_{name}': round(100 * float(fn(targets, preds, average=self.average, zero_division=0)), 4)
-                for name, fn in scores.items()}
+        return {f'{self.average}_{name}': round(100 * float(fn(targets, preds, average=self.average, zero_division=0)),
+                                                4) for name, fn in scores.items()}
