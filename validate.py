@@ -24,7 +24,7 @@ import torch
 from timm import utils
 from timm.data import create_loader, resolve_data_config
 from timm.layers import apply_test_time_pool, set_fast_norm
-from timm.models import create_model
+from timm.models import NaFlexVit, create_model
 from timm.utils import reparameterize_model, set_jit_fuser
 
 from timm_adv.attacks import NORMS, create_attack, create_knn_guided_attack, parse_eps
@@ -398,6 +398,9 @@ def create_eval_model(args, device: torch.device):
                              global_pool=args.gp, scriptable=args.torchscript, **args.model_kwargs)
         if args.checkpoint:
             model = load_training_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
+    if args.naflex_loader and not isinstance(model, NaFlexVit):
+        raise ValueError(f'--naflex-loader feeds patch dicts, which only NaFlex models take (naflexvit_*); '
+                         f'{args.model} takes images: drop --naflex-loader.')
     if args.reparam:
         model = reparameterize_model(model)
     base = model

@@ -164,10 +164,13 @@ def test_model_dtype_runs_attacks_in_bfloat16(checkpoint):
     assert abs(bf16['top1'] - fp32['top1']) <= 12.5 and bf16['pgd2_top1'] < bf16['top1']
 
 
-def test_naflex_loader_clean_accuracy():
+def test_naflex_loader_clean_accuracy(capsys):
     results = _run('--model', 'naflexvit_base_patch16_gap', '--model-kwargs', 'depth=1', 'embed_dim=32', 'num_heads=2',
                    '--naflex-loader', '--naflex-max-seq-len', '16')
     assert results['samples'] == 16 and 0 <= results['top1'] <= 100
+    with pytest.raises(SystemExit):
+        _run('--model', 'test_resnet', '--naflex-loader')
+    assert 'only NaFlex models take' in capsys.readouterr().err
 
 
 def test_retry_halves_the_batch_on_out_of_memory(checkpoint, monkeypatch):
