@@ -265,8 +265,7 @@ def check_combinations(args: argparse.Namespace) -> None:
          'evaluate clean accuracy with it, the rest without it'),
         ('real_labels', '--real-labels', (*robustness, ('knn', '--knn')),
          'ReaL labels score the clean and --attack evaluations; the others (and the kNN-guided attack) score '
-         'against the dataset labels, '
-         'so run them without --real-labels'),
+         'against the dataset labels, so run them without --real-labels'),
         ('valid_labels', '--valid-labels', (('shift_dir', '--shift-dir'), ('knn', '--knn')),
          '--shift-type and --knn choose their own classes'),
         ('test_pool', '--test-pool', (('knn', '--knn'),), 'the kNN drops the classifier head that test-time pooling wraps'),
