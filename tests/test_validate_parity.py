@@ -13,6 +13,7 @@ from timm.models import save_for_hf
 
 import validate
 from timm_adv.data import BundledMnist, spread_subset
+from timm_adv.evaluation import list_bulk_models
 from timm_adv.hub import populate_hf_cache
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
@@ -270,3 +271,15 @@ def test_bulk_wildcard_over_pretrained_models_offline(tmp_path):
         rows = list(csv.DictReader(f))
     assert sorted(r['model'] for r in rows) == ['test_efficientnet_gn.r160_in1k', 'test_efficientnet_ln.r160_in1k']
     assert all(r['pgd2_top1'] and r['top1'] for r in rows)
+
+
+def test_bulk_model_selection_follows_timm(tmp_path):
+    names = [name for name, _ in list_bulk_models('all')]
+    assert 'resnet50.a1_in1k' in names and not any(n.endswith(('_in21k', '_in22k')) for n in names)
+    assert list_bulk_models('test_resnet*') == [('test_resnet.r160_in1k', '')]
+    assert list_bulk_models('test_resnet') == [] and list_bulk_models('local-dir:/x') == []  # single-model runs
+    (tmp_path / 'empty.txt').write_text('\n')
+    with pytest.raises(ValueError, match='model list file is empty'):
+        list_bulk_models(str(tmp_path / 'empty.txt'))
+    with pytest.raises(FileNotFoundError, match='without'):
+        list_bulk_models('test_resnet', str(tmp_path))
