@@ -9,10 +9,12 @@ from any timm or timm-adv training checkpoint (``--checkpoint``). Without ``--da
 ``--dataset`` the bundled offline dataset ``bundled/mnist`` (validation split) is used.
 """
 import argparse
-import csv
+import copy
+import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -21,17 +23,22 @@ from functools import partial
 import torch
 from timm import utils
 from timm.data import create_loader, resolve_data_config
-from timm.models import create_model
+from timm.layers import apply_test_time_pool, set_fast_norm
+from timm.models import NaFlexVit, create_model
+from timm.utils import reparameterize_model, set_jit_fuser
 
 from timm_adv.attacks import NORMS, create_attack, create_knn_guided_attack, parse_eps
 from timm_adv.data import (DEFAULT_DATASET, TransformSubset, apply_bundled_defaults, create_bank_loader, create_dataset,
-                           default_workers, spread_subset)
-from timm_adv.evaluation import (IMAGENET_C_CORRUPTIONS, SEVERITIES, SHIFT_TYPES, evaluate_accuracy, evaluate_autoattack,
-                                 evaluate_corruption_folder, evaluate_generated_corruptions, evaluate_shift,
-                                 report_to_markdown, save_report, scan_corruption_folder)
+                           default_workers, is_bundled, spread_subset)
+from timm_adv.evaluation import (IMAGENET_C_CORRUPTIONS, SEVERITIES, SHIFT_TYPES, LogitSubset, evaluate_accuracy,
+                                 evaluate_autoattack, evaluate_corruption_folder, evaluate_generated_corruptions,
+                                 evaluate_shift, report_to_markdown, save_report, scan_corruption_folder)
 from timm_adv.evaluation.autoattack import AUTOATTACK_VERSIONS, import_autoattack
+from timm_adv.evaluation.bulk import list_bulk_models, run_with_retry, write_results
 from timm_adv.evaluation.corruptions import FOLDER_PROTOCOLS, import_imagecorruptions
 from timm_adv.evaluation.knn import create_feature_model, create_knn_classifier, find_model_bank
+from timm_adv.evaluation.labels import ClassMetrics, create_real_labels, read_valid_labels
+from timm_adv.evaluation.model_wrap import DtypeModel, wrap_eval_model
 from timm_adv.models import KNN_BACKENDS, build_feature_bank, import_faiss, load_feature_bank
 from timm_adv.utils import explicit_args, load_training_checkpoint
 
@@ -47,10 +54,21 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--split', metavar='NAME', default='validation', help='dataset split (default: validation)')
     parser.add_argument('--dataset-download', action='store_true', default=False, help='allow download of dataset for torch/ datasets')
     parser.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='path to class to idx mapping file')
+    parser.add_argument('--num-samples', type=int, default=None, metavar='N',
+                        help='evaluate N samples: evenly spaced ones of a map-style split, the first N of an '
+                             'iterable one (hfids/, wds/, tfds/)')
+    parser.add_argument('--input-key', default=None, type=str, help='Dataset key for input images (hfds/ hfids/ wds/ tfds/)')
+    parser.add_argument('--input-img-mode', default=None, type=str,
+                        help='Dataset image conversion mode for input images (default: RGB, L for 1 channel)')
+    parser.add_argument('--target-key', default=None, type=str, help='Dataset key for target labels (hfds/ hfids/ wds/ tfds/)')
+    parser.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
+                        help='Allow huggingface dataset import to execute code downloaded from the dataset\'s repo.')
     parser.add_argument('--model', '-m', metavar='NAME', default='resnet10t',
-                        help='model architecture, hf-hub:org/name or local-dir:/path (default: resnet10t)')
+                        help='model architecture, hf-hub:org/name or local-dir:/path (default: resnet10t); bulk '
+                             'mode: a wildcard over pretrained models (\'resnet*\'), all, or a file of model names')
     parser.add_argument('--pretrained', dest='pretrained', action='store_true', help='use pre-trained model')
-    parser.add_argument('--checkpoint', default='', type=str, metavar='PATH', help='path to latest checkpoint (default: none)')
+    parser.add_argument('--checkpoint', default='', type=str, metavar='PATH',
+                        help='path to latest checkpoint (default: none); a folder evaluates each *.pth.tar / *.pth in it')
     parser.add_argument('--use-ema', dest='use_ema', action='store_true', help='use ema version of weights if present')
     parser.add_argument('-j', '--workers', default=default_workers(2), type=int, metavar='N',
                         help='number of data loading workers (default: 2, at most the CPUs available to this process)')
@@ -58,25 +76,56 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--img-size', default=None, type=int, metavar='N', help='Input image dimension, uses model default if empty')
     parser.add_argument('--in-chans', type=int, default=None, metavar='N', help='Image input channels (default: None => 3)')
     parser.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N', help='Input all image dimensions (d h w)')
+    parser.add_argument('--use-train-size', action='store_true', default=False,
+                        help='force use of train input size, even when test size is specified in pretrained cfg')
     parser.add_argument('--crop-pct', default=None, type=float, metavar='N', help='Input image center crop pct')
     parser.add_argument('--crop-mode', default=None, type=str, metavar='N', help='Input image crop mode (squash, border, center)')
+    parser.add_argument('--crop-border-pixels', type=int, default=None, help='Crop pixels from image border.')
     parser.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='Override mean pixel value of dataset')
     parser.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='Override std deviation of of dataset')
     parser.add_argument('--interpolation', default='', type=str, metavar='NAME', help='Image resize interpolation type (overrides model)')
     parser.add_argument('--num-classes', type=int, default=None, help='Number classes in dataset')
     parser.add_argument('--gp', default=None, type=str, metavar='POOL', help='Global pool type, one of (fast, avg, max, avgmax, avgmaxc)')
+    parser.add_argument('--num-gpu', type=int, default=1, help='Number of GPUS to use (nn.DataParallel)')
+    parser.add_argument('--test-pool', dest='test_pool', action='store_true', help='enable test time pool')
     parser.add_argument('--channels-last', action='store_true', default=False, help='Use channels_last memory layout')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str, help='Device (accelerator) to use.')
     parser.add_argument('--amp', action='store_true', default=False, help='use mixed precision (bfloat16 on CPU)')
     parser.add_argument('--amp-dtype', default='float16', type=str, help='lower precision AMP dtype (default: float16)')
+    parser.add_argument('--model-dtype', default=None, choices=('float32', 'float16', 'bfloat16'),
+                        help='Model dtype override (non-AMP) (default: float32)')
+    parser.add_argument('--tf-preprocessing', action='store_true', default=False,
+                        help='Use Tensorflow preprocessing pipeline (require CPU TF installed')
+    parser.add_argument('--fuser', default='', type=str, help="Select jit fuser. One of ('', 'te', 'old', 'nvfuser')")
+    parser.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
+    parser.add_argument('--reparam', default=False, action='store_true', help='Reparameterize model')
     parser.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
     parser.add_argument('--pin-mem', action='store_true', default=False, help='Pin CPU memory in DataLoader')
-    parser.add_argument('--num-samples', type=int, default=None, metavar='N', help='evaluate only N evenly spaced samples of the split')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs)
+    parser.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode (default: None).')
+    scripting_group = parser.add_mutually_exclusive_group()
+    scripting_group.add_argument('--torchscript', default=False, action='store_true', help='torch.jit.script the full model')
+    scripting_group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                                 help='Enable compilation w/ specified backend (default: inductor); the attacks '
+                                      'differentiate through the compiled model')
+    scripting_group.add_argument('--aot-autograd', default=False, action='store_true', help='Enable AOT Autograd support.')
     parser.add_argument('--results-file', default='', type=str, metavar='FILENAME', help='Output csv/json file for validation results')
     parser.add_argument('--results-format', default='csv', type=str, help='Format for results file one of (csv, json) (default: csv).')
+    parser.add_argument('--real-labels', default='', type=str, metavar='FILENAME',
+                        help='Real labels JSON file for imagenet evaluation (scores the clean and --attack top-1/top-5)')
+    parser.add_argument('--valid-labels', default='', type=str, metavar='FILENAME',
+                        help='Valid label indices txt file for validation of partial label space (every evaluation)')
+    parser.add_argument('--retry', default=False, action='store_true',
+                        help='Enable batch size decay & retry for single model validation (bulk runs always retry)')
     parser.add_argument('--log-freq', default=0, type=int, metavar='N', help='batch logging frequency (default: off)')
-    parser.add_argument('--seed', type=int, default=0, metavar='S', help='seed of the attacks\' random starts (default: 0)')
+    parser.add_argument('--seed', type=int, default=0, metavar='S',
+                        help='random seed: the attacks\' random starts, iterable dataset shuffling (default: 0)')
+    parser.add_argument('--metrics-avg', type=str, default=None, choices=['micro', 'macro', 'weighted'],
+                        help='clean precision, recall and F1-score with this averaging (scikit-learn) (default: None)')
+    parser.add_argument('--naflex-loader', action='store_true', default=False,
+                        help='Use NaFlex loader (Requires NaFlex compatible model; clean accuracy only)')
+    parser.add_argument('--naflex-max-seq-len', type=int, default=576,
+                        help='Fixed maximum sequence length for NaFlex loader (validation)')
 
     group = parser.add_argument_group('Attack parameters')
     group.add_argument('--attack', choices=('none', 'fgsm', 'pgd'), default='none',
@@ -173,7 +222,72 @@ _NEEDS = {
                                                      'knn_backend')},
     'knn_bank_samples': (lambda a: a.knn and bool(a.knn_bank_split), '--knn --knn-bank-split'),
     'knn_guides': (lambda a: a.knn and a.attack != 'none', '--knn and --attack fgsm|pgd (the guided attack)'),
+    'torchcompile_mode': (lambda a: bool(a.torchcompile), '--torchcompile'),
+    'fuser': (lambda a: a.torchscript, '--torchscript (it selects the TorchScript fuser)'),
+    'naflex_max_seq_len': (lambda a: a.naflex_loader, '--naflex-loader'),
+    'input_key': (lambda a: _dataset_kind(a) in _KEYED_DATASETS, 'a --dataset hfds/, hfids/, wds/ or tfds/'),
+    'target_key': (lambda a: _dataset_kind(a) in _KEYED_DATASETS, 'a --dataset hfds/, hfids/, wds/ or tfds/'),
+    'dataset_trust_remote_code': (lambda a: _dataset_kind(a) in ('hfds', 'hfids'), 'a --dataset hfds/ or hfids/'),
+    'input_img_mode': (lambda a: not is_bundled(_dataset_name(a)),
+                       'a timm dataset (--data-dir or --dataset; bundled datasets are RGB)'),
 }
+
+#: Dataset types whose records are read by key (``--input-key`` / ``--target-key``).
+_KEYED_DATASETS = ('hfds', 'hfids', 'wds', 'tfds')
+#: Dataset types read as streams: ``--num-samples`` goes to timm's dataset, no subset is drawn.
+_ITERABLE_DATASETS = ('hfids', 'wds', 'tfds')
+
+
+def _dataset_name(args) -> str:
+    return args.dataset or ('' if (args.data_dir or args.data) else DEFAULT_DATASET)
+
+
+def _dataset_kind(args) -> str:
+    name = _dataset_name(args)
+    return name.split('/', 1)[0].lower() if '/' in name else ''
+
+
+def _flags_set(args, flags) -> list:
+    return [flag for dest, flag in flags if getattr(args, dest) not in (None, False, '', 'none')]
+
+
+def check_combinations(args: argparse.Namespace) -> None:
+    """Raises ValueError for timm flags that cannot act together with a requested evaluation."""
+    robustness = (('autoattack', '--autoattack'), ('corruption_dir', '--corruption-dir'),
+                  ('corruptions_generated', '--corruptions-generated'), ('shift_dir', '--shift-dir'))
+    own_transforms = (('corruption_dir', '--corruption-dir'), ('corruptions_generated', '--corruptions-generated'),
+                      ('shift_dir', '--shift-dir'), ('knn_bank_split', '--knn-bank-split'))
+    refusals = [
+        ('naflex_loader', '--naflex-loader', (('attack', '--attack'), *robustness, ('knn', '--knn'),
+                                              ('channels_last', '--channels-last'), ('test_pool', '--test-pool'),
+                                              ('tf_preprocessing', '--tf-preprocessing')),
+         'its batches are patch dicts, which the attacks, the kNN and the other evaluations do not take; '
+         'evaluate clean accuracy with it, the rest without it'),
+        ('real_labels', '--real-labels', (*robustness, ('knn', '--knn')),
+         'ReaL labels score the clean and --attack evaluations; the others (and the kNN-guided attack) score '
+         'against the dataset labels, so run them without --real-labels'),
+        ('valid_labels', '--valid-labels', (('shift_dir', '--shift-dir'), ('knn', '--knn')),
+         '--shift-type and --knn choose their own classes'),
+        ('test_pool', '--test-pool', (('knn', '--knn'),), 'the kNN drops the classifier head that test-time pooling wraps'),
+        ('torchscript', '--torchscript', (('knn', '--knn'),), 'the kNN classifier is not scriptable; use --torchcompile'),
+        ('aot_autograd', '--aot-autograd', (('attack', '--attack'), ('autoattack', '--autoattack'), ('knn', '--knn')),
+         'functorch\'s memory_efficient_fusion compiles for the grad mode of its first call (the clean, no-grad '
+         'pass), so attacks would get no input gradient, and it does not trace the kNN; use --torchcompile'),
+        ('model_dtype', '--model-dtype', (('knn', '--knn'),), 'the feature bank is float32'),
+        ('tf_preprocessing', '--tf-preprocessing', (('no_prefetcher', '--no-prefetcher'), *own_transforms),
+         'the TF pipeline runs in the prefetching loader of the clean, --attack and --autoattack evaluations only'),
+        ('crop_border_pixels', '--crop-border-pixels', own_transforms,
+         'the border crop is in the loader of the clean, --attack and --autoattack evaluations only'),
+    ]
+    for dest, flag, others, why in refusals:
+        if getattr(args, dest) not in (None, False, ''):
+            clash = _flags_set(args, others)
+            if clash:
+                raise ValueError(f'{flag} cannot be combined with {", ".join(clash)}: {why}.')
+    if args.model_dtype not in (None, 'float32') and args.amp:
+        raise ValueError(f'--model-dtype {args.model_dtype} cannot be combined with --amp: AMP needs a float32 model.')
+    if args.num_gpu < 1:
+        raise ValueError(f'--num-gpu must be >= 1, got {args.num_gpu}.')
 
 
 def check_ignored_flags(args: argparse.Namespace, explicit) -> None:
@@ -190,6 +304,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         check_ignored_flags(args, explicit_args(parser, argv))
+        check_combinations(args)
         args.eps = [parse_eps(e, '--eps') for e in args.eps]
         if args.step_size is not None:
             args.step_size = parse_eps(args.step_size, '--step-size')
@@ -233,9 +348,8 @@ def _attack_key(args, eps: float) -> str:
     return f'{name}_top1' if len(args.eps) == 1 else f'{name}_top1@{eps:.4g}'
 
 
-def validate(args) -> OrderedDict:
-    """Evaluates one model; returns an ordered dict of results like timm's validate.py, plus attacks."""
-    device = torch.device(args.device)
+def _prepare_data_args(args) -> None:
+    """Dataset defaults and the checks that need no model: missing folders and optional packages fail first."""
     if not args.data_dir and args.data:
         args.data_dir = args.data
     if not args.dataset and not args.data_dir:
@@ -244,7 +358,6 @@ def validate(args) -> OrderedDict:
     if args.data_dir and not os.path.exists(args.data_dir) and not args.dataset_download:
         raise FileNotFoundError(f'--data-dir {args.data_dir!r} does not exist; point it at your dataset, or omit '
                                 f'--data-dir/--dataset to use the bundled dataset {DEFAULT_DATASET}.')
-    # bad robustness inputs and missing optional packages fail before any evaluation
     if args.autoattack != 'none':
         import_autoattack()
     if args.corruptions_generated:
@@ -256,112 +369,228 @@ def validate(args) -> OrderedDict:
                                 f'{args.shift_type} dataset.')
     if args.knn and args.knn_backend == 'faiss':
         import_faiss()
-    if args.knn and not args.knn_bank_split:
+    for flag, module, extra in (('--tf-preprocessing', 'tensorflow', 'tensorflow-cpu'),
+                                ('--metrics-avg', 'sklearn', 'scikit-learn')):
+        if getattr(args, flag[2:].replace('-', '_')) and importlib.util.find_spec(module) is None:
+            raise ImportError(f'{flag} needs {module}: pip install {extra}')
+    for flag, path in (('--valid-labels', args.valid_labels), ('--real-labels', args.real_labels)):
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f'{flag} {path!r} does not exist.')
+
+
+def create_eval_model(args, device: torch.device):
+    """The model as timm's validate.py builds it, with the adversarial evaluation's wrappers.
+
+    Returns ``(model, base, data_config, crop_pct)``: the model to evaluate (kNN classifier, valid-label
+    subset, dtype cast, script / compile / DataParallel as asked), the timm model inside it, its data
+    config, and the crop (1.0 under test-time pooling, like timm).
+    """
+    # a hub or folder model without --checkpoint is only meaningful with its own weights
+    pretrained = args.pretrained or (args.model.startswith(('hf-hub:', 'local-dir:')) and not args.checkpoint)
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    torch.manual_seed(args.seed)  # reproducible even for a model left at its random initialisation
+    if args.knn:
+        model = create_feature_model(args.model, pretrained=pretrained, checkpoint=args.checkpoint,
+                                     use_ema=args.use_ema, in_chans=in_chans, global_pool=args.gp, **args.model_kwargs)
+    else:
+        model = create_model(args.model, pretrained=pretrained, num_classes=args.num_classes, in_chans=in_chans,
+                             global_pool=args.gp, scriptable=args.torchscript, **args.model_kwargs)
+        if args.checkpoint:
+            model = load_training_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
+    if args.naflex_loader and not isinstance(model, NaFlexVit):
+        raise ValueError(f'--naflex-loader feeds patch dicts, which only NaFlex models take (naflexvit_*); '
+                         f'{args.model} takes images: drop --naflex-loader.')
+    if args.reparam:
+        model = reparameterize_model(model)
+    base = model
+    data_config = resolve_data_config(vars(args), model=model, use_test_size=not args.use_train_size, verbose=True)
+    if args.use_train_size and data_config == resolve_data_config(vars(args), model=model, use_test_size=True):
+        _logger.warning(f'--use-train-size changes nothing for {args.model}: no separate test input size '
+                        f'(or --img-size / --input-size given).')
+    crop_pct = data_config['crop_pct']
+    if args.test_pool:
+        model, pooled = apply_test_time_pool(model, data_config)
+        if pooled:
+            crop_pct = 1.0
+        else:
+            _logger.warning(f'--test-pool changes nothing for {args.model}: input size {data_config["input_size"]} '
+                            f'is not larger than its pretrained size.')
+    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+    model.to(device=device, dtype=model_dtype).eval()
+    if args.knn:
+        model = _create_knn(args, model, data_config, device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.valid_labels:
+        model = LogitSubset(model, read_valid_labels(args.valid_labels)).to(device)
+    if model_dtype not in (None, torch.float32):
+        model = DtypeModel(model, model_dtype)
+    model = wrap_eval_model(model, torchscript=args.torchscript, torchcompile=args.torchcompile,
+                            torchcompile_mode=args.torchcompile_mode, aot_autograd=args.aot_autograd,
+                            num_gpu=args.num_gpu)
+    return model, base, data_config, crop_pct
+
+
+def _create_knn(args, model, data_config, device):
+    if args.knn_bank_split:
+        bank_loader = create_bank_loader(
+            args.dataset, args.data_dir, args.knn_bank_split, data_config, batch_size=args.batch_size,
+            workers=args.workers, device=device, num_samples=args.knn_bank_samples,
+            use_prefetcher=not args.no_prefetcher, class_map=args.class_map, download=args.dataset_download)
+        bank = build_feature_bank(model, bank_loader, args.num_classes, device=device)
+    else:
         args.knn_bank = args.knn_bank or find_model_bank(args.model)
         if not args.knn_bank:
             raise ValueError(f'--knn: {args.model!r} has no feature bank; pass --knn-bank FILE (the '
                              f'knn_bank.safetensors of its export) or --knn-bank-split train to embed the training split.')
         bank = load_feature_bank(args.knn_bank)
+    return create_knn_classifier(model, bank, args.knn_k, args.knn_temperature, args.knn_backend, device=device)
 
-    # a hub or folder model without --checkpoint is only meaningful with its own weights
-    pretrained = args.pretrained or (args.model.startswith(('hf-hub:', 'local-dir:')) and not args.checkpoint)
-    torch.manual_seed(args.seed)  # reproducible even for a model left at its random initialisation
-    if args.knn:
-        model = create_feature_model(args.model, pretrained=pretrained, checkpoint=args.checkpoint,
-                                     use_ema=args.use_ema, in_chans=args.in_chans or 3, global_pool=args.gp,
-                                     **args.model_kwargs)
-    else:
-        model = create_model(args.model, pretrained=pretrained, num_classes=args.num_classes,
-                             in_chans=args.in_chans or 3, global_pool=args.gp, **args.model_kwargs)
-        if args.checkpoint:
-            model = load_training_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
-    param_count = sum(p.numel() for p in model.parameters())
-    data_config = resolve_data_config(vars(args), model=model, use_test_size=True, verbose=True)
-    model.to(device).eval()
-    if args.knn:
-        if args.knn_bank_split:
-            bank_loader = create_bank_loader(
-                args.dataset, args.data_dir, args.knn_bank_split, data_config, batch_size=args.batch_size,
-                workers=args.workers, device=device, num_samples=args.knn_bank_samples,
-                use_prefetcher=not args.no_prefetcher, class_map=args.class_map, download=args.dataset_download)
-            bank = build_feature_bank(model, bank_loader, args.num_classes, device=device)
-        model = create_knn_classifier(model, bank, args.knn_k, args.knn_temperature, args.knn_backend, device=device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+
+def create_eval_dataset(args, data_config):
+    """The evaluated split, with timm's dataset options; ``--num-samples`` spreads a map-style split."""
+    iterable = _dataset_kind(args) in _ITERABLE_DATASETS
+    timm_kwargs = {}
+    if not is_bundled(args.dataset):
+        timm_kwargs = dict(
+            input_key=args.input_key, target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code,
+            input_img_mode=args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L'),
+            load_bytes=args.tf_preprocessing, seed=args.seed, num_samples=args.num_samples if iterable else None)
+    dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, class_map=args.class_map,
+                             download=args.dataset_download, **timm_kwargs)
+    if args.num_samples is not None and not iterable:
+        dataset = spread_subset(dataset, args.num_samples)
+    return dataset
+
+
+def _loader_factory(args, data_config, crop_pct, device, model):
+    """``dataset -> loader`` with the evaluation's transform (timm's loader, or its NaFlex loader)."""
+    common = dict(batch_size=args.batch_size, interpolation=data_config['interpolation'], mean=data_config['mean'],
+                  std=data_config['std'], num_workers=args.workers, crop_pct=crop_pct,
+                  crop_mode=data_config['crop_mode'], crop_border_pixels=args.crop_border_pixels,
+                  pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher)
+    if args.naflex_loader:
+        from timm.data import create_naflex_loader
+        patch_size = getattr(getattr(model, 'embeds', None), 'patch_size', None) or (16, 16)
+        return partial(create_naflex_loader, patch_size=patch_size, max_seq_len=args.naflex_max_seq_len, **common)
+    return partial(create_loader, input_size=data_config['input_size'], is_training=False,
+                   tf_preprocessing=args.tf_preprocessing, **common)
+
+
+def _clean_scorers(args, dataset):
+    """The clean evaluation's extra scorers: ReaL labels and precision / recall / F1, as asked."""
+    real = create_real_labels(dataset, args.real_labels) if args.real_labels else None
+    metrics = ClassMetrics(args.metrics_avg) if args.metrics_avg else None
+
+    def on_output(logits, target):
+        if real is not None:
+            real.add_result(logits)
+        if metrics is not None:
+            metrics.add_result(logits, target)
+    return real, metrics, on_output
+
+
+def _real_label_scores(real, scores: dict) -> dict:
+    """``scores`` with top-1 / top-5 replaced by the ReaL-label ones (timm: real labels replace top-k)."""
+    return dict(scores, top1=real.get_accuracy(k=1), top5=real.get_accuracy(k=5))
+
+
+def validate(args) -> OrderedDict:
+    """Evaluates one model; returns an ordered dict of results like timm's validate.py, plus attacks."""
+    device = torch.device(args.device)
+    _prepare_data_args(args)
+    if args.fuser:
+        set_jit_fuser(args.fuser)
+    if args.fast_norm:
+        set_fast_norm()
+    model, base, data_config, crop_pct = create_eval_model(args, device)
+    param_count = sum(p.numel() for p in base.parameters())
 
     amp_autocast = nullcontext
     if args.amp:
         dtype = torch.bfloat16 if (args.amp_dtype == 'bfloat16' or device.type == 'cpu') else torch.float16
         amp_autocast = partial(torch.autocast, device_type=device.type, dtype=dtype)
 
-    dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, class_map=args.class_map,
-                             download=args.dataset_download)
-    if args.num_samples is not None:
-        dataset = spread_subset(dataset, args.num_samples)
-    loader_args = dict(
-        input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
-        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-        num_workers=args.workers, crop_pct=data_config['crop_pct'], crop_mode=data_config['crop_mode'],
-        pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher)
-    loader = create_loader(dataset, **loader_args)
+    dataset = create_eval_dataset(args, data_config)
+    make_loader = _loader_factory(args, data_config, crop_pct, device, base)
+    loader = make_loader(dataset)
     eval_kwargs = dict(device=device, amp_autocast=amp_autocast, log_interval=args.log_freq,
                        channels_last=args.channels_last)
 
-    clean = evaluate_accuracy(model, loader, log_prefix='Clean', **eval_kwargs)
+    real, metrics, on_output = _clean_scorers(args, dataset)
+    clean = evaluate_accuracy(model, loader, log_prefix='Clean', on_output=on_output, **eval_kwargs)
+    if real is not None:
+        clean = _real_label_scores(real, clean)
     results = OrderedDict(
         model=args.model,
         top1=round(clean['top1'], 4), top1_err=round(100 - clean['top1'], 4),
         top5=round(clean['top5'], 4), top5_err=round(100 - clean['top5'], 4),
+        **(metrics.compute() if metrics is not None else {}),
         loss=round(clean['loss'], 6), samples=clean['samples'],
         param_count=round(param_count / 1e6, 4),
-        img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
+        img_size=data_config['input_size'][-1], crop_pct=crop_pct,
         interpolation=data_config['interpolation'],
     )
     report = OrderedDict(model=args.model, dataset=args.dataset or args.data_dir, split=args.split,
                          clean=dict(top1=clean['top1'], top5=clean['top5'], samples=clean['samples']))
+    if args.real_labels:
+        report['labels'] = 'ImageNet ReaL (clean and --attack top-1/top-5)'
     if args.attack != 'none':
-        attack_loader = loader
-        if args.attack_samples is not None and args.attack_samples < len(dataset):
-            attack_loader = create_loader(spread_subset(dataset, args.attack_samples), **loader_args)
-            subset_clean = evaluate_accuracy(model, attack_loader, log_prefix='Clean subset', **eval_kwargs)
-            results['attack_subset_top1'] = round(subset_clean['top1'], 4)
-            report['attack_subset_clean'] = dict(top1=subset_clean['top1'], samples=subset_clean['samples'])
-        results['attack_samples'] = len(attack_loader.dataset)
-        results['attack'] = args.attack
-        results['norm'] = args.norm
-        results['steps'] = 1 if args.attack == 'fgsm' else args.steps
-        results['restarts'] = 1 if args.attack == 'fgsm' else args.restarts
-        for eps in args.eps:
-            torch.manual_seed(args.seed)
-            if args.attack == 'fgsm':
-                attack = create_attack(eps=eps, steps=1, norm=args.norm, random_start=False, bn_mode='eval',
-                                       mean=data_config['mean'], std=data_config['std'])
-            else:
-                attack = create_attack(eps=eps, steps=args.steps, step_size=args.step_size, norm=args.norm,
-                                       random_start=True, bn_mode='eval', restarts=args.restarts,
-                                       mean=data_config['mean'], std=data_config['std'])
-            _logger.info(f'Attacking with {attack}')
-            adv = evaluate_accuracy(model, attack_loader, attack=attack, log_prefix=f'Attack eps={eps:.4g}',
-                                    **eval_kwargs)
-            results[_attack_key(args, eps)] = round(adv['top1'], 4)
-            report.setdefault('pgd', []).append(dict(
-                attack=args.attack, eps=eps, norm=args.norm, steps=attack.steps, step_size=attack.step_size,
-                restarts=attack.restarts, samples=adv['samples'], top1=adv['top1']))
-            if args.knn:
-                _evaluate_knn_guided(args, model, eps, attack, attack_loader, eval_kwargs, results, report)
-        results['eps'] = ' '.join(f'{e:.6g}' for e in args.eps)
+        _evaluate_attacks(args, model, dataset, loader, make_loader, data_config, eval_kwargs, results, report)
     aa_loader = None
     if args.autoattack != 'none':
         if args.aa_subset == 'first':
             aa_subset = TransformSubset(dataset, range(min(args.aa_samples, len(dataset))))
         else:
             aa_subset = spread_subset(dataset, args.aa_samples)
-        aa_loader = create_loader(aa_subset, **loader_args)
-    _evaluate_robustness(args, model, data_config, aa_loader, device, results, report, amp_autocast=amp_autocast)
+        aa_loader = make_loader(aa_subset)
+    _evaluate_robustness(args, model, base, data_config, aa_loader, device, results, report, amp_autocast=amp_autocast)
     if args.report_dir:
         save_report(report, args.report_dir, plots=not args.no_plots)
     results['report'] = report
     return results
+
+
+def _evaluate_attacks(args, model, dataset, loader, make_loader, data_config, eval_kwargs, results, report) -> None:
+    """FGSM / PGD top-1 at each --eps (and the kNN-guided attack with --knn), on --attack-samples images."""
+    attack_loader, attack_set = loader, dataset
+    if args.attack_samples is not None and args.attack_samples < len(dataset):
+        attack_set = spread_subset(dataset, args.attack_samples)
+        attack_loader = make_loader(attack_set)
+        real = create_real_labels(attack_set, args.real_labels) if args.real_labels else None
+        subset_clean = evaluate_accuracy(model, attack_loader, log_prefix='Clean subset',
+                                         on_output=real and (lambda logits, _: real.add_result(logits)), **eval_kwargs)
+        if real is not None:
+            subset_clean = _real_label_scores(real, subset_clean)
+        results['attack_subset_top1'] = round(subset_clean['top1'], 4)
+        report['attack_subset_clean'] = dict(top1=subset_clean['top1'], samples=subset_clean['samples'])
+    results['attack_samples'] = len(attack_loader.dataset)
+    results['attack'] = args.attack
+    results['norm'] = args.norm
+    results['steps'] = 1 if args.attack == 'fgsm' else args.steps
+    results['restarts'] = 1 if args.attack == 'fgsm' else args.restarts
+    for eps in args.eps:
+        torch.manual_seed(args.seed)
+        if args.attack == 'fgsm':
+            attack = create_attack(eps=eps, steps=1, norm=args.norm, random_start=False, bn_mode='eval',
+                                   mean=data_config['mean'], std=data_config['std'])
+        else:
+            attack = create_attack(eps=eps, steps=args.steps, step_size=args.step_size, norm=args.norm,
+                                   random_start=True, bn_mode='eval', restarts=args.restarts,
+                                   mean=data_config['mean'], std=data_config['std'])
+        _logger.info(f'Attacking with {attack}')
+        real = create_real_labels(attack_set, args.real_labels) if args.real_labels else None
+        adv = evaluate_accuracy(model, attack_loader, attack=attack, log_prefix=f'Attack eps={eps:.4g}',
+                                on_output=real and (lambda logits, _: real.add_result(logits)), **eval_kwargs)
+        if real is not None:
+            adv = _real_label_scores(real, adv)
+        results[_attack_key(args, eps)] = round(adv['top1'], 4)
+        report.setdefault('pgd', []).append(dict(
+            attack=args.attack, eps=eps, norm=args.norm, steps=attack.steps, step_size=attack.step_size,
+            restarts=attack.restarts, samples=adv['samples'], top1=adv['top1']))
+        if args.knn:
+            _evaluate_knn_guided(args, model, eps, attack, attack_loader, eval_kwargs, results, report)
+    results['eps'] = ' '.join(f'{e:.6g}' for e in args.eps)
 
 
 def _evaluate_knn_guided(args, knn, eps, attack, loader, eval_kwargs, results, report) -> None:
@@ -380,7 +609,7 @@ def _evaluate_knn_guided(args, knn, eps, attack, loader, eval_kwargs, results, r
                                                     samples=adv['samples'], top1=adv['top1']))
 
 
-def _evaluate_robustness(args, model, data_config, aa_loader, device, results, report,
+def _evaluate_robustness(args, model, base, data_config, aa_loader, device, results, report,
                          amp_autocast=nullcontext) -> None:
     """AutoAttack, corruptions and distribution shift, as requested; fills the flat results and the report.
 
@@ -405,7 +634,7 @@ def _evaluate_robustness(args, model, data_config, aa_loader, device, results, r
                              device=device, **precision)
     if args.corruption_dir:
         corr = evaluate_corruption_folder(model, args.corruption_dir, data_config, protocol=args.corruption_protocol,
-                                          label_names=model.pretrained_cfg.get('label_names'), **corruption_kwargs)
+                                          label_names=base.pretrained_cfg.get('label_names'), **corruption_kwargs)
     elif args.corruptions_generated:
         raw = create_dataset(args.dataset, root=args.data_dir, split=args.split, class_map=args.class_map,
                              download=args.dataset_download)
@@ -436,30 +665,72 @@ def format_table(results: dict) -> str:
     return '\n'.join(lines)
 
 
-def write_results(results_file: str, results: dict, format: str = 'csv') -> None:
-    tmp = results_file + '.tmp'
-    with open(tmp, mode='w') as f:
-        if format == 'json':
-            json.dump([results], f, indent=4)
-        else:
-            writer = csv.DictWriter(f, fieldnames=list(results.keys()))
-            writer.writeheader()
-            writer.writerow(results)
-    os.replace(tmp, results_file)
+def format_bulk_table(rows: list) -> str:
+    """A markdown table with one row per model and the union of the rows' columns."""
+    columns = list(OrderedDict((k, None) for row in rows for k in row))
+    lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+    lines += ['| ' + ' | '.join(str(row.get(c, '')) for c in columns) + ' |' for row in rows]
+    return '\n'.join(lines)
 
 
-def main(argv=None) -> OrderedDict:
+def validate_bulk(args, models) -> list:
+    """timm's bulk mode: one results row per ``(model, checkpoint)``, best clean top-1 first.
+
+    A model that fails (unknown name, missing weights, out of memory after the batch-size retries) is
+    logged and left out, like timm; the failures are returned in ``args.bulk_failures``.
+    """
+    _logger.info(f'Running bulk validation on these models: {", ".join(m + (" " + c if c else "") for m, c in models)}')
+    if args.report_dir:
+        _logger.info(f'--report-dir: one subfolder per model under {args.report_dir}')
+    rows, failures = [], []
+    try:
+        for name, checkpoint in models:
+            run_args = copy.copy(args)  # validate() fills dataset and bank defaults per model
+            run_args.model, run_args.checkpoint, run_args.pretrained = name, checkpoint, not checkpoint
+            if args.report_dir:
+                tag = os.path.basename(checkpoint) if checkpoint else name
+                run_args.report_dir = os.path.join(args.report_dir, re.sub(r'[^\w.-]+', '_', tag))
+            row = run_with_retry(partial(validate, run_args), run_args, args.batch_size)
+            if 'error' in row:
+                failures.append(row)
+                continue
+            if checkpoint:
+                row['checkpoint'] = checkpoint
+            rows.append(row)
+    except KeyboardInterrupt:
+        _logger.warning(f'Interrupted: results of the {len(rows)} models done so far.')
+    args.bulk_failures = failures
+    return sorted(rows, key=lambda r: r['top1'], reverse=True)
+
+
+def main(argv=None):
+    """Validates one model (a results dict) or, in bulk mode, a list of them (a list of results dicts)."""
     utils.setup_default_logging()
     args = parse_args(argv)
     try:
-        results = validate(args)
+        models = list_bulk_models(args.model, args.checkpoint)
+        if models:
+            _prepare_data_args(args)  # a missing folder or package fails once, not once per model
+            if args.retry:
+                _logger.warning('--retry: bulk runs always retry with smaller batches; the flag changes nothing.')
+            results = validate_bulk(args, models)
+        elif args.retry:
+            results = run_with_retry(partial(validate, args), args, args.batch_size)
+        else:
+            results = validate(args)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f'validate.py: error: {e}', file=sys.stderr)
         sys.exit(2)
-    report = results.pop('report')
-    print(format_table(results))
-    if any(k in report for k in ('autoattack', 'corruptions', 'shift')):  # beyond the flat table above
-        print(report_to_markdown(report))
+    rows = results if isinstance(results, list) else [results]
+    reports = [row.pop('report') for row in rows if 'report' in row]
+    if isinstance(results, list):
+        print(format_bulk_table(rows))
+        for failure in args.bulk_failures:
+            print(f'validate.py: {failure["model"]} failed: {failure["error"]}', file=sys.stderr)
+    else:
+        print(format_table(results))
+        if reports and any(k in reports[0] for k in ('autoattack', 'corruptions', 'shift')):  # beyond the table
+            print(report_to_markdown(reports[0]))
     print(f'--result\n{json.dumps(results, indent=4)}')
     if args.results_file:
         write_results(args.results_file, results, format=args.results_format)

@@ -29,6 +29,7 @@ def evaluate_accuracy(
         log_interval: int = 0,
         log_prefix: str = 'Test',
         channels_last: bool = False,
+        on_output: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
 ) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and mean CE loss, on clean or attacked inputs.
 
@@ -38,7 +39,8 @@ def evaluate_accuracy(
 
     Args:
         model: Model taking the loader's (normalised) batches.
-        loader: Yields ``(input, target)`` with class-index targets.
+        loader: Yields ``(input, target)`` with class-index targets; ``input`` is a tensor, or a dict of
+            tensors for models that take one (timm's NaFlex loader).
         attack: Optional attack applied to every batch.
         device: Device to move batches to.
         amp_autocast: Autocast context factory.
@@ -46,6 +48,8 @@ def evaluate_accuracy(
         log_interval: Log progress every N batches (0: never).
         log_prefix: Label for progress lines.
         channels_last: Convert inputs to channels-last memory format.
+        on_output: Called with every batch's ``(logits, target)`` after the forward pass, for extra
+            scorers (ReaL labels, precision / recall).
 
     Returns:
         Dict with ``top1``, ``top5``, ``loss`` and ``samples``.
@@ -58,7 +62,12 @@ def evaluate_accuracy(
     totals = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss_sum, count
     start = time.time()
     for batch_idx, (input, target) in enumerate(loader):
-        if device is not None:
+        if isinstance(input, dict):  # NaFlex batches: patches, coordinates, validity (clean evaluation only)
+            if attack is not None or channels_last:
+                raise ValueError('patch-dict (NaFlex) batches take neither attacks nor channels-last.')
+            input = {k: v.to(device) if torch.is_tensor(v) and device is not None else v for k, v in input.items()}
+            target = target.to(device) if device is not None else target
+        elif device is not None:
             input, target = input.to(device), target.to(device)
         if channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
@@ -66,7 +75,9 @@ def evaluate_accuracy(
             remaining = max_samples - int(totals[3])
             if remaining <= 0:
                 break
-            input, target = input[:remaining], target[:remaining]
+            input = ({k: v[:remaining] if torch.is_tensor(v) else v for k, v in input.items()}
+                     if isinstance(input, dict) else input[:remaining])
+            target = target[:remaining]
         if attack is not None:
             with amp_autocast():
                 input = attack(model, input, target)
@@ -74,6 +85,8 @@ def evaluate_accuracy(
         with torch.no_grad(), amp_autocast():
             logits = model(input)
         logits = logits.float()
+        if on_output is not None:
+            on_output(logits, target)
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
         hits = topk == target.view(-1, 1)
