@@ -1,0 +1,37 @@
+"""Model parameters out of the autograd graph while an attack differentiates w.r.t. its input.
+
+``torch.autograd.grad(loss, delta)`` returns only the input gradient, but a backward still runs the
+weight-gradient kernels of every layer whose weight requires grad: eager convolution backward is
+asked for them when the forward records the graph, and a ``torch.compile``-d model runs one compiled
+backward that computes every gradient its graph was traced with. Attack passes therefore run with
+the parameters' ``requires_grad`` off, which skips that work in both cases and, compiled, gives the
+attack its own graph (traced once, reused every step).
+"""
+from contextlib import contextmanager
+from typing import Iterator, List
+
+import torch
+import torch.nn as nn
+
+__all__ = ['frozen_parameters']
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager that turns ``requires_grad`` off for every parameter of ``model``, restored on exit.
+
+    Gradients w.r.t. inputs (and w.r.t. other modules' parameters, e.g. a generator feeding ``model``)
+    still flow through ``model``.
+
+    Example:
+        >>> with frozen_parameters(model):
+        ...     grad, = torch.autograd.grad(model(x + delta).sum(), delta)   # no weight-gradient kernels run
+    """
+    frozen: List[torch.nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
