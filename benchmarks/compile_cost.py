@@ -8,8 +8,8 @@ reported relative to an eager plain (``none``) step. Also printed:
 * the compile time: the wall time of the compiled PGD task's warm-up steps minus as many eager PGD steps;
 * the graphs dynamo compiled during warm-up and during the timed steps (the latter must be 0: no
   recompiles per step);
-* the cost of one attack pass (forward + input gradient) eager with the parameters requiring grad (the
-  attack core before it froze them), eager frozen, and compiled frozen.
+* the cost of one attack pass (forward + input gradient), eager and compiled, with the parameters frozen
+  (the attack core's way) or requiring grad: a compiled backward then computes the weight gradients too.
 
     python benchmarks/compile_cost.py --model resnet10t --img-size 32 --batch-size 64 --backend inductor
 """
@@ -117,6 +117,8 @@ def main(argv=None):
     fns['attack pass eager, params require grad'] = _attack_pass(eager_model, x_pix, y, pgd_eager, freeze=False)
     fns['attack pass eager, params frozen'] = _attack_pass(eager_model, x_pix, y, pgd_eager, freeze=True)
     fns['attack pass compiled, params frozen'] = _attack_pass(model, x_pix, y, pgd_compiled, freeze=True)
+    fns['attack pass compiled, params require grad'] = _attack_pass(model, x_pix, y, pgd_compiled, freeze=False)
+    fns['attack pass compiled, params require grad']()  # its own graph (weight gradients in the backward)
     warm_graphs = compiled_graphs()
     times = interleaved_median_times(fns, args.steps, args.warmup, device)
     recompiles = compiled_graphs() - warm_graphs
@@ -135,7 +137,9 @@ def main(argv=None):
           f'plain compiled / plain eager: {times["plain compiled"] / plain:.2f}; attack pass eager frozen / '
           f'eager requiring grad: {times["attack pass eager, params frozen"] / times["attack pass eager, params require grad"]:.2f}; '
           f'compiled frozen / eager frozen: '
-          f'{times["attack pass compiled, params frozen"] / times["attack pass eager, params frozen"]:.2f}')
+          f'{times["attack pass compiled, params frozen"] / times["attack pass eager, params frozen"]:.2f}; '
+          f'compiled frozen / compiled requiring grad: '
+          f'{times["attack pass compiled, params frozen"] / times["attack pass compiled, params require grad"]:.2f}')
 
 
 if __name__ == '__main__':

@@ -13,10 +13,12 @@ import torch._dynamo
 import torch.nn as nn
 
 import train
+from test_dat import _tiny_config
 from timm_adv.attacks import create_attack
 from timm_adv.evaluation import evaluate_accuracy
 from timm_adv.tasks import add_adv_args, create_task, get_method
 from timm_adv.utils import check_compile_args, compiled_graphs
+from timm_adv.vqgan import VQModel, save_vqgan
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -28,6 +30,12 @@ def fresh_dynamo():
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope='module')
+def vqgan_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    return str(save_vqgan(VQModel(_tiny_config()), str(tmp_path_factory.mktemp('vqgan'))))
 
 
 def _task(method, *argv, seed=0):
@@ -54,16 +62,20 @@ def _batches(n, size=8):
     return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
 
 
+# (method, flags, graphs: one per BN mode / route x grad mode the method meets)
 METHODS = [
-    ('pgd', ('--adv-steps', '3', '--adv-eps', '0.1')),
-    ('advprop', ()),                            # attack via the auxiliary BNs, training via the split route
-    ('fgsm-sdi', ('--adv-sdi-every', '2')),     # generator step on every other batch
-    ('advbn', ('--adv-advbn-steps', '2')),      # attack and training on the back only
+    ('pgd', ('--adv-steps', '3', '--adv-eps', '0.1'), 2),  # attack (frozen weights), training pass
+    ('advprop', (), 2),                            # attack via the auxiliary BNs, training via the split route
+    ('fgsm-sdi', ('--adv-sdi-every', '2'), 2),     # generator step on every other batch: no graph of its own
+    ('advbn', ('--adv-advbn-steps', '2'), 2),      # attack and training on the back only
+    ('dat', ('--adv-dat-aux-bn',), 3),             # attack and DAT pass via the auxiliary BNs, clean pass
 ]
 
 
-@pytest.mark.parametrize('method,argv', METHODS, ids=[m for m, _ in METHODS])
-def test_compiled_training_matches_eager_and_stops_compiling_after_warm_up(method, argv):
+@pytest.mark.parametrize('method,argv,graphs', METHODS, ids=[m for m, _, _ in METHODS])
+def test_compiled_training_matches_eager_and_stops_compiling_after_warm_up(method, argv, graphs, request):
+    if method == 'dat':
+        argv = (*argv, '--adv-dat-vqgan', request.getfixturevalue('vqgan_dir'))
     eager, compiled = _task(method, *argv), _task(method, *argv)
     compiled.load_state_dict(eager.state_dict())
     compiled.compile(backend='aot_eager')
@@ -72,13 +84,13 @@ def test_compiled_training_matches_eager_and_stops_compiling_after_warm_up(metho
     eager.train()
     compiled.train()
     counts, base = [], compiled_graphs()
-    for i, (x, y) in enumerate(_batches(5)):
+    for i, (x, y) in enumerate(_batches(4)):
         loss_e = _step(eager, opt_e, x, y, seed=i)
         loss_c = _step(compiled, opt_c, x, y, seed=i)
         assert loss_c == pytest.approx(loss_e, rel=1e-4, abs=1e-5), f'step {i}'
         counts.append(compiled_graphs() - base)
-    # after two warm-up steps nothing compiles: one graph for the attack passes, one for the training pass
-    assert counts[1] == counts[-1] == 2, counts
+    # every graph compiles in the first steps; none after
+    assert counts[1] == counts[-1] == graphs, counts
     state_e, state_c = eager.unwrapped_model.state_dict(), compiled.unwrapped_model.state_dict()
     assert state_c.keys() == state_e.keys()  # no '_orig_mod.' prefix: checkpoints stay plain timm
     for k, v in state_e.items():  # weights and BN running statistics (the attack leaves them alone)
@@ -87,7 +99,7 @@ def test_compiled_training_matches_eager_and_stops_compiling_after_warm_up(metho
 
 def test_pgd_attack_skips_parameter_gradients_and_restores_requires_grad():
     task = _task('pgd', '--adv-steps', '2', '--adv-eps', '0.1')
-    task.compile(backend='aot_eager')
+    task.compile(backend='eager')
     model = task.unwrapped_model
     frozen = model.fc.weight
     frozen.requires_grad_(False)

@@ -1,11 +1,10 @@
 """Model parameters out of the autograd graph while an attack differentiates w.r.t. its input.
 
-``torch.autograd.grad(loss, delta)`` returns only the input gradient, but a backward still runs the
-weight-gradient kernels of every layer whose weight requires grad: eager convolution backward is
-asked for them when the forward records the graph, and a ``torch.compile``-d model runs one compiled
-backward that computes every gradient its graph was traced with. Attack passes therefore run with
-the parameters' ``requires_grad`` off, which skips that work in both cases and, compiled, gives the
-attack its own graph (traced once, reused every step).
+Eager autograd computes only what ``torch.autograd.grad(loss, delta)`` asks for, but a
+``torch.compile``-d model runs one compiled backward that computes every gradient its graph was
+traced with, weight gradients included. Attack passes therefore run with the parameters'
+``requires_grad`` off: the compiled attack graph is traced with input gradients only (once, then
+reused every step), and eager passes are unchanged.
 """
 from contextlib import contextmanager
 from typing import Iterator, List
@@ -25,7 +24,7 @@ def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
 
     Example:
         >>> with frozen_parameters(model):
-        ...     grad, = torch.autograd.grad(model(x + delta).sum(), delta)   # no weight-gradient kernels run
+        ...     grad, = torch.autograd.grad(model(x + delta).sum(), delta)   # compiled: no weight gradients
     """
     frozen: List[torch.nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
     try:

@@ -8,10 +8,10 @@ Conventions:
     * Images are attacked in pixel space [0, 1]. ``x`` handed to an attack is in the model's input
       space; a :class:`PixelNormalizer` converts it exactly, and the adversarial batch is returned in
       the same space as ``x``.
-    * Only the gradient w.r.t. the perturbation is computed (``torch.autograd.grad``), with the
-      parameters frozen (:func:`.frozen_parameters`): parameter ``.grad`` is never touched,
-      weight-gradient kernels are skipped (eager and compiled), and DDP wrappers are bypassed so no
-      all-reduce fires.
+    * Only the gradient w.r.t. the perturbation is computed (``torch.autograd.grad``, parameters
+      frozen by :func:`.frozen_parameters` so that a compiled model skips them too): parameter
+      ``.grad`` is never touched, weight-gradient kernels are skipped, and DDP wrappers are bypassed
+      so no all-reduce fires.
     * BN behaviour during the attack is an explicit argument (see :mod:`.bn_mode`).
 """
 from typing import Callable, Optional
