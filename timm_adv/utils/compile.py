@@ -1,8 +1,6 @@
 """``--torchcompile``: the flags' check, and the count of graphs dynamo compiled (recompiles show as growth)."""
 from typing import Optional
 
-import torch
-
 __all__ = ['check_compile_args', 'compiled_graphs']
 
 
