@@ -40,8 +40,8 @@ from timm_adv.evaluation import add_overfit_guard_args, check_overfit_guard_args
 from timm_adv.models import load_mae_weights, resolve_mae_weights, warn_mae_normalisation
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
 from timm_adv.tasks.arg_types import bounded_type
-from timm_adv.utils import (CheckpointError, check_layer_decay, check_state_dict_matches, checkpoint_state_dict,
-                            explicit_args, read_checkpoint)
+from timm_adv.utils import (CheckpointError, check_compile_args, check_layer_decay, check_state_dict_matches,
+                            checkpoint_state_dict, explicit_args, read_checkpoint)
 
 _logger = logging.getLogger('train')
 
@@ -90,6 +90,11 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--grad-checkpointing', action='store_true', default=False, help='enable gradient checkpointing through model blocks/stages')
     group.add_argument('--head-init-scale', default=None, type=float, help='multiply the classifier head weights and bias by this')
     group.add_argument('--head-init-bias', default=None, type=float, help='set the classifier head bias to this value')
+    group.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode (default: None).')
+    # scripting / codegen
+    scripting_group = group.add_mutually_exclusive_group()
+    scripting_group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                                 help='Enable compilation w/ specified backend (default: inductor).')
 
     group = parser.add_argument_group('Device parameters')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str, help='device to use for training')
@@ -212,6 +217,7 @@ def parse_args(argv=None):
     try:
         check_adv_args(args, explicit)
         check_overfit_guard_args(args, explicit)
+        check_compile_args(args.torchcompile, args.torchcompile_mode)
     except ValueError as e:
         parser.error(str(e))
     if 'pgd_top1' in args.eval_metric:
@@ -439,6 +445,14 @@ def setup(args):
             load_task_ema_checkpoint(task, args.resume)
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
+
+    # compiled before DDP wrapping, as timm does: DDP stays out of the graph, validation uses the compiled model
+    if args.torchcompile:
+        if utils.is_primary(args):
+            _logger.info(f'Compiling task components with backend={args.torchcompile}, mode={args.torchcompile_mode}')
+        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+        if task.has_ema():
+            task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
 
     if args.distributed:
         ddp_kwargs = dict(broadcast_buffers=False) if args.no_ddp_bb else {}

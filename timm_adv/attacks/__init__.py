@@ -1,5 +1,6 @@
 from .bn_mode import BN_MODES, attack_bn_mode, check_bn_mode
 from .factory import create_attack, parse_eps
+from .frozen import frozen_parameters
 from .feature_stats import FeatureStatsAttack, channel_mean, perturb_feature_stats
 from .normalize import PixelNormalizer
 from .pgd import (

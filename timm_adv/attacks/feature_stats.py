@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .bn_mode import attack_bn_mode, check_bn_mode
+from .frozen import frozen_parameters
 from .pgd import LossFn, _cross_entropy, ascent_step, project
 
 __all__ = ['channel_mean', 'perturb_feature_stats', 'FeatureStatsAttack']
@@ -90,7 +91,7 @@ class FeatureStatsAttack:
         mean = channel_mean(feature)
         delta_a = torch.zeros_like(mean)
         delta_b = torch.zeros_like(mean)
-        with attack_bn_mode(model, self.bn_mode), torch.enable_grad():
+        with attack_bn_mode(model, self.bn_mode), frozen_parameters(model), torch.enable_grad():
             for _ in range(self.steps):
                 delta_a.requires_grad_(True)
                 delta_b.requires_grad_(True)

@@ -8,7 +8,8 @@ Conventions:
     * Images are attacked in pixel space [0, 1]. ``x`` handed to an attack is in the model's input
       space; a :class:`PixelNormalizer` converts it exactly, and the adversarial batch is returned in
       the same space as ``x``.
-    * Only the gradient w.r.t. the perturbation is computed (``torch.autograd.grad``): parameter
+    * Only the gradient w.r.t. the perturbation is computed (``torch.autograd.grad``, parameters
+      frozen by :func:`.frozen_parameters` so that a compiled model skips them too): parameter
       ``.grad`` is never touched, weight-gradient kernels are skipped, and DDP wrappers are bypassed
       so no all-reduce fires.
     * BN behaviour during the attack is an explicit argument (see :mod:`.bn_mode`).
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .bn_mode import attack_bn_mode, check_bn_mode
+from .frozen import frozen_parameters
 from .normalize import PixelNormalizer
 
 __all__ = [
@@ -237,7 +239,7 @@ class PGDAttack:
         model = unwrap_ddp(model)
         x_pix = x_pix.detach()
         targeted = attack_target is not None or self.targeted is not None
-        with attack_bn_mode(model, self.bn_mode), torch.enable_grad():
+        with attack_bn_mode(model, self.bn_mode), frozen_parameters(model), torch.enable_grad():
             best_delta, best_score = None, None
             goal = attack_target
             if goal is None and self.targeted is not None:

@@ -173,8 +173,14 @@ class AdvBNTask(AuxBNStateMixin, AdversarialTask):
         model, advbn = self.unwrapped_model, self.advbn
         with torch.no_grad() if self.freeze_front else nullcontext():
             feature = advbn.front(model, input)
+        attacked = self.attack_model  # compiled after --torchcompile; the front stays eager (run once, no grad)
+
+        def back(f: torch.Tensor) -> torch.Tensor:
+            with advbn.feeding(model, f):
+                return attacked(f)
+
         with dual_bn_route(model, 'aux') if self.dual_bn else nullcontext():
-            a, b = self.attack.perturb(model, lambda f: advbn.back(model, f), feature, target)
+            a, b = self.attack.perturb(attacked, back, feature, target)
         features = torch.cat([feature, perturb_feature_stats(feature, a, b, relu=self.attack.relu)])
         n = input.shape[0]
         with dual_bn_route(model, 'split', split_size=n) if self.dual_bn else nullcontext(), \

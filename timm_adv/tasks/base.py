@@ -13,17 +13,23 @@ metrics, so methods plug in without touching the loop. Hooks, all optional:
 * :meth:`on_epoch_start`: per-epoch bookkeeping.
 * :meth:`export_model`: the plain timm model to evaluate and publish (training-only parts stripped).
 * :meth:`card_details`: rows the model card adds about those parts (e.g. DAT's VQGAN).
+* :meth:`compile` (timm's hook, ``--torchcompile``): compiles the trained model once; attacks reach it
+  through :attr:`attack_model`. A method with parts that stay eager says so in :attr:`compile_note`.
 """
 import argparse
+import logging
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.task import ClassificationTask
+from timm.utils.model import unwrap_model
 
 from timm_adv.attacks import PGDAttack, create_attack, hard_labels, parse_eps, unwrap_ddp
 
 __all__ = ['ATTACK_ARGS', 'AdversarialTask', 'top1']
+
+_logger = logging.getLogger(__name__)
 
 #: Destinations of the common attack flags (``--adv-eps`` ... ``--adv-bn-mode``); each method lists
 #: the ones it reads in :attr:`AdversarialTask.uses_args`, and typing any other one is an error.
@@ -59,6 +65,8 @@ class AdversarialTask(ClassificationTask):
     default_bn_mode: str = 'train'
     #: Attack settings used when the matching ``--adv-*`` flag is not given; a callable is applied to eps.
     attack_defaults: Dict[str, Any] = dict(eps=8 / 255, steps=10, norm='linf', random_start=True)
+    #: What ``--torchcompile`` leaves eager in this method (logged as a warning by :meth:`compile`), or ''.
+    compile_note: str = ''
 
     def __init__(
             self,
@@ -74,8 +82,29 @@ class AdversarialTask(ClassificationTask):
 
     @property
     def unwrapped_model(self) -> nn.Module:
-        """The trained model without its DDP wrapper."""
+        """The trained model itself, without DDP or ``torch.compile`` wrappers (export, state, layer lookup)."""
+        return unwrap_model(self.trainable_module)
+
+    @property
+    def attack_model(self) -> nn.Module:
+        """The module attacks run through: the compiled model after :meth:`compile`, never the DDP wrapper."""
         return unwrap_ddp(self.trainable_module)
+
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
+        """Compiles the trained model (timm's hook, called by ``--torchcompile`` before DDP wrapping).
+
+        Attacks (through :attr:`attack_model`), the training forward and validation all call the one
+        compiled module: dynamo keeps a graph per BN mode / route, grad mode and frozen-or-trained
+        parameters it meets (each compiled once, then reused every step), and ``torch.autograd.grad``
+        w.r.t. the input runs the attack graph's compiled backward.
+
+        Example:
+            >>> task = create_task(model, criterion, args)
+            >>> task.compile(backend='inductor')   # then task.prepare_distributed(...) under DDP
+        """
+        if self.compile_note:
+            _logger.warning(f'--torchcompile with --adv-method {self.method_name}: {self.compile_note}')
+        return super().compile(backend=backend, mode=mode, **compile_kwargs)
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:

@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm_adv.attacks import PGDAttack, ascent_step, attack_bn_mode, input_gradient, project
+from timm_adv.attacks import PGDAttack, ascent_step, attack_bn_mode, frozen_parameters, input_gradient, project
 from timm_adv.models import create_sdi_generator
 from .base import AdversarialTask, top1
 from .registry import register_method
@@ -202,8 +202,8 @@ class FGSMSDITask(AdversarialTask):
         is a constant) and, through the final forward, w.r.t. ``model``.
         """
         attack = self.attack
-        attacked = self.unwrapped_model
-        with attack_bn_mode(attacked, attack.bn_mode), torch.enable_grad():
+        attacked = self.attack_model
+        with attack_bn_mode(attacked, attack.bn_mode), frozen_parameters(attacked), torch.enable_grad():
             grad, _ = input_gradient(attacked, x_pix, delta0, target, attack.normalizer)
         # The official code clips the FGSM step alpha * sign(grad) to the eps ball before adding it.
         step = min(attack.step_size, attack.eps)
@@ -218,8 +218,9 @@ class FGSMSDITask(AdversarialTask):
         Runs in fp32 under fp16 autocast: no loss scaler guards this backward.
         """
         self.generator.train()
-        attacked = self.unwrapped_model
-        with _no_fp16_autocast(x.device.type), attack_bn_mode(attacked, self.attack.bn_mode), torch.enable_grad():
+        attacked = self.attack_model
+        with _no_fp16_autocast(x.device.type), attack_bn_mode(attacked, self.attack.bn_mode), \
+                frozen_parameters(attacked), torch.enable_grad():
             delta0 = self.initial_perturbation(x, x_pix, grad_sign)
             loss, _ = self.adversarial_loss(attacked, x_pix, delta0, target)
             params = [p for p in self.generator.parameters() if p.requires_grad]
@@ -252,8 +253,8 @@ class FGSMSDITask(AdversarialTask):
         attack = self.attack
         x = input.detach()
         x_pix = attack.normalizer.to_pixel(x)
-        attacked = self.unwrapped_model
-        with attack_bn_mode(attacked, attack.bn_mode), torch.enable_grad():
+        attacked = self.attack_model
+        with attack_bn_mode(attacked, attack.bn_mode), frozen_parameters(attacked), torch.enable_grad():
             grad, _ = input_gradient(attacked, x_pix, torch.zeros_like(x_pix), target, attack.normalizer)
         grad_sign = grad.sign()
         if self.batches_seen % self.generator_every == 0:

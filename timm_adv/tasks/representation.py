@@ -82,6 +82,8 @@ class RepresentationTask(AdversarialTask):
     """
 
     default_bn_mode = 'eval'
+    compile_note = ('the training forward is compiled; the kNN classifier (the per-epoch validation, the bank '
+                    "refresh and ssat's kNN-guided attack) runs the eager backbone.")
 
     def __init__(
             self,

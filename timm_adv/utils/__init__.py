@@ -5,3 +5,4 @@ from .checkpoint import (
 from .args import explicit_args, flag_name
 from .files import atomic_write, file_sha256
 from .optim import check_layer_decay
+from .compile import check_compile_args, compiled_graphs
