@@ -64,7 +64,8 @@ def _datasets(args: argparse.Namespace, input_img_mode: str):
     return train, eval_
 
 
-def _mixup(args: argparse.Namespace, num_aug_splits: int):
+def _mixup(args: argparse.Namespace):
+    # (mixup_active, collate mixup for the prefetcher, per-batch mixup without it)
     if not (args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None):
         return False, None, None
     mixup_args = dict(
@@ -73,9 +74,6 @@ def _mixup(args: argparse.Namespace, num_aug_splits: int):
         label_smoothing=args.smoothing, num_classes=args.num_classes)
     if args.no_prefetcher:
         return True, None, Mixup(**mixup_args)
-    if num_aug_splits:
-        raise ValueError('--mixup/--cutmix with --aug-splits needs --no-prefetcher (timm\'s collate mixup cannot '
-                         'de-interleave the AugMix splits).')
     return True, FastCollateMixup(**mixup_args), None
 
 
@@ -106,7 +104,7 @@ def create_train_loaders(
     num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     dataset_train, dataset_eval = _datasets(args, input_img_mode)
-    mixup_active, collate_fn, mixup_fn = _mixup(args, num_aug_splits)
+    mixup_active, collate_fn, mixup_fn = _mixup(args)
     if num_aug_splits:
         dataset_train = AugMixDataset(dataset_train, num_splits=num_aug_splits)
 

@@ -85,6 +85,12 @@ def _check_augmix(args: argparse.Namespace) -> None:
                          'drop one of them.')
     if args.jsd_loss and (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
         raise ValueError('--jsd-loss takes class labels, --mixup/--cutmix make soft targets; drop one of them.')
+    if args.aug_splits > 1 and args.no_prefetcher:
+        raise ValueError('--aug-splits with --no-prefetcher: timm stacks the AugMix splits in the prefetcher\'s '
+                         'collate; drop --no-prefetcher.')
+    if args.aug_splits > 1 and (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        raise ValueError('--mixup/--cutmix with --aug-splits: timm\'s collate mixup cannot de-interleave the AugMix '
+                         'splits; drop one of them.')
     if args.split_bn and args.aug_splits < 2:
         raise ValueError('--split-bn keeps BN statistics per AugMix split; add --aug-splits N.')
     if args.split_bn and args.sync_bn:
@@ -133,8 +139,9 @@ def _check_runtime(args: argparse.Namespace, explicit: Mapping[str, str], bundle
     if args.recovery_interval < 0:
         raise ValueError(f'--recovery-interval must be >= 0 (0: off), got {args.recovery_interval}.')
     if args.epoch_repeats and not iterable:
-        raise ValueError(f'--epoch-repeats {args.epoch_repeats} only repeats streaming datasets (tfds/, wds/, '
-                         f'hfids/); {args.dataset or "this folder dataset"!r} is map-style. Drop it, or raise --epochs.')
+        name = args.dataset or ('the bundled dataset' if bundled else 'the --data-dir folder')
+        raise ValueError(f'--epoch-repeats {args.epoch_repeats:g} only repeats streaming datasets (tfds/, wds/, '
+                         f'hfids/); {name} is map-style. Drop it, or raise --epochs.')
     if args.use_multi_epochs_loader and args.train_img_sizes is not None:
         raise ValueError('--use-multi-epochs-loader cannot be combined with --train-img-sizes (timm\'s scheduled '
                          'loader); drop one of them.')
