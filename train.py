@@ -378,7 +378,10 @@ def _init_head(model: nn.Module, args) -> None:
 def setup_device(args):
     """Device phase: distributed init, seeds, backend switches; returns ``(device, model_dtype)``."""
     for module in args.device_modules or ():
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f'--device-modules {module}: cannot import it ({e}); install the backend package.') from e
     device = torch.device(utils.init_distributed_device(args))
     if args.distributed:
         _logger.info(f'Training in distributed mode, process {args.rank}/{args.world_size}, device {device}.')

@@ -102,6 +102,7 @@ def test_split_config_keys_skips_only_runtime_and_unset_keys():
     (['--model-dtype', 'bfloat16', '--amp'], 'AMP needs float32 weights'),
     (['--model-dtype', 'int8'], "--model-dtype 'int8'"),
     (['--fuser', 'te'], '--fuser does nothing without --torchscript'),
+    (['--fuser', 'nvfuser', '--torchscript'], 'torch no longer has nvfuser'),
     (['--epoch-repeats', '2'], '--epoch-repeats 2 only repeats streaming datasets'),
     (['--input-key', 'img'], '--input-key: the bundled dataset'),
     (['--val-interval', '0'], '--val-interval must be >= 1'),
@@ -210,3 +211,10 @@ def test_log_wandb_rows_hold_clean_adversarial_guard_and_cost(tmp_path, fake_wan
     assert row['cost_update_s'] > 0
     csv_row = _summary(tmp_path / 'wb' / 'summary.csv')[0]
     assert not any(k.startswith('cost_') for k in csv_row)  # summary.csv unchanged by the flag
+
+
+def test_device_modules_are_imported_and_a_missing_one_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, '--output', str(tmp_path), '--experiment', 'dm', '--device-modules', 'no_such_backend'])
+    assert e.value.code == 2 and '--device-modules no_such_backend: cannot import it' in capsys.readouterr().err
+    assert not (tmp_path / 'dm').exists()

@@ -120,6 +120,9 @@ def _check_runtime(args: argparse.Namespace, explicit: Mapping[str, str], bundle
                              f'drop --no-prefetcher.')
     if args.fuser not in _FUSERS:
         raise ValueError(f'--fuser {args.fuser!r}: choose one of {", ".join(repr(f) for f in _FUSERS)}.')
+    if args.fuser == 'nvfuser':
+        raise ValueError('--fuser nvfuser: torch no longer has nvfuser in TorchScript (selecting it does nothing); '
+                         'use --fuser te or old.')
     if args.torchscript and args.sync_bn:
         raise ValueError('--torchscript cannot script SyncBatchNorm (--sync-bn); drop one of them.')
     if args.tta > 1:
@@ -187,5 +190,8 @@ def check_timm_args(
         args.drop_path = args.drop_connect
     if args.log_wandb:
         import_wandb()  # fails now, not after the first epoch
+    if args.use_multi_epochs_loader and args.workers > 0:
+        _logger.warning('--use-multi-epochs-loader keeps the data-loader workers across epochs, so they are not '
+                        're-seeded per epoch: a --resume no longer replays the killed run exactly.')
     if args.synchronize_step and not str(args.device).startswith('cuda'):
         _logger.warning(f'--synchronize-step synchronises CUDA after each update; on {args.device} it does nothing.')
