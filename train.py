@@ -501,6 +501,16 @@ def create_train_schedule(args, optimizer, loader_train, start_epoch: int):
     return lr_scheduler, num_epochs
 
 
+def create_robust_validation(args, data_config, loader_robust, device, amp_autocast):
+    """Robust-validation phase: the per-epoch PGD attack and the catastrophic-overfitting guard."""
+    val_eps = args.adv_val_eps or args.adv_eps or get_method(args.adv_method).attack_defaults.get('eps', 8 / 255)
+    val_attack = create_attack(eps=val_eps, steps=args.adv_val_steps, norm=args.adv_norm or 'linf',
+                               random_start=True, bn_mode='eval', mean=data_config['mean'], std=data_config['std'])
+    overfit_guard = create_overfit_guard(args, loader_robust, val_attack, mean=data_config['mean'],
+                                         std=data_config['std'], device=device, amp_autocast=amp_autocast)
+    return val_attack, overfit_guard
+
+
 def setup(args):
     """Everything before the first epoch, phase by phase as in timm's train.py."""
     _check_paths(args)
@@ -526,11 +536,7 @@ def setup(args):
     setup_distributed(args, task, device)
     lr_scheduler, num_epochs = create_train_schedule(args, optimizer, loaders.train, start_epoch)
 
-    val_eps = args.adv_val_eps or args.adv_eps or get_method(args.adv_method).attack_defaults.get('eps', 8 / 255)
-    val_attack = create_attack(eps=val_eps, steps=args.adv_val_steps, norm=args.adv_norm or 'linf',
-                               random_start=True, bn_mode='eval', mean=data_config['mean'], std=data_config['std'])
-    overfit_guard = create_overfit_guard(args, loaders.robust, val_attack, mean=data_config['mean'],
-                                         std=data_config['std'], device=device, amp_autocast=amp_autocast)
+    val_attack, overfit_guard = create_robust_validation(args, data_config, loaders.robust, device, amp_autocast)
     return dict(
         device=device, task=task, optimizer=optimizer, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
         loader_train=loaders.train, loader_eval=loaders.eval, loader_robust=loaders.robust,
