@@ -11,6 +11,7 @@ Without ``--data-dir`` / ``--dataset`` it trains on the bundled offline dataset 
 Distributed training: ``torchrun --nproc_per_node N train.py ...`` (gloo on CPU, nccl on CUDA).
 """
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -22,26 +23,28 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torchvision
 import yaml
 
 from timm import utils
-from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
-from timm.layers import convert_sync_batchnorm, set_fast_norm
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.data import resolve_data_config
+from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
 from timm.models import create_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 
 from timm_adv.attacks import create_attack, unwrap_ddp
-from timm_adv.data import (DEFAULT_DATASET, apply_bundled_defaults, apply_dataset_recipe, create_dataset, default_workers,
-                           format_recipe, is_bundled, resolve_dataset_name, spread_subset)
+from timm_adv.data import (DEFAULT_DATASET, apply_bundled_defaults, apply_dataset_recipe, create_train_loaders,
+                           default_workers, format_recipe, is_bundled, is_iterable_dataset, resolve_dataset_name)
 from timm_adv.evaluation import add_overfit_guard_args, check_overfit_guard_args, create_overfit_guard, evaluate_accuracy
+from timm_adv.loss import create_train_criterion
 from timm_adv.models import load_mae_weights, resolve_mae_weights, warn_mae_normalisation
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
 from timm_adv.tasks.arg_types import bounded_type
 from timm_adv.utils import (CheckpointError, check_compile_args, check_layer_decay, check_state_dict_matches,
-                            checkpoint_state_dict, explicit_args, read_checkpoint)
+                            check_timm_args, checkpoint_state_dict, create_wandb_logger, explicit_args,
+                            read_checkpoint, split_config_keys)
 
 _logger = logging.getLogger('train')
 
@@ -61,8 +64,18 @@ def _build_parser() -> argparse.ArgumentParser:
                             f'{DEFAULT_DATASET} without)')
     group.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
     group.add_argument('--val-split', metavar='NAME', default='validation', help='dataset validation split (default: validation)')
+    group.add_argument('--train-num-samples', default=None, type=int, metavar='N',
+                       help='samples in the train split: sets the length of streaming datasets (as timm), or trains '
+                            'on an evenly spread subset of N samples of a map-style one')
+    group.add_argument('--val-num-samples', default=None, type=int, metavar='N',
+                       help='samples in the validation split (streaming: its length; map-style: a spread subset)')
     group.add_argument('--dataset-download', action='store_true', default=False, help='allow download of dataset for torch/ datasets')
     group.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='path to class to idx mapping file (default: "")')
+    group.add_argument('--input-img-mode', default=None, type=str, help='dataset image conversion mode for input images')
+    group.add_argument('--input-key', default=None, type=str, help='dataset key for input images')
+    group.add_argument('--target-key', default=None, type=str, help='dataset key for target labels')
+    group.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
+                       help='allow Hugging Face datasets that run their own code (trust_remote_code)')
 
     group = parser.add_argument_group('Model parameters')
     group.add_argument('--model', default='resnet10t', type=str, metavar='MODEL', help='name of model to train (default: resnet10t)')
@@ -83,6 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='input batch size for training (default: 128)')
     group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N', help='validation batch size override (default: None)')
     group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
+    group.add_argument('--fuser', default='', type=str, help="select jit fuser (with --torchscript). One of ('', 'te', 'old', 'nvfuser')")
     group.add_argument('--grad-accum-steps', type=bounded_type('--grad-accum-steps', int, 1), default=1, metavar='N',
                        help='accumulate gradients over N batches per optimizer step (default: 1)')
     group.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
@@ -93,6 +107,7 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode (default: None).')
     # scripting / codegen
     scripting_group = group.add_mutually_exclusive_group()
+    scripting_group.add_argument('--torchscript', action='store_true', default=False, help='torch.jit.script the full model')
     scripting_group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                                  help='Enable compilation w/ specified backend (default: inductor).')
 
@@ -100,9 +115,12 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str, help='device to use for training')
     group.add_argument('--amp', action='store_true', default=False, help='use mixed precision training')
     group.add_argument('--amp-dtype', default='float16', type=str, help='lower precision AMP dtype (default: float16; bfloat16 on CPU)')
+    group.add_argument('--model-dtype', default=None, type=str, help='model dtype override (non-AMP): float32, bfloat16 or float16')
     group.add_argument('--no-ddp-bb', action='store_true', default=False, help='force broadcast buffers for native DDP to off')
+    group.add_argument('--synchronize-step', action='store_true', default=False, help='torch.cuda.synchronize() at the end of each step')
     group.add_argument('--local_rank', '--local-rank', default=0, type=int)
     group.add_argument('--dist-backend', default=None, type=str, help='torch.distributed backend (default: nccl on CUDA, gloo on CPU)')
+    group.add_argument('--device-modules', default=None, type=str, nargs='+', help='Python imports for device backend modules')
 
     group = parser.add_argument_group('Optimizer parameters')
     group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='optimizer (default: "sgd")')
@@ -113,6 +131,9 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradient norm (default: None, no clipping)')
     group.add_argument('--clip-mode', type=str, default='norm', help='gradient clipping mode. One of ("norm", "value", "agc")')
     group.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay (default: None)')
+    group.add_argument('--layer-decay-min-scale', type=float, default=0, help='layer-wise lr decay minimum scale clamp (default: 0)')
+    group.add_argument('--layer-decay-no-opt-scale', type=float, default=None,
+                       help='layer-wise lr decay scale below which parameters are frozen (not optimised) (default: None)')
     group.add_argument('--opt-kwargs', nargs='*', default={}, action=utils.ParseKwargs)
 
     group = parser.add_argument_group('Learning rate schedule parameters')
@@ -123,6 +144,8 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--lr-base-size', type=int, default=256, metavar='DIV', help='base learning rate batch size (divisor, default: 256)')
     group.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE', help='base learning rate vs batch_size scaling ("linear", "sqrt", based on opt if empty)')
     group.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct', help='learning rate noise on/off epoch percentages')
+    group.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT', help='learning rate noise limit percent (default: 0.67)')
+    group.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV', help='learning rate noise std-dev (default: 1.0)')
     group.add_argument('--lr-cycle-mul', type=float, default=1.0, metavar='MULT', help='learning rate cycle len multiplier (default: 1.0)')
     group.add_argument('--lr-cycle-decay', type=float, default=0.5, metavar='MULT', help='amount to decay each learning rate cycle (default: 0.5)')
     group.add_argument('--lr-cycle-limit', type=int, default=1, metavar='N', help='learning rate cycle limit, cycles enabled if > 1')
@@ -130,6 +153,8 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR', help='warmup learning rate (default: 1e-5)')
     group.add_argument('--min-lr', type=float, default=0, metavar='LR', help='lower lr bound for cyclic schedulers that hit 0 (default: 0)')
     group.add_argument('--epochs', type=int, default=300, metavar='N', help='number of epochs to train (default: 300)')
+    group.add_argument('--epoch-repeats', type=float, default=0., metavar='N',
+                       help='epoch repeat multiplier (number of times to repeat a streaming dataset per train epoch)')
     group.add_argument('--start-epoch', default=None, type=int, metavar='N', help='manual epoch number (useful on restarts)')
     group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES', help='list of decay epoch indices for multistep lr. must be increasing')
     group.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epoch interval to decay LR')
@@ -147,11 +172,21 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip training aug probability')
     group.add_argument('--vflip', type=float, default=0., help='vertical flip training aug probability')
     group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='color jitter factor (default: 0.4)')
+    group.add_argument('--color-jitter-prob', type=float, default=None, metavar='PCT', help='probability of applying any color jitter')
+    group.add_argument('--grayscale-prob', type=float, default=None, metavar='PCT', help='probability of applying random grayscale')
+    group.add_argument('--gaussian-blur-prob', type=float, default=None, metavar='PCT', help='probability of applying gaussian blur')
     group.add_argument('--aa', type=str, default=None, metavar='NAME', help='use AutoAugment policy. "v0" or "original". (default: None)')
     group.add_argument('--aug-repeats', type=float, default=0, help='number of augmentation repetitions (distributed training only) (default: 0)')
+    group.add_argument('--aug-splits', type=int, default=0, help='number of augmentation splits (AugMix; 0 off, >= 2 on) (default: 0)')
+    group.add_argument('--jsd-loss', action='store_true', default=False, help='Jensen-Shannon divergence + CE loss; use with --aug-splits')
+    group.add_argument('--bce-loss', action='store_true', default=False, help='enable BCE loss w/ mixup/cutmix/smoothing use')
+    group.add_argument('--bce-sum', action='store_true', default=False, help='sum over classes when using BCE loss')
+    group.add_argument('--bce-target-thresh', type=float, default=None, help='threshold for binarizing softened BCE targets (default: None, disabled)')
+    group.add_argument('--bce-pos-weight', type=float, default=None, help='positive weighting for BCE loss')
     group.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erase prob (default: 0.)')
     group.add_argument('--remode', type=str, default='pixel', help='random erase mode (default: "pixel")')
     group.add_argument('--recount', type=int, default=1, help='random erase count (default: 1)')
+    group.add_argument('--resplit', action='store_true', default=False, help='do not random erase first (clean) augmentation split')
     group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha, mixup enabled if > 0. (default: 0.)')
     group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha, cutmix enabled if > 0. (default: 0.)')
     group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)')
@@ -162,6 +197,7 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
     group.add_argument('--train-interpolation', type=str, default='random', help='training interpolation (random, bilinear, bicubic default: "random")')
     group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate (default: 0.)')
+    group.add_argument('--drop-connect', type=float, default=None, metavar='PCT', help='drop connect rate, DEPRECATED, use --drop-path')
     group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate (default: None)')
     group.add_argument('--drop-block', type=float, default=None, metavar='PCT', help='drop block rate (default: None)')
 
@@ -170,6 +206,7 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon override (if not None)')
     group.add_argument('--sync-bn', action='store_true', help='enable NVIDIA Apex or Torch synchronized BatchNorm.')
     group.add_argument('--dist-bn', type=str, default='reduce', help='distribute BatchNorm stats between nodes after each epoch ("broadcast", "reduce", or "")')
+    group.add_argument('--split-bn', action='store_true', help='enable separate BN layers per augmentation split (with --aug-splits)')
 
     group = parser.add_argument_group('Model exponential moving average parameters')
     group.add_argument('--model-ema', action='store_true', default=False, help='enable tracking moving average of model weights.')
@@ -179,15 +216,48 @@ def _build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('Miscellaneous parameters')
     group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
+    group.add_argument('--worker-seeding', type=str, default='all', help='worker seed mode (default: all)')
     group.add_argument('--log-interval', type=int, default=50, metavar='N', help='how many batches to wait before logging training status')
+    group.add_argument('--val-interval', type=int, default=1, metavar='N', help='how many epochs between validation and checkpointing')
+    group.add_argument('--recovery-interval', type=int, default=0, metavar='N', help='how many batches to wait before writing recovery checkpoint')
     group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='number of checkpoints to keep (default: 10)')
     group.add_argument('-j', '--workers', type=int, default=default_workers(4), metavar='N',
                        help='data loading processes (default: 4, at most the CPUs available to this process)')
+    group.add_argument('--save-images', action='store_true', default=False, help='save images of input batches every log interval for debugging')
     group.add_argument('--pin-mem', action='store_true', default=False, help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
     group.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
     group.add_argument('--output', default='', type=str, metavar='PATH', help='path to output folder (default: none, current dir)')
     group.add_argument('--experiment', default='', type=str, metavar='NAME', help='name of train experiment, name of sub-folder for output')
     group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='best metric (default: "top1"; "pgd_top1" ranks by robust accuracy)')
+    group.add_argument('--tta', type=int, default=0, metavar='N', help='test/inference time augmentation (oversampling) factor; only 0 (off) here')
+    group.add_argument('--use-multi-epochs-loader', action='store_true', default=False, help='use the multi-epochs-loader to save time at the beginning of every epoch')
+    group.add_argument('--log-wandb', action='store_true', default=False, help='log training and validation metrics to wandb (extra: timm-adv[wandb])')
+    group.add_argument('--wandb-project', default=None, type=str, help='wandb project name')
+    group.add_argument('--wandb-tags', default=[], type=str, nargs='+', help='wandb tags')
+    group.add_argument('--wandb-resume-id', default='', type=str, metavar='ID', help='if resuming a run, the id of the run in wandb')
+
+    group = parser.add_argument_group('Variable-resolution training parameters')
+    group.add_argument('--train-img-sizes', type=int, nargs='+', default=None,
+                       help='training image sizes sampled per batch (timm scheduled loader; default: off)')
+    group.add_argument('--train-batch-sizes', type=int, nargs='+', default=None, help='batch size for each --train-img-sizes entry')
+    group.add_argument('--train-size-probs', type=float, nargs='+', default=None, help='base sampling weights for --train-img-sizes (default: uniform)')
+    group.add_argument('--train-size-schedule', type=str, default='constant', choices=('constant', 'progressive'),
+                       help='resolution choice schedule; progressive moves from the first size to the last')
+    group.add_argument('--train-size-schedule-spread', type=float, default=0.65, help='progressive schedule spread (default: 0.65)')
+    group.add_argument('--train-size-random-mix', type=float, default=0.1, help='progressive schedule random mix (default: 0.1)')
+    group.add_argument('--train-batches-per-epoch', '--train-steps-per-epoch', type=int, default=None,
+                       help='fixed loader batches (before gradient accumulation) per epoch; inferred if unspecified')
+    group.add_argument('--variable-batch-loss-scale', default='none', type=str, choices=('none', 'sqrt', 'linear'),
+                       help='scale gradients relative to the policy-average scheduled batch size')
+
+    group = parser.add_argument_group('NaFlex loader parameters (refused: attacks perturb image tensors)')
+    group.add_argument('--naflex-loader', action='store_true', default=False, help='use NaFlex loader (not supported with timm-adv)')
+    group.add_argument('--naflex-train-seq-lens', type=int, nargs='+', default=[128, 256, 576, 784, 1024], help='NaFlex train sequence lengths')
+    group.add_argument('--naflex-max-seq-len', type=int, default=576, help='NaFlex validation sequence length')
+    group.add_argument('--naflex-patch-sizes', type=int, nargs='+', default=None, help='NaFlex variable patch sizes')
+    group.add_argument('--naflex-patch-size-probs', type=float, nargs='+', default=None, help='NaFlex patch size probabilities')
+    group.add_argument('--naflex-loss-scale', default='linear', type=str, choices=('none', 'sqrt', 'linear'), help='NaFlex loss scaling')
+    group.add_argument('--naflex-patchify-channels-first', action='store_true', default=False, help='NaFlex patchify channel order')
 
     add_adv_args(parser)
     add_overfit_guard_args(parser)
@@ -203,12 +273,14 @@ def parse_args(argv=None):
         if not os.path.isfile(args_config.config):
             parser.error(f'-c/--config {args_config.config!r}: no such file.')
         with open(args_config.config, 'r') as f:
-            cfg = yaml.safe_load(f) or {}
-        known = {a.dest for a in parser._actions}
-        ignored = sorted(k for k in cfg if k not in known and k != 'config')
-        if ignored:
-            _logger.warning(f'Config keys not supported by timm-adv train.py were ignored: {", ".join(ignored)}')
-        cfg = {k: v for k, v in cfg.items() if k in known}
+            raw = yaml.safe_load(f) or {}
+        cfg, skipped, refused = split_config_keys(raw, {a.dest for a in parser._actions})
+        if refused:
+            parser.error(f'-c {args_config.config}: keys that set a recipe this train.py does not support: '
+                         f'{", ".join(f"{k}={raw[k]!r}" for k in refused)}. Remove them from '
+                         f'the file (or set them to null/false) to train without them.')
+        if skipped:
+            _logger.info(f'-c {args_config.config}: skipped run-time or unset keys: {", ".join(skipped)}')
     explicit = explicit_args(parser, remaining, config=cfg, config_name=f'-c {args_config.config}')
     parser.set_defaults(**cfg)
     args = parser.parse_args(remaining)
@@ -218,6 +290,8 @@ def parse_args(argv=None):
         check_adv_args(args, explicit)
         check_overfit_guard_args(args, explicit)
         check_compile_args(args.torchcompile, args.torchcompile_mode)
+        check_timm_args(args, explicit, bundled=is_bundled(_dataset_name(args)),
+                        iterable=is_iterable_dataset(args.dataset))
     except ValueError as e:
         parser.error(str(e))
     if 'pgd_top1' in args.eval_metric:
@@ -228,6 +302,11 @@ def parse_args(argv=None):
             f'and report on the test split with validate.py --split.')
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     return args, args_text
+
+
+def _dataset_name(args) -> str:
+    # timm's positional DIR is --data-dir; no dataset and no folder: the bundled default
+    return args.dataset or ('' if (args.data_dir or args.data) else DEFAULT_DATASET)
 
 
 def _apply_recipe(args, explicit) -> None:
@@ -302,36 +381,26 @@ def _init_head(model: nn.Module, args) -> None:
             head.bias.fill_(args.head_init_bias)
 
 
-def _create_criterion(args, mixup_active: bool) -> nn.Module:
-    if mixup_active:
-        return SoftTargetCrossEntropy()
-    if args.smoothing:
-        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    return nn.CrossEntropyLoss()
-
-
-def setup(args):
-    """Everything before the first epoch: validated inputs, model, task, data, optimizer, resume."""
-    _check_paths(args)
-    resume_ckpt = read_checkpoint(args.resume, '--resume') if args.resume else None
-    # reads --initial-checkpoint / --pretrained-path once (an early check of the files); MAE pre-training
-    # weights are loaded by timm_adv.models.mae, anything else by timm as usual
-    mae_weights = resolve_mae_weights(args.model, args.pretrained, args.pretrained_path, args.initial_checkpoint)
-
+def setup_device(args):
+    """Device phase: distributed init, seeds, backend switches; returns ``(device, model_dtype)``."""
+    for module in args.device_modules or ():
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f'--device-modules {module}: cannot import it ({e}); install the backend package.') from e
     device = torch.device(utils.init_distributed_device(args))
     if args.distributed:
         _logger.info(f'Training in distributed mode, process {args.rank}/{args.world_size}, device {device}.')
     utils.random_seed(args.seed, args.rank)
+    if args.fuser:
+        utils.set_jit_fuser(args.fuser)
     if args.fast_norm:
         set_fast_norm()
+    return device, getattr(torch, args.model_dtype) if args.model_dtype else None
 
-    if not args.data_dir and args.data:
-        args.data_dir = args.data
-    if not args.dataset and not args.data_dir:
-        args.dataset = DEFAULT_DATASET
-    apply_bundled_defaults(args)
 
-    method = get_method(args.adv_method)
+def create_train_model(args, mae_weights, device, model_dtype=None):
+    """Model phase: the timm model with the method's changes, on its device; returns ``(model, data_config)``."""
     mae_flag = mae_weights.flag if mae_weights is not None else ''
     factory_kwargs = {}
     if args.pretrained_path and mae_flag != '--pretrained-path':
@@ -347,6 +416,7 @@ def setup(args):
         global_pool=args.gp,
         bn_momentum=args.bn_momentum,
         bn_eps=args.bn_eps,
+        scriptable=args.torchscript,
         checkpoint_path=(args.initial_checkpoint if mae_flag != '--initial-checkpoint' else '') or None,
         **factory_kwargs,
         **args.model_kwargs,
@@ -362,15 +432,23 @@ def setup(args):
     if utils.is_primary(args):
         warn_mae_normalisation(mae_weights, data_config['mean'], args.model)
 
-    model = method.prepare_model(model, args)
+    model = get_method(args.adv_method).prepare_model(model, args)
+    if args.split_bn:  # AugMix: BN statistics per split (clean, augmented...)
+        model = convert_splitbn_model(model, args.aug_splits)
     if args.distributed and args.sync_bn:
         model = convert_sync_batchnorm(model)
-    model.to(device=device)
+    model.to(device=device, dtype=model_dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.torchscript:
+        model = torch.jit.script(model)
+    return model, data_config
 
+
+def create_train_optimizer(args, model, batch_size_reference: float):
+    """Optimisation phase: lr scaled by the global batch size as timm does, then timm's optimizer."""
     if args.lr is None:
-        global_batch_size = args.batch_size * args.world_size * args.grad_accum_steps
+        global_batch_size = batch_size_reference * args.world_size * args.grad_accum_steps
         batch_ratio = global_batch_size / args.lr_base_size
         if not args.lr_base_scale:
             on = args.opt.lower()
@@ -378,65 +456,26 @@ def setup(args):
         if args.lr_base_scale == 'sqrt':
             batch_ratio = batch_ratio ** 0.5
         args.lr = args.lr_base * batch_ratio
-
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     check_layer_decay(optimizer, args.layer_decay, args.model)
-    amp_autocast, loss_scaler = _amp_setup(args, device)
+    return optimizer
 
-    output_dir = _output_dir(args, data_config) if utils.is_primary(args) else None
 
-    # data
-    dataset_train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
-                                   class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size)
-    dataset_eval = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
-                                  class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size)
-    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
-    collate_fn, mixup_fn = None, None
-    if mixup_active:
-        mixup_args = dict(
-            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-            label_smoothing=args.smoothing, num_classes=args.num_classes)
-        if not args.no_prefetcher:
-            collate_fn = FastCollateMixup(**mixup_args)
-        else:
-            mixup_fn = Mixup(**mixup_args)
-    train_interpolation = args.train_interpolation
-    if args.no_aug or not train_interpolation:
-        train_interpolation = data_config['interpolation']
-    loader_common = dict(
-        mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
-        pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
-        persistent_workers=False,  # fresh workers each epoch, seeded from the per-epoch seed
-    )
-    loader_train = create_loader(
-        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-        train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
-        vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa, num_aug_repeats=args.aug_repeats,
-        interpolation=train_interpolation, collate_fn=collate_fn, **loader_common)
-    eval_batch_size = args.validation_batch_size or args.batch_size
-    eval_loader_args = dict(input_size=data_config['input_size'], batch_size=eval_batch_size, is_training=False,
-                            interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
-                            **loader_common)
-    loader_eval = create_loader(dataset_eval, **eval_loader_args)
-    loader_robust = None
-    if args.adv_val_samples > 0:
-        loader_robust = create_loader(spread_subset(dataset_eval, args.adv_val_samples), **eval_loader_args)
+def create_train_task(args, model, criterion, data_config, device, optimizer, loss_scaler, resume_ckpt):
+    """Task phase: the method's task, its EMA, and the resumed state; returns ``(task, start_epoch)``.
 
-    criterion = _create_criterion(args, mixup_active)
+    The task is final here (compiled, if ever, after this phase and before DDP wrapping, as in timm).
+    """
     task = create_task(model, criterion, args, mean=data_config['mean'], std=data_config['std'], device=device)
     task.to(device)
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
-
     start_epoch = 0
     if resume_ckpt is not None:
         # compare with what this task writes: a task may keep part of its model out of ``state_dict``
         check_state_dict_matches(checkpoint_state_dict(resume_ckpt), task.get_checkpoint_state()['state_dict'],
                                  '--resume', arch=resume_ckpt.get('arch', '') if isinstance(resume_ckpt, dict) else '')
-        del resume_ckpt
         task.resume_optimizer_state = not args.no_resume_opt  # method optimisers too (FGSM-SDI's generator)
         start_epoch = resume_task_checkpoint(
             task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
@@ -445,19 +484,30 @@ def setup(args):
             load_task_ema_checkpoint(task, args.resume)
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
+    return task, start_epoch
 
-    # compiled before DDP wrapping, as timm does: DDP stays out of the graph, validation uses the compiled model
-    if args.torchcompile:
-        if utils.is_primary(args):
-            _logger.info(f'Compiling task components with backend={args.torchcompile}, mode={args.torchcompile_mode}')
-        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
-        if task.has_ema():
-            task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
 
+def compile_task(args, task) -> None:
+    """Compile phase (``--torchcompile``): before DDP wrapping, as timm does, so DDP stays out of the graph
+    and validation uses the compiled model."""
+    if not args.torchcompile:
+        return
+    if utils.is_primary(args):
+        _logger.info(f'Compiling task components with backend={args.torchcompile}, mode={args.torchcompile_mode}')
+    task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+    if task.has_ema():
+        task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
+
+
+def setup_distributed(args, task, device) -> None:
+    """Distributed phase: DDP around the task's trainable module."""
     if args.distributed:
         ddp_kwargs = dict(broadcast_buffers=False) if args.no_ddp_bb else {}
         task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None, **ddp_kwargs)
 
+
+def create_train_schedule(args, optimizer, loader_train, start_epoch: int):
+    """Schedule phase: timm's scheduler, stepped to ``start_epoch``; returns ``(lr_scheduler, num_epochs)``."""
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
                                                    updates_per_epoch=updates_per_epoch)
@@ -466,29 +516,74 @@ def setup(args):
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
         else:
             lr_scheduler.step(start_epoch)
+    return lr_scheduler, num_epochs
 
-    val_eps = args.adv_val_eps or args.adv_eps or method.attack_defaults.get('eps', 8 / 255)
+
+def create_robust_validation(args, data_config, loader_robust, device, amp_autocast):
+    """Robust-validation phase: the per-epoch PGD attack and the catastrophic-overfitting guard."""
+    val_eps = args.adv_val_eps or args.adv_eps or get_method(args.adv_method).attack_defaults.get('eps', 8 / 255)
     val_attack = create_attack(eps=val_eps, steps=args.adv_val_steps, norm=args.adv_norm or 'linf',
                                random_start=True, bn_mode='eval', mean=data_config['mean'], std=data_config['std'])
     overfit_guard = create_overfit_guard(args, loader_robust, val_attack, mean=data_config['mean'],
                                          std=data_config['std'], device=device, amp_autocast=amp_autocast)
+    return val_attack, overfit_guard
 
+
+def setup(args):
+    """Everything before the first epoch, phase by phase as in timm's train.py."""
+    _check_paths(args)
+    resume_ckpt = read_checkpoint(args.resume, '--resume') if args.resume else None
+    # reads --initial-checkpoint / --pretrained-path once (an early check of the files); MAE pre-training
+    # weights are loaded by timm_adv.models.mae, anything else by timm as usual
+    mae_weights = resolve_mae_weights(args.model, args.pretrained, args.pretrained_path, args.initial_checkpoint)
+    device, model_dtype = setup_device(args)
+    args.data_dir = args.data_dir or args.data
+    args.dataset = _dataset_name(args)
+    apply_bundled_defaults(args)
+
+    model, data_config = create_train_model(args, mae_weights, device, model_dtype)
+    loaders = create_train_loaders(args, data_config, device, model_dtype)
+    optimizer = create_train_optimizer(args, model, loaders.batch_size_reference)
+    amp_autocast, loss_scaler = _amp_setup(args, device)
+    output_dir = _output_dir(args, data_config) if utils.is_primary(args) else None
+
+    criterion = create_train_criterion(args, loaders.mixup_active, loaders.num_aug_splits).to(device)
+    task, start_epoch = create_train_task(args, model, criterion, data_config, device, optimizer, loss_scaler,
+                                          resume_ckpt)
+    del resume_ckpt
+    compile_task(args, task)
+    setup_distributed(args, task, device)
+    lr_scheduler, num_epochs = create_train_schedule(args, optimizer, loaders.train, start_epoch)
+
+    val_attack, overfit_guard = create_robust_validation(args, data_config, loaders.robust, device, amp_autocast)
     return dict(
         device=device, task=task, optimizer=optimizer, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
-        loader_train=loader_train, loader_eval=loader_eval, loader_robust=loader_robust, mixup_fn=mixup_fn,
+        loader_train=loaders.train, loader_eval=loaders.eval, loader_robust=loaders.robust,
+        mixup_fn=loaders.mixup_fn, batch_size_reference=loaders.batch_size_reference,
         lr_scheduler=lr_scheduler, num_epochs=num_epochs, start_epoch=start_epoch, output_dir=output_dir,
         data_config=data_config, val_attack=val_attack, overfit_guard=overfit_guard,
     )
 
 
+def _batch_loss_scale(args, batch_size: int, batch_size_reference: float) -> float:
+    # timm's --variable-batch-loss-scale: a scheduled batch's weight relative to the policy-average batch
+    if args.train_img_sizes is None or args.variable_batch_loss_scale == 'none':
+        return 1.0
+    scale = batch_size / batch_size_reference
+    return scale ** 0.5 if args.variable_batch_loss_scale == 'sqrt' else scale
+
+
 def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=None, amp_autocast=nullcontext,
-                    loss_scaler=None, mixup_fn=None):
-    """One epoch of ``task`` training; returns the averaged loss and every scalar metric the task reported.
+                    loss_scaler=None, mixup_fn=None, saver=None, output_dir=None, batch_size_reference=None):
+    """One epoch of ``task`` training; returns the averaged loss and every scalar metric the task reported,
+    and the step cost (``update_s``: seconds per optimizer update, ``sample_ms``: milliseconds per sample).
 
     With ``--grad-accum-steps N`` (timm's meaning) the optimizer steps every N batches on the sum of
     the batches' losses divided by N (the last, shorter group of an epoch divides by its own size);
     the task, and so its attack, still runs per batch; under DDP the first N-1 backward passes of a
     group skip the gradient all-reduce (``no_sync``); EMA and the scheduler count optimizer updates.
+    timm's ``--recovery-interval``, ``--save-images``, ``--synchronize-step`` and
+    ``--variable-batch-loss-scale`` act here as in timm's loop.
     """
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if not args.no_prefetcher and getattr(loader, 'mixup_enabled', None) is not None:
@@ -505,6 +600,7 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
     last_group_start = num_batches - num_batches % accum_steps  # first batch of a shorter final group
     num_updates = epoch * updates_per_epoch
     update_samples = 0
+    epoch_samples = 0
     end = time.time()
     optimizer.zero_grad(set_to_none=True)
     for batch_idx, (input, target) in enumerate(loader):
@@ -522,6 +618,7 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
             with amp_autocast():
                 result = task(input, target)
             loss = result['loss'] / group_size if group_size > 1 else result['loss']
+            loss = loss * _batch_loss_scale(args, input.shape[0], batch_size_reference or args.batch_size)
             if loss_scaler is not None:
                 loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                             parameters=task.get_clip_parameters(exclude_head='agc' in args.clip_mode),
@@ -536,6 +633,7 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
 
         n = input.shape[0]
         update_samples += n * args.world_size
+        epoch_samples += n
         for key, value in result.items():
             if key != 'output' and torch.is_tensor(value) and value.ndim == 0:
                 meters[key].update(value.item(), n)
@@ -547,6 +645,8 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
         task.update_ema(step=num_updates)
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates, metric=meters['loss'].avg)
+        if args.synchronize_step and device.type == 'cuda':
+            torch.cuda.synchronize()
         update_time.update(time.time() - end)
         end = time.time()
 
@@ -558,8 +658,15 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
                 f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
                 f'Loss: {meters["loss"].val:#.3g} ({meters["loss"].avg:#.3g})  {extras}  '
                 f'Time: {update_time.val:.3f}s, {update_samples / update_time.val:>7.2f}/s  LR: {lr:.3e}')
+            if args.save_images and output_dir:
+                torchvision.utils.save_image(input, os.path.join(output_dir, f'train-batch-{batch_idx}.jpg'),
+                                             padding=0, normalize=True)
+        if saver is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
+            saver.save_recovery(epoch, batch_idx=update_idx)
         update_samples = 0
-    return OrderedDict((k, m.avg) for k, m in meters.items())
+    metrics = OrderedDict((k, m.avg) for k, m in meters.items())
+    step_cost = OrderedDict(update_s=update_time.avg, sample_ms=1000 * update_time.sum / max(epoch_samples, 1))
+    return metrics, step_cost
 
 
 def validate_epoch(task, loader_eval, loader_robust, val_attack, args, device, amp_autocast=nullcontext, ema=False):
@@ -576,59 +683,80 @@ def validate_epoch(task, loader_eval, loader_robust, val_attack, args, device, a
     return metrics
 
 
+def _create_saver(args, state):
+    # primary process only: the run's args.yaml, checkpoint saver and (with --log-wandb) wandb run
+    output_dir, task = state['output_dir'], state['task']
+    os.makedirs(output_dir, exist_ok=True)
+    _write_atomic(os.path.join(output_dir, 'args.yaml'), yaml.safe_dump(args.__dict__, default_flow_style=False))
+    saver = utils.CheckpointSaver(
+        model=unwrap_ddp(task.get_eval_model()), optimizer=state['optimizer'], args=args,
+        amp_scaler=state['loss_scaler'], checkpoint_dir=output_dir, recovery_dir=output_dir,
+        decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist, task=task)
+    if args.resume and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), output_dir):
+        if hasattr(saver, 'load_state_dict_from_checkpoint'):
+            saver.load_state_dict_from_checkpoint(args.resume)
+    wandb_logger = create_wandb_logger(args, os.path.basename(output_dir)) if args.log_wandb else None
+    _logger.info(f'Scheduled epochs: {state["num_epochs"]}. Output: {output_dir}. '
+                 f'Method: {args.adv_method} ({type(task).__name__}), attack: {task.attack!r}')
+    return saver, wandb_logger
+
+
+def _evaluate(args, state, epoch: int) -> dict:
+    """Clean and robust validation (and EMA's), plus the overfitting guard's columns."""
+    task, device, amp_autocast = state['task'], state['device'], state['amp_autocast']
+    eval_metrics = validate_epoch(task, state['loader_eval'], state['loader_robust'], state['val_attack'], args,
+                                  device, amp_autocast=amp_autocast)
+    if task.has_ema() and not args.model_ema_force_cpu:
+        ema_metrics = validate_epoch(task, state['loader_eval'], state['loader_robust'], state['val_attack'],
+                                     args, device, amp_autocast=amp_autocast, ema=True)
+        eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
+    if state['overfit_guard'] is not None:
+        eval_metrics.update(state['overfit_guard'].check(epoch, task, state['optimizer'], eval_metrics.get('pgd_top1')))
+    return eval_metrics
+
+
 def train(args, state) -> dict:
     """Runs the epochs set up by :func:`setup`; returns the last epoch's metrics."""
     task, optimizer, device = state['task'], state['optimizer'], state['device']
-    output_dir = state['output_dir']
-    saver = None
-    if utils.is_primary(args):
-        os.makedirs(output_dir, exist_ok=True)
-        _write_atomic(os.path.join(output_dir, 'args.yaml'), yaml.safe_dump(args.__dict__, default_flow_style=False))
-        decreasing = 'loss' in args.eval_metric
-        saver = utils.CheckpointSaver(
-            model=unwrap_ddp(task.get_eval_model()), optimizer=optimizer, args=args, amp_scaler=state['loss_scaler'],
-            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing,
-            max_history=args.checkpoint_hist, task=task)
-        if args.resume and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), output_dir):
-            if hasattr(saver, 'load_state_dict_from_checkpoint'):
-                saver.load_state_dict_from_checkpoint(args.resume)
-        _logger.info(f'Scheduled epochs: {state["num_epochs"]}. Output: {output_dir}. '
-                     f'Method: {args.adv_method} ({type(task).__name__}), attack: {task.attack!r}')
+    output_dir, num_epochs = state['output_dir'], state['num_epochs']
+    saver, wandb_logger = _create_saver(args, state) if utils.is_primary(args) else (None, None)
 
     eval_metrics = {}
-    for epoch in range(state['start_epoch'], state['num_epochs']):
+    for epoch in range(state['start_epoch'], num_epochs):
         _epoch_seed(args, epoch)
         loader_train = state['loader_train']
         if args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
             loader_train.sampler.set_epoch(epoch)
         task.on_epoch_start(epoch)
         start = time.time()
-        train_metrics = train_one_epoch(
+        train_metrics, step_cost = train_one_epoch(
             epoch, task, loader_train, optimizer, args, device, lr_scheduler=state['lr_scheduler'],
-            amp_autocast=state['amp_autocast'], loss_scaler=state['loss_scaler'], mixup_fn=state['mixup_fn'])
+            amp_autocast=state['amp_autocast'], loss_scaler=state['loss_scaler'], mixup_fn=state['mixup_fn'],
+            saver=saver, output_dir=output_dir, batch_size_reference=state['batch_size_reference'])
         train_metrics['epoch_time'] = time.time() - start
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
-        eval_metrics = validate_epoch(task, state['loader_eval'], state['loader_robust'], state['val_attack'], args,
-                                      device, amp_autocast=state['amp_autocast'])
-        if task.has_ema() and not args.model_ema_force_cpu:
-            ema_metrics = validate_epoch(task, state['loader_eval'], state['loader_robust'], state['val_attack'],
-                                         args, device, amp_autocast=state['amp_autocast'], ema=True)
-            eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
-        if state['overfit_guard'] is not None:
-            eval_metrics.update(state['overfit_guard'].check(epoch, task, optimizer, eval_metrics.get('pgd_top1')))
+        if (epoch + 1) % args.val_interval != 0 and epoch + 1 != num_epochs:
+            # timm's --val-interval: no validation, summary row or checkpoint this epoch
+            state['lr_scheduler'].step(epoch + 1, None)
+            continue
+        eval_metrics = _evaluate(args, state, epoch)
         if utils.is_primary(args):
             _logger.info('Eval: epoch {}  {}'.format(epoch, '  '.join(f'{k}: {v:.4f}' for k, v in eval_metrics.items())))
             lrs = [g['lr'] for g in optimizer.param_groups]
-            utils.update_summary(epoch, train_metrics, eval_metrics, filename=os.path.join(output_dir, 'summary.csv'),
-                                 lr=sum(lrs) / len(lrs), write_header=epoch == 0 or not os.path.exists(
-                                     os.path.join(output_dir, 'summary.csv')))
+            summary = os.path.join(output_dir, 'summary.csv')
+            utils.update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),
+                                 write_header=epoch == 0 or not os.path.exists(summary))
+            if wandb_logger is not None:
+                wandb_logger.log_epoch(epoch, train_metrics, eval_metrics, lr=sum(lrs) / len(lrs), step_cost=step_cost)
             saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
         if state['overfit_guard'] is not None and state['overfit_guard'].act(task, optimizer):
             break
         state['lr_scheduler'].step(epoch + 1, eval_metrics.get(args.eval_metric))
     if saver is not None and saver.best_metric is not None:
         _logger.info(f'*** Best metric: {saver.best_metric} (epoch {saver.best_epoch})')
+    if wandb_logger is not None:
+        wandb_logger.finish()
     return eval_metrics
 
 

@@ -1,5 +1,6 @@
 """train.py end to end on the bundled digits: learning, exact resume, DDP, configs and bad input."""
 import csv
+import logging
 import os
 import subprocess
 import sys
@@ -66,12 +67,22 @@ def test_config_file_reuses_args_yaml(tmp_path, caplog):
     _run(tmp_path, 'first', '--epochs', '1', '--adv-method', 'pgd', '--adv-eps', '0.05', '--adv-steps', '1')
     cfg = yaml.safe_load((tmp_path / 'first' / 'args.yaml').read_text())
     cfg['experiment'] = 'second'
-    cfg['some_timm_only_flag'] = 1  # a timm args.yaml carries flags we do not support: warned, not fatal
+    cfg['some_timm_only_flag'] = None  # an unknown key left unset cannot change the recipe: skipped, said so
     (tmp_path / 'cfg.yaml').write_text(yaml.safe_dump(cfg))
-    train.main(['-c', str(tmp_path / 'cfg.yaml')])
+    with caplog.at_level(logging.INFO):
+        train.main(['-c', str(tmp_path / 'cfg.yaml')])
     second = yaml.safe_load((tmp_path / 'second' / 'args.yaml').read_text())
     assert second['adv_method'] == 'pgd' and second['adv_eps'] == pytest.approx(0.05)
     assert 'some_timm_only_flag' in caplog.text
+
+
+def test_config_file_refuses_unknown_recipe_keys(tmp_path, capsys):
+    (tmp_path / 'cfg.yaml').write_text(yaml.safe_dump({'epochs': 1, 'some_timm_only_flag': 1, 'rank': 3}))
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(['-c', str(tmp_path / 'cfg.yaml')])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert 'some_timm_only_flag=1' in err and 'rank=3' not in err  # run-time keys are not a recipe
 
 
 @pytest.mark.parametrize('argv,message', [
