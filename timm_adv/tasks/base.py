@@ -59,6 +59,8 @@ class AdversarialTask(ClassificationTask):
     default_bn_mode: str = 'train'
     #: Attack settings used when the matching ``--adv-*`` flag is not given; a callable is applied to eps.
     attack_defaults: Dict[str, Any] = dict(eps=8 / 255, steps=10, norm='linf', random_start=True)
+    #: ``result['output']`` holds class logits (a distillation teacher's logits are matched against them).
+    output_is_logits: bool = True
 
     def __init__(
             self,

@@ -82,6 +82,7 @@ class RepresentationTask(AdversarialTask):
     """
 
     default_bn_mode = 'eval'
+    output_is_logits = False  # training output is features
 
     def __init__(
             self,
