@@ -135,9 +135,14 @@ def create_teacher(args: argparse.Namespace, student: nn.Module, device: Optiona
     Example:
         >>> teacher = create_teacher(args, model)  # args.kd_model_name = 'local-dir:output/export/teacher'
     """
-    teacher = DistillationTeacher(args.kd_model_name, num_classes=student.num_classes,
-                                  in_chans=getattr(student, 'in_chans', 3),
-                                  pretrained_path=getattr(args, 'kd_pretrained_path', None), device=device)
+    try:
+        teacher = DistillationTeacher(args.kd_model_name, num_classes=student.num_classes,
+                                      in_chans=getattr(student, 'in_chans', 3),
+                                      pretrained_path=getattr(args, 'kd_pretrained_path', None), device=device)
+    except (OSError, RuntimeError) as e:
+        raise RuntimeError(f'--kd-model-name {args.kd_model_name}: the teacher\'s weights could not be loaded ({e}). '
+                           f'Offline, export the teacher (python -m timm_adv.hub export CHECKPOINT --out DIR) and pass '
+                           f'--kd-model-name local-dir:DIR, or give --kd-pretrained-path FILE.') from e
     return teacher.requires_grad_(False)
 
 
@@ -166,7 +171,7 @@ class DistillationMixin:
     ) -> None:
         """Attaches ``teacher``; ``mean`` / ``std`` are the student's input normalisation (the loader's)."""
         self.teacher = teacher.requires_grad_(False).eval()
-        device = next(iter(teacher.buffers())).device
+        device = teacher.mean_kd.device
         self.register_buffer('student_mean', _norm_buffer(mean, device), persistent=False)
         self.register_buffer('student_std', _norm_buffer(std, device), persistent=False)
         self.temperature = temperature
