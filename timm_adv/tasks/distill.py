@@ -34,7 +34,7 @@ KD_ARGS = ('kd_model_name', 'kd_distill_type', 'kd_loss_type', 'distill_loss_wei
 
 
 def add_kd_args(parser: argparse.ArgumentParser) -> None:
-    """Adds timm train.py's knowledge-distillation flags (same names, defaults and meaning) and ``--kd-pretrained-path``."""
+    """Adds timm train.py's knowledge-distillation flags (same names, defaults, meaning) and ``--kd-pretrained-path``."""
     group = parser.add_argument_group('Knowledge distillation parameters')
     group.add_argument('--kd-model-name', default=None, type=str,
                        help='teacher model for knowledge distillation: a timm name (pretrained weights), '
@@ -102,7 +102,10 @@ def check_kd_args(args: argparse.Namespace, explicit: Optional[Mapping[str, str]
                          f'stage instead.')
 
 
-def resolve_kd_weights(distill_loss_weight: Optional[float], task_loss_weight: Optional[float]) -> Tuple[float, float]:
+def resolve_kd_weights(
+        distill_loss_weight: Optional[float],
+        task_loss_weight: Optional[float],
+) -> Tuple[float, float]:
     """``(task_weight, distill_weight)`` from the flags, as timm's distillation tasks resolve them.
 
     Both given: as given; only the distillation weight: task weight 1; only the task weight:
@@ -126,7 +129,11 @@ def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     return F.kl_div(log_p_s, log_p_t, reduction='batchmean', log_target=True) * temperature ** 2
 
 
-def create_teacher(args: argparse.Namespace, student: nn.Module, device: Optional[torch.device] = None) -> DistillationTeacher:
+def create_teacher(
+        args: argparse.Namespace,
+        student: nn.Module,
+        device: Optional[torch.device] = None,
+) -> DistillationTeacher:
     """The frozen teacher named by ``--kd-model-name`` (weights from ``--kd-pretrained-path`` when given).
 
     timm creates it with ``pretrained=True``: ``local-dir:`` and cached ``hf-hub:`` names load offline;
