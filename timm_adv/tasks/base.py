@@ -67,6 +67,8 @@ class AdversarialTask(ClassificationTask):
     attack_defaults: Dict[str, Any] = dict(eps=8 / 255, steps=10, norm='linf', random_start=True)
     #: What ``--torchcompile`` leaves eager in this method (logged as a warning by :meth:`compile`), or ''.
     compile_note: str = ''
+    #: ``result['output']`` holds class logits (a distillation teacher's logits are matched against them).
+    output_is_logits: bool = True
 
     def __init__(
             self,

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from timm_adv.attacks import BN_MODES, NORMS
 from .arg_types import bounded_type, eps_type
+from .distill import add_kd_args, check_kd_args, distilled_method
 from .registry import get_method, list_methods
 
 __all__ = ['add_adv_args', 'check_adv_args', 'create_task', 'method_args']
@@ -43,6 +44,7 @@ def add_adv_args(parser: argparse.ArgumentParser) -> None:
                        help='size of the fixed validation subset attacked each epoch; 0 disables (default: 500)')
     for name in list_methods():
         get_method(name).add_args(group)
+    add_kd_args(parser)
 
 
 @lru_cache(maxsize=None)
@@ -81,6 +83,7 @@ def check_adv_args(args: argparse.Namespace, explicit: Optional[Mapping[str, str
     method = get_method(args.adv_method)
     explicit = explicit or {}
     method.check_args(args)
+    check_kd_args(args, explicit)
     if args.adv_val_samples < 0:
         raise ValueError(f'--adv-val-samples must be >= 0, got {args.adv_val_samples}.')
     used = set(method.uses_args) | method_args(args.adv_method)
@@ -110,10 +113,13 @@ def create_task(
         std=None,
         device: Optional[torch.device] = None,
 ):
-    """Creates the task registered under ``args.adv_method``.
+    """Creates the task registered under ``args.adv_method``; with ``--kd-model-name``, with that teacher.
 
     Example:
         >>> model = get_method(args.adv_method).prepare_model(model, args)
         >>> task = create_task(model, nn.CrossEntropyLoss(), args, mean=(0.5,) * 3, std=(0.5,) * 3)
     """
-    return get_method(args.adv_method).from_args(model, criterion, args, mean=mean, std=std, device=device)
+    method = get_method(args.adv_method)
+    if getattr(args, 'kd_model_name', None):
+        method = distilled_method(method)
+    return method.from_args(model, criterion, args, mean=mean, std=std, device=device)

@@ -84,6 +84,7 @@ class RepresentationTask(AdversarialTask):
     default_bn_mode = 'eval'
     compile_note = ('the training forward is compiled; the kNN classifier (the per-epoch validation, the bank '
                     "refresh and ssat's kNN-guided attack) runs the eager backbone.")
+    output_is_logits = False  # training output is features
 
     def __init__(
             self,

@@ -1,0 +1,233 @@
+"""Adversarial distillation: timm's knowledge-distillation flags on any ``--adv-method``.
+
+A frozen teacher (timm's :class:`~timm.task.DistillationTeacher`: eval mode, its own normalisation)
+sees the clean batch; the student's training logits, which the method returns as ``result['output']``
+(the adversarial logits for ``pgd``, so the attack is against the student), are pulled toward the
+teacher's with timm's logit-distillation loss::
+
+    loss = task_loss_weight * method_loss + distill_loss_weight * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+with timm's weighting modes (:func:`resolve_kd_weights`). With ``--adv-method pgd`` this is ARD
+(Goldblum et al., AAAI 2020; the README maps its flags). The method's file does not change: the task
+factory builds a subclass of the method with :class:`DistillationMixin` in front
+(:func:`distilled_method`). The teacher is no part of the eval model, the task state or the EMA, so
+checkpoints and exports hold the student only; on resume it is rebuilt from the ``--kd-*`` flags.
+"""
+import argparse
+from functools import lru_cache
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.task import DistillationTeacher
+
+from .registry import get_method
+
+__all__ = ['KD_ARGS', 'DistillationMixin', 'add_kd_args', 'check_kd_args', 'create_teacher', 'distilled_method',
+           'kd_kl_loss', 'resolve_kd_weights']
+
+#: Destinations of the distillation flags (timm's, plus ``--kd-pretrained-path``).
+KD_ARGS = ('kd_model_name', 'kd_distill_type', 'kd_loss_type', 'distill_loss_weight', 'task_loss_weight',
+           'kd_temperature', 'kd_student_feature_dim', 'kd_teacher_feature_dim', 'kd_token_distill_type',
+           'kd_pretrained_path')
+
+
+def add_kd_args(parser: argparse.ArgumentParser) -> None:
+    """Adds timm train.py's knowledge-distillation flags (same names, defaults, meaning) and ``--kd-pretrained-path``."""
+    group = parser.add_argument_group('Knowledge distillation parameters')
+    group.add_argument('--kd-model-name', default=None, type=str,
+                       help='teacher model for knowledge distillation: a timm name (pretrained weights), '
+                            'local-dir:/path or hf-hub:org/name (default: none, no distillation)')
+    group.add_argument('--kd-distill-type', default='logit', choices=('logit', 'feature', 'token'),
+                       help='distillation type; adversarial methods support logit (default: logit)')
+    group.add_argument('--kd-loss-type', default='kl', type=str,
+                       help='logit distillation loss; only kl (default: kl)')
+    group.add_argument('--distill-loss-weight', default=None, type=float,
+                       help='weight of the distillation loss; with both weights: task_w * task + distill_w * distill; '
+                            'with only --task-loss-weight: task_w * task + (1 - task_w) * distill (default: 1.0)')
+    group.add_argument('--task-loss-weight', default=None, type=float,
+                       help='weight of the task loss (the method\'s own loss); see --distill-loss-weight (default: 1.0)')
+    group.add_argument('--kd-temperature', default=4.0, type=float,
+                       help='softmax temperature of the distillation loss (default: 4.0)')
+    group.add_argument('--kd-student-feature-dim', default=None, type=int,
+                       help='feature distillation: student feature dimension (not supported with --adv-method)')
+    group.add_argument('--kd-teacher-feature-dim', default=None, type=int,
+                       help='feature distillation: teacher feature dimension (not supported with --adv-method)')
+    group.add_argument('--kd-token-distill-type', default='soft', choices=('soft', 'hard'),
+                       help='token distillation: soft or hard (not supported with --adv-method)')
+    group.add_argument('--kd-pretrained-path', default=None, type=str, metavar='PATH',
+                       help='timm-adv: teacher weights from a file (safetensors, or a checkpoint read with '
+                            'weights_only) instead of --kd-model-name\'s pretrained weights (default: none)')
+
+
+def check_kd_args(args: argparse.Namespace, explicit: Optional[Mapping[str, str]] = None) -> None:
+    """Fails early, naming the flag, on distillation settings that would be ignored or cannot work.
+
+    Example:
+        >>> check_kd_args(parse(['--kd-temperature', '2']), {'kd_temperature': '--kd-temperature'})
+        ValueError: --kd-temperature does nothing without --kd-model-name (the teacher); ...
+    """
+    explicit = explicit or {}
+    given = [flag for dest, flag in explicit.items() if dest in KD_ARGS and dest != 'kd_model_name']
+    if not getattr(args, 'kd_model_name', None):
+        if given:
+            raise ValueError(f'{", ".join(given)} {"does" if len(given) == 1 else "do"} nothing without '
+                             f'--kd-model-name (the teacher); add --kd-model-name NAME, or drop '
+                             f'{"it" if len(given) == 1 else "them"}.')
+        return
+    if args.kd_distill_type != 'logit':
+        # both change what the student's forward returns (pre-logit features / a (cls, dist) logit pair),
+        # which the attack core and every method read as class logits
+        missing = ('the student\'s pre-logit features of the training batch, which the methods do not return'
+                   if args.kd_distill_type == 'feature' else
+                   'a student forward that returns class logits; a distilled DeiT in distilled-training mode '
+                   'returns a (cls, dist) pair, which the attacks cannot differentiate as logits')
+        raise ValueError(f'--kd-distill-type {args.kd_distill_type} does not combine with adversarial training here: '
+                         f'it needs {missing}. Use --kd-distill-type logit (a distilled DeiT student then learns '
+                         f'from the teacher through its averaged heads).')
+    for dest, kind in (('kd_student_feature_dim', 'feature'), ('kd_teacher_feature_dim', 'feature'),
+                       ('kd_token_distill_type', 'token')):
+        if dest in explicit:
+            raise ValueError(f'{explicit[dest]} applies to --kd-distill-type {kind}, which adversarial methods do '
+                             f'not support; drop it.')
+    if not args.kd_temperature > 0:
+        raise ValueError(f'--kd-temperature must be > 0, got {args.kd_temperature}.')
+    if args.kd_loss_type != 'kl':
+        raise ValueError(f'--kd-loss-type {args.kd_loss_type!r} is not supported; timm has only kl.')
+    method = get_method(args.adv_method)
+    if not method.output_is_logits:
+        raise ValueError(f'--kd-model-name needs a method that trains class logits; --adv-method {args.adv_method} '
+                         f'trains a representation (its output is features). Distil in a later classification '
+                         f'stage instead.')
+
+
+def resolve_kd_weights(
+        distill_loss_weight: Optional[float],
+        task_loss_weight: Optional[float],
+) -> Tuple[float, float]:
+    """``(task_weight, distill_weight)`` from the flags, as timm's distillation tasks resolve them.
+
+    Both given: as given; only the distillation weight: task weight 1; only the task weight:
+    distillation weight ``1 - task``; neither: both 1.
+
+    Example:
+        >>> resolve_kd_weights(None, 0.3)
+        (0.3, 0.7)
+    """
+    if distill_loss_weight is not None:
+        return (1.0 if task_loss_weight is None else task_loss_weight), distill_loss_weight
+    if task_loss_weight is not None:
+        return task_loss_weight, 1.0 - task_loss_weight
+    return 1.0, 1.0
+
+
+def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """timm's logit-distillation loss: ``T^2 * KL(softmax(t / T) || softmax(s / T))``, averaged over the batch."""
+    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction='batchmean', log_target=True) * temperature ** 2
+
+
+def create_teacher(
+        args: argparse.Namespace,
+        student: nn.Module,
+        device: Optional[torch.device] = None,
+) -> DistillationTeacher:
+    """The frozen teacher named by ``--kd-model-name`` (weights from ``--kd-pretrained-path`` when given).
+
+    timm creates it with ``pretrained=True``: ``local-dir:`` and cached ``hf-hub:`` names load offline;
+    a file goes through timm's loader (safetensors, or ``torch.load(weights_only=True)``).
+
+    Example:
+        >>> teacher = create_teacher(args, model)  # args.kd_model_name = 'local-dir:output/export/teacher'
+    """
+    try:
+        teacher = DistillationTeacher(args.kd_model_name, num_classes=student.num_classes,
+                                      in_chans=getattr(student, 'in_chans', 3),
+                                      pretrained_path=getattr(args, 'kd_pretrained_path', None), device=device)
+    except (OSError, RuntimeError) as e:
+        raise RuntimeError(f'--kd-model-name {args.kd_model_name}: the teacher\'s weights could not be loaded ({e}). '
+                           f'Offline, export the teacher (python -m timm_adv.hub export CHECKPOINT --out DIR) and pass '
+                           f'--kd-model-name local-dir:DIR, or give --kd-pretrained-path FILE.') from e
+    return teacher.requires_grad_(False)
+
+
+def _norm_buffer(values: Sequence[float], device) -> torch.Tensor:
+    return torch.tensor(tuple(values), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+
+class DistillationMixin:
+    """Adds a frozen teacher's logit-distillation term to the method's loss; put it before the method class.
+
+    The teacher sees the clean input, re-normalised from the student's statistics to its own; the
+    student term is ``result['output']``, the logits the method trains on. ``task_loss`` (the method's
+    loss) and ``kd_loss`` are reported beside the combined ``loss``.
+    """
+
+    teacher: DistillationTeacher
+
+    def set_teacher(
+            self,
+            teacher: DistillationTeacher,
+            mean: Sequence[float],
+            std: Sequence[float],
+            temperature: float = 4.0,
+            distill_loss_weight: Optional[float] = None,
+            task_loss_weight: Optional[float] = None,
+    ) -> None:
+        """Attaches ``teacher``; ``mean`` / ``std`` are the student's input normalisation (the loader's)."""
+        self.teacher = teacher.requires_grad_(False).eval()
+        device = teacher.mean_kd.device
+        self.register_buffer('student_mean', _norm_buffer(mean, device), persistent=False)
+        self.register_buffer('student_std', _norm_buffer(std, device), persistent=False)
+        self.temperature = temperature
+        self.task_loss_weight, self.distill_loss_weight = resolve_kd_weights(distill_loss_weight, task_loss_weight)
+
+    @classmethod
+    def from_args(cls, model, criterion, args, mean=None, std=None, device=None):
+        task = super().from_args(model, criterion, args, mean=mean, std=std, device=device)
+        cfg = getattr(model, 'pretrained_cfg', None) or {}
+        task.set_teacher(create_teacher(args, model, device), mean=mean or cfg['mean'], std=std or cfg['std'],
+                         temperature=args.kd_temperature, distill_loss_weight=args.distill_loss_weight,
+                         task_loss_weight=args.task_loss_weight)
+        return task
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # a teacher's BN / dropout never train
+        return self
+
+    def teacher_logits(self, input: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits on ``input`` (normalised for the student), without autograd."""
+        with torch.no_grad():
+            return self.teacher(self.teacher.normalize_input(input, self.student_mean, self.student_std))
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        teacher_logits = self.teacher_logits(input)
+        result = super().forward(input, target)
+        kd_loss = kd_kl_loss(result['output'], teacher_logits, self.temperature)
+        task_loss = result['loss']
+        result['loss'] = self.task_loss_weight * task_loss + self.distill_loss_weight * kd_loss
+        result['task_loss'] = task_loss.detach()
+        result['kd_loss'] = kd_loss.detach()
+        return result
+
+    def card_details(self) -> Dict[str, str]:
+        return {**super().card_details(),
+                'distilled from': f'{self.teacher.model.pretrained_cfg.get("architecture", "teacher")} '
+                                  f'(logit KD, T={self.temperature:g}, task weight {self.task_loss_weight:g}, '
+                                  f'distillation weight {self.distill_loss_weight:g}; not part of this model)'}
+
+
+@lru_cache(maxsize=None)
+def distilled_method(method: Type) -> Type:
+    """The method's task class with :class:`DistillationMixin` in front (built once per method).
+
+    Example:
+        >>> task = distilled_method(get_method('pgd')).from_args(model, criterion, args, mean=mean, std=std)
+    """
+    return type(f'Distilled{method.__name__}', (DistillationMixin, method), {
+        '__doc__': f'{method.__name__} with a logit-distillation teacher (see DistillationMixin).',
+        '__module__': __name__,
+    })
