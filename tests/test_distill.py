@@ -294,3 +294,34 @@ def test_students_that_cannot_distil_are_refused(teacher_dir, kind, model, messa
     args = _parse(['--adv-method', 'pgd', '--kd-model-name', f'local-dir:{teacher_dir}', '--kd-distill-type', kind])
     with pytest.raises(ValueError, match=message):
         prepare_kd_model(model(), args)
+
+
+def test_feature_distillation_train_resume_and_export(image_folder, wide_teacher_dir, tmp_path):
+    import train
+    from timm_adv.hub import export_checkpoint
+    from timm_adv.tasks.distill import KD_PROJECTION_KEY
+    from timm_adv.utils import read_checkpoint
+    argv = ['--data-dir', str(image_folder), '--model', 'test_resnet', '--num-classes', str(NUM_CLASSES),
+            '--img-size', '32', '-b', '8', '--lr', '0.05', '--warmup-epochs', '0', '--workers', '0', '--no-aug',
+            '--adv-val-samples', '0', '--output', str(tmp_path), '--experiment', 'run',
+            '--adv-method', 'pgd', '--adv-eps', '0.1', '--adv-steps', '1',
+            '--kd-model-name', f'local-dir:{wide_teacher_dir}', '--kd-distill-type', 'feature']
+    train.main([*argv, '--epochs', '1'])
+    first = read_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))
+    plain_keys = set(_model(0).state_dict())
+    assert set(first['state_dict']) == plain_keys
+    projection = first['task_state'][KD_PROJECTION_KEY]
+    assert projection['weight'].shape == (256, 96)
+
+    # the optimiser holds the projection (the student's tensors + its weight and bias), with momentum for it
+    opt_params = [i for group in first['optimizer']['param_groups'] for i in group['params']]
+    assert len(opt_params) == len(list(_model(0).parameters())) + 2
+    assert all('momentum_buffer' in first['optimizer']['state'][i] for i in opt_params)
+    # resume restores it and goes on training it
+    train.main([*argv, '--epochs', '2', '--resume', str(tmp_path / 'run' / 'last.pth.tar')])
+    resumed = read_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))
+    assert resumed['epoch'] == 1 and set(resumed['state_dict']) == plain_keys
+    assert not torch.equal(resumed['task_state'][KD_PROJECTION_KEY]['weight'], projection['weight'])
+
+    export_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'), str(tmp_path / 'export'))
+    assert set(load_file(str(tmp_path / 'export' / 'model.safetensors'))) == plain_keys
