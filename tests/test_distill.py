@@ -325,3 +325,22 @@ def test_feature_distillation_train_resume_and_export(image_folder, wide_teacher
 
     export_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'), str(tmp_path / 'export'))
     assert set(load_file(str(tmp_path / 'export' / 'model.safetensors'))) == plain_keys
+
+
+def test_advprop_feature_distillation_pulls_both_halves_to_the_clean_teacher(wide_teacher_dir):
+    from timm_adv.tasks import get_method
+    from timm_adv.tasks.distill import KD_PROJECTION_KEY
+    argv = ['--adv-method', 'advprop', '--adv-eps', '0.1', '--adv-steps', '1',
+            '--kd-model-name', f'local-dir:{wide_teacher_dir}', '--kd-distill-type', 'feature']
+    student = get_method('advprop').prepare_model(_model(0), _parse(argv))
+    task = _distilled_task(student, argv)
+    features = []
+    student.get_classifier().register_forward_pre_hook(lambda m, a: features.append(a[0].detach().clone()))
+    x, y = _batch()
+    result = task(x, y)
+    assert features[-1].shape[0] == 2 * x.shape[0]  # the [clean; adversarial] training forward
+    reference = timm.create_model(f'local-dir:{wide_teacher_dir}', pretrained=True, num_classes=NUM_CLASSES).eval()
+    with torch.no_grad():
+        t_feat = reference.forward_head(reference.forward_features(_teacher_input(x, reference)), pre_logits=True)
+        kd = F.mse_loss(getattr(student, KD_PROJECTION_KEY)(features[-1]), torch.cat([t_feat, t_feat]))
+    assert torch.allclose(result['kd_loss'], kd, atol=1e-5)

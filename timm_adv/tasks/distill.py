@@ -201,7 +201,8 @@ class DistillationMixin:
     adversarial batch's: ``logit``: ``result['output']``; ``feature``: the pooled pre-logits entering
     the classifier (a forward pre-hook), projected when the dims differ; ``token``: the ``head_dist``
     logits (a forward hook). Hooks record only inside :meth:`forward` and the last call wins: every
-    method's attack runs before its training forward. ``task_loss`` (the method's loss) and
+    method's attack runs before its training forward. When that forward holds ``[clean; adversarial]``
+    (``advprop``, ``advbn``), both parts are pulled to the teacher's clean output. ``task_loss`` (the method's loss) and
     ``kd_loss`` are reported beside the combined ``loss``.
     """
 
@@ -274,6 +275,9 @@ class DistillationMixin:
             student_out = self._kd_calls[-1] if self._kd_calls else result['output']
         finally:
             self._kd_calls = None
+        if student_out.shape[0] != teacher_out.shape[0]:
+            # advprop / advbn train one [clean; adversarial] forward: each part is pulled to the clean teacher
+            teacher_out = teacher_out.repeat(student_out.shape[0] // teacher_out.shape[0], 1)
         if self.distill_type == 'feature':
             projection = getattr(self.unwrapped_model, KD_PROJECTION_KEY, None)
             kd_loss = F.mse_loss(student_out if projection is None else projection(student_out), teacher_out)
