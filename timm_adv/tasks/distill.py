@@ -7,11 +7,15 @@ teacher's with timm's logit-distillation loss::
 
     loss = task_loss_weight * method_loss + distill_loss_weight * T^2 * KL(softmax(t / T) || softmax(s / T))
 
-with timm's weighting modes (:func:`resolve_kd_weights`). With ``--adv-method pgd`` this is ARD
+with timm's weighting modes (:func:`resolve_kd_weights`). ``--kd-distill-type feature`` (MSE on the pooled
+pre-logits, through a trainable projection when the dims differ) and ``token`` (a distilled DeiT's
+``head_dist`` logits, soft or hard) follow timm's Feature/TokenDistillationTask, read from the method's
+training forward by hooks (see :class:`DistillationMixin`). With ``--adv-method pgd`` logit KD is ARD
 (Goldblum et al., AAAI 2020; the README maps its flags). The method's file does not change: the task
 factory builds a subclass of the method with :class:`DistillationMixin` in front
 (:func:`distilled_method`). The teacher is no part of the eval model, the task state or the EMA, so
-checkpoints and exports hold the student only; on resume it is rebuilt from the ``--kd-*`` flags.
+checkpoints and exports hold the student only (feature KD's projection in ``task_state``); on resume
+it is rebuilt from the ``--kd-*`` flags.
 """
 import argparse
 import copy
