@@ -41,6 +41,7 @@ from timm_adv.evaluation import add_overfit_guard_args, check_overfit_guard_args
 from timm_adv.loss import create_train_criterion
 from timm_adv.models import load_mae_weights, resolve_mae_weights, warn_mae_normalisation
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
+from timm_adv.tasks.distill import prepare_kd_model
 from timm_adv.tasks.arg_types import bounded_type
 from timm_adv.utils import (CheckpointError, check_compile_args, check_layer_decay, check_state_dict_matches,
                             check_timm_args, checkpoint_state_dict, create_wandb_logger, explicit_args,
@@ -432,7 +433,7 @@ def create_train_model(args, mae_weights, device, model_dtype=None):
     if utils.is_primary(args):
         warn_mae_normalisation(mae_weights, data_config['mean'], args.model)
 
-    model = get_method(args.adv_method).prepare_model(model, args)
+    model = prepare_kd_model(get_method(args.adv_method).prepare_model(model, args), args)  # + KD projection
     if args.split_bn:  # AugMix: BN statistics per split (clean, augmented...)
         model = convert_splitbn_model(model, args.aug_splits)
     if args.distributed and args.sync_bn:
