@@ -3,14 +3,14 @@
 
 Runs exactly the commands a user would type:
 
-1. ``train.py`` a small timm model (resnet10t, 32 px) normally, and with PGD-AT (L-inf eps 0.1, 7 steps);
+1. ``train.py`` a small timm model (resnet10t, 32 px) normally, and with PGD-AT (L-inf eps 0.1, 5 steps);
 2. ``validate.py`` both on the held-out split: clean top-1, and top-1 under PGD-20 at eps 0.1;
 3. prints the side-by-side table and checks the target (PGD-AT: >= 92% PGD-20 with >= 97% clean).
 
 Its flags are the bundled/mnist recipe (``timm_adv/data/recipes.py``), spelled out: ``python train.py
 --adv-method pgd --adv-eps 0.1`` trains the same PGD-AT model (``tests/test_recipes.py`` checks it).
 
-    python demo.py [--epochs 8] [--output output/demo]
+    python demo.py [--epochs 10] [--output output/demo]
 """
 import argparse
 import json
@@ -21,13 +21,14 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EPS = '0.1'
+EPOCHS = 10
 
 COMMON = ['--model', 'resnet10t', '--no-aug', '-b', '64', '--opt', 'sgd', '--lr', '0.05', '--weight-decay', '5e-4',
-          '--warmup-epochs', '0', '--workers', '0', '--adv-val-samples', '200', '--adv-val-steps', '10', '--adv-val-eps', EPS,
+          '--warmup-epochs', '0', '--smoothing', '0', '--workers', '0', '--adv-val-samples', '200', '--adv-val-steps', '10', '--adv-val-eps', EPS,
           '--log-interval', '20']
 METHODS = {
     'plain': ['--adv-method', 'none'],
-    'pgd-at': ['--adv-method', 'pgd', '--adv-eps', EPS, '--adv-steps', '7', '--adv-step-size', '0.025'],
+    'pgd-at': ['--adv-method', 'pgd', '--adv-eps', EPS, '--adv-steps', '5', '--adv-step-size', '0.025'],
 }
 
 
@@ -38,7 +39,7 @@ def run(cmd):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--epochs', type=int, default=8)
+    parser.add_argument('--epochs', type=int, default=EPOCHS)
     parser.add_argument('--output', default=os.path.join('output', 'demo'))
     parser.add_argument('--experiment', default=time.strftime('%Y%m%d-%H%M%S'))
     args = parser.parse_args()

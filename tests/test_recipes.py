@@ -26,10 +26,11 @@ def test_bare_command_takes_the_bundled_recipe(caplog):
     with caplog.at_level(logging.INFO, logger='train'):
         args = _parse()
     assert (args.no_aug, args.epochs, args.warmup_epochs, args.batch_size, args.lr, args.workers) == (
-        True, 8, 0, 64, 0.05, 0)
+        True, 10, 0, 64, 0.05, 0)
+    assert args.smoothing == 0.0  # timm's 0.1 masks gradients under PGD-AT
     assert args.adv_steps is None  # attack settings only for the method that has them in the recipe
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith('recipe for bundled/mnist:'))
-    assert '--no-aug' in line and '--batch-size 64' in line and '--epochs 8' in line
+    assert '--no-aug' in line and '--batch-size 64' in line and '--epochs 10' in line
 
 
 def test_typed_flags_win_over_the_recipe_even_at_timm_defaults():
@@ -49,7 +50,7 @@ def test_an_augmentation_flag_turns_on_augmentation_that_keeps_digits_digits():
 
 def test_recipe_items_that_depend_on_other_flags():
     args = _parse('--adv-method', 'pgd', '--adv-eps', '0.2')
-    assert (args.adv_steps, args.adv_step_size) == (7, pytest.approx(0.05))  # a quarter of eps
+    assert (args.adv_steps, args.adv_step_size) == (5, pytest.approx(0.05))  # a quarter of eps
     assert _parse('--adv-method', 'pgd').adv_step_size is None  # no eps given: the method's defaults
     assert _parse('--adv-method', 'pgd', '--adv-step-size', '0.02').adv_steps is None
     assert _parse('--adv-method', 'fgsm-rs', '--adv-eps', '0.1').adv_steps is None
@@ -66,13 +67,13 @@ def _effective(args):
 
 
 @pytest.mark.parametrize('name,user', [
-    ('pgd-at', ['--adv-method', 'pgd', '--adv-eps', '0.1', '--epochs', '8']),
-    ('plain', ['--adv-method', 'none', '--epochs', '8']),
+    ('pgd-at', ['--adv-method', 'pgd', '--adv-eps', '0.1']),
+    ('plain', ['--adv-method', 'none']),
 ])
 def test_short_commands_train_exactly_what_the_demo_trains(name, user):
     """The issue's command takes the demo's recipe flag for flag, so the demo's figures and time are its own."""
     import demo
-    demo_args = _parse(*demo.COMMON, *demo.METHODS[name], '--epochs', '8')
+    demo_args = _parse(*demo.COMMON, *demo.METHODS[name], '--epochs', str(demo.EPOCHS))
     user_args = _parse(*user)
     if name == 'plain':  # the demo attacks its plain model at the PGD-AT eps
         user_args.adv_val_eps = 0.1
