@@ -87,7 +87,7 @@ DATASET_RECIPES: Dict[str, DatasetRecipe] = {
             RecipeItem(dict(adv_val_samples=200)),
             # no label smoothing: smoothed targets flatten the loss surface that gradient attacks climb,
             # so PGD-AT trained with them looks more robust to PGD than it is (Fu et al., "Label
-            # smoothing and logit squeezing: a replacement for adversarial training?", 2020)
+            # smoothing and adversarial robustness", arXiv:2009.08233, 2020)
             RecipeItem(dict(smoothing=0.0)),
             # PGD-AT as the demo trains it: 5 steps of eps / 4 (0.025 at eps 0.1), 6 passes a batch;
             # 10 epochs x 6 passes hold up under AutoAttack where 8 x 8 did not (README, demo)
