@@ -43,9 +43,10 @@ from timm_adv.models import load_mae_weights, resolve_mae_weights, warn_mae_norm
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
 from timm_adv.tasks.distill import prepare_kd_model
 from timm_adv.tasks.arg_types import bounded_type
-from timm_adv.utils import (CheckpointError, check_compile_args, check_layer_decay, check_state_dict_matches,
-                            check_timm_args, checkpoint_state_dict, create_wandb_logger, explicit_args,
-                            read_checkpoint, split_config_keys)
+from timm_adv.utils import (CheckpointError, Preempted, PreemptionHandler, RecoverySaver, check_compile_args,
+                            check_layer_decay, check_state_dict_matches, check_timm_args, checkpoint_position,
+                            checkpoint_state_dict, create_wandb_logger, explicit_args, read_checkpoint,
+                            resolve_auto_resume, resume_batches, save_recovery, split_config_keys)
 
 _logger = logging.getLogger('train')
 
@@ -83,7 +84,8 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--pretrained', action='store_true', default=False, help='start with pretrained version of specified network (if avail)')
     group.add_argument('--pretrained-path', default=None, type=str, help='load this checkpoint as if it were the pretrained weights (with adaptation)')
     group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH', help='load this checkpoint into model after initialization (default: none)')
-    group.add_argument('--resume', default='', type=str, metavar='PATH', help='resume full model and optimizer state from checkpoint (default: none)')
+    group.add_argument('--resume', default='', type=str, metavar='PATH', help='resume full model and optimizer state from checkpoint; "auto": the newest valid last/recovery '
+                            'checkpoint of --output/--experiment, or a fresh start if there is none (default: none)')
     group.add_argument('--no-resume-opt', action='store_true', default=False, help='prevent resume of optimizer state when resuming model')
     group.add_argument('--num-classes', type=int, default=None, metavar='N', help='number of label classes (model default if None)')
     group.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type (model default if None)')
@@ -220,7 +222,7 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--worker-seeding', type=str, default='all', help='worker seed mode (default: all)')
     group.add_argument('--log-interval', type=int, default=50, metavar='N', help='how many batches to wait before logging training status')
     group.add_argument('--val-interval', type=int, default=1, metavar='N', help='how many epochs between validation and checkpointing')
-    group.add_argument('--recovery-interval', type=int, default=0, metavar='N', help='how many batches to wait before writing recovery checkpoint')
+    group.add_argument('--recovery-interval', type=int, default=0, metavar='N', help='how many optimizer updates to wait before writing recovery checkpoint (SIGTERM/SIGUSR1 write one too)')
     group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='number of checkpoints to keep (default: 10)')
     group.add_argument('-j', '--workers', type=int, default=default_workers(4), metavar='N',
                        help='data loading processes (default: 4, at most the CPUs available to this process)')
@@ -507,14 +509,15 @@ def setup_distributed(args, task, device) -> None:
         task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None, **ddp_kwargs)
 
 
-def create_train_schedule(args, optimizer, loader_train, start_epoch: int):
-    """Schedule phase: timm's scheduler, stepped to ``start_epoch``; returns ``(lr_scheduler, num_epochs)``."""
+def create_train_schedule(args, optimizer, loader_train, start_epoch: int, start_batch: int = 0):
+    """Schedule phase: timm's scheduler, stepped to ``start_epoch`` (and ``start_batch`` loader batches into it);
+    returns ``(lr_scheduler, num_epochs)``."""
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
                                                    updates_per_epoch=updates_per_epoch)
-    if start_epoch > 0:
+    if start_epoch > 0 or start_batch > 0:
         if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+            lr_scheduler.step_update(start_epoch * updates_per_epoch + start_batch // args.grad_accum_steps)
         else:
             lr_scheduler.step(start_epoch)
     return lr_scheduler, num_epochs
@@ -532,8 +535,10 @@ def create_robust_validation(args, data_config, loader_robust, device, amp_autoc
 
 def setup(args):
     """Everything before the first epoch, phase by phase as in timm's train.py."""
+    args.resume = resolve_auto_resume(args.resume, args.output, args.experiment)
     _check_paths(args)
     resume_ckpt = read_checkpoint(args.resume, '--resume') if args.resume else None
+    position = checkpoint_position(resume_ckpt)  # a recovery checkpoint continues mid-epoch
     # reads --initial-checkpoint / --pretrained-path once (an early check of the files); MAE pre-training
     # weights are loaded by timm_adv.models.mae, anything else by timm as usual
     mae_weights = resolve_mae_weights(args.model, args.pretrained, args.pretrained_path, args.initial_checkpoint)
@@ -552,9 +557,12 @@ def setup(args):
     task, start_epoch = create_train_task(args, model, criterion, data_config, device, optimizer, loss_scaler,
                                           resume_ckpt)
     del resume_ckpt
+    if position is not None and args.start_epoch is None:
+        start_epoch = position['epoch']
     compile_task(args, task)
     setup_distributed(args, task, device)
-    lr_scheduler, num_epochs = create_train_schedule(args, optimizer, loaders.train, start_epoch)
+    lr_scheduler, num_epochs = create_train_schedule(args, optimizer, loaders.train, start_epoch,
+                                                     position['batches'] if position else 0)
 
     val_attack, overfit_guard = create_robust_validation(args, data_config, loaders.robust, device, amp_autocast)
     return dict(
@@ -562,7 +570,7 @@ def setup(args):
         loader_train=loaders.train, loader_eval=loaders.eval, loader_robust=loaders.robust,
         mixup_fn=loaders.mixup_fn, batch_size_reference=loaders.batch_size_reference,
         lr_scheduler=lr_scheduler, num_epochs=num_epochs, start_epoch=start_epoch, output_dir=output_dir,
-        data_config=data_config, val_attack=val_attack, overfit_guard=overfit_guard,
+        data_config=data_config, val_attack=val_attack, overfit_guard=overfit_guard, resume_position=position,
     )
 
 
@@ -575,7 +583,8 @@ def _batch_loss_scale(args, batch_size: int, batch_size_reference: float) -> flo
 
 
 def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=None, amp_autocast=nullcontext,
-                    loss_scaler=None, mixup_fn=None, saver=None, output_dir=None, batch_size_reference=None):
+                    loss_scaler=None, mixup_fn=None, saver=None, output_dir=None, batch_size_reference=None,
+                    preemption=None, position=None):
     """One epoch of ``task`` training; returns the averaged loss and every scalar metric the task reported,
     and the step cost (``update_s``: seconds per optimizer update, ``sample_ms``: milliseconds per sample).
 
@@ -585,6 +594,9 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
     group skip the gradient all-reduce (``no_sync``); EMA and the scheduler count optimizer updates.
     timm's ``--recovery-interval``, ``--save-images``, ``--synchronize-step`` and
     ``--variable-batch-loss-scale`` act here as in timm's loop.
+
+    ``position`` (from a recovery checkpoint) continues the epoch at its next batch; after each update
+    a signal caught by ``preemption`` writes a recovery checkpoint and raises :class:`Preempted`.
     """
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if not args.no_prefetcher and getattr(loader, 'mixup_enabled', None) is not None:
@@ -599,12 +611,12 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
     accum_steps = args.grad_accum_steps
     updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
     last_group_start = num_batches - num_batches % accum_steps  # first batch of a shorter final group
-    num_updates = epoch * updates_per_epoch
+    num_updates = epoch * updates_per_epoch + (position['batches'] // accum_steps if position else 0)
     update_samples = 0
     epoch_samples = 0
     end = time.time()
     optimizer.zero_grad(set_to_none=True)
-    for batch_idx, (input, target) in enumerate(loader):
+    for batch_idx, (input, target) in resume_batches(loader, position, args.rank):
         need_update = batch_idx == num_batches - 1 or (batch_idx + 1) % accum_steps == 0
         update_idx = batch_idx // accum_steps
         group_size = num_batches % accum_steps if batch_idx >= last_group_start else accum_steps
@@ -662,8 +674,11 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
             if args.save_images and output_dir:
                 torchvision.utils.save_image(input, os.path.join(output_dir, f'train-batch-{batch_idx}.jpg'),
                                              padding=0, normalize=True)
-        if saver is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
-            saver.save_recovery(epoch, batch_idx=update_idx)
+        stop = preemption.requested() if preemption is not None else 0
+        if stop or (args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0):
+            save_recovery(saver, epoch, batch_idx + 1, args.distributed, accum_steps)
+        if stop:
+            raise Preempted(stop)
         update_samples = 0
     metrics = OrderedDict((k, m.avg) for k, m in meters.items())
     step_cost = OrderedDict(update_s=update_time.avg, sample_ms=1000 * update_time.sum / max(epoch_samples, 1))
@@ -689,7 +704,7 @@ def _create_saver(args, state):
     output_dir, task = state['output_dir'], state['task']
     os.makedirs(output_dir, exist_ok=True)
     _write_atomic(os.path.join(output_dir, 'args.yaml'), yaml.safe_dump(args.__dict__, default_flow_style=False))
-    saver = utils.CheckpointSaver(
+    saver = RecoverySaver(
         model=unwrap_ddp(task.get_eval_model()), optimizer=state['optimizer'], args=args,
         amp_scaler=state['loss_scaler'], checkpoint_dir=output_dir, recovery_dir=output_dir,
         decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist, task=task)
@@ -733,7 +748,9 @@ def train(args, state) -> dict:
         train_metrics, step_cost = train_one_epoch(
             epoch, task, loader_train, optimizer, args, device, lr_scheduler=state['lr_scheduler'],
             amp_autocast=state['amp_autocast'], loss_scaler=state['loss_scaler'], mixup_fn=state['mixup_fn'],
-            saver=saver, output_dir=output_dir, batch_size_reference=state['batch_size_reference'])
+            saver=saver, output_dir=output_dir, batch_size_reference=state['batch_size_reference'],
+            preemption=state.get('preemption'),
+            position=state['resume_position'] if epoch == state['start_epoch'] else None)
         train_metrics['epoch_time'] = time.time() - start
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
@@ -751,6 +768,8 @@ def train(args, state) -> dict:
             if wandb_logger is not None:
                 wandb_logger.log_epoch(epoch, train_metrics, eval_metrics, lr=sum(lrs) / len(lrs), step_cost=step_cost)
             saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
+        if state.get('preemption') is not None and state['preemption'].requested():  # signalled during validation
+            raise Preempted(state['preemption'].requested())
         if state['overfit_guard'] is not None and state['overfit_guard'].act(task, optimizer):
             break
         state['lr_scheduler'].step(epoch + 1, eval_metrics.get(args.eval_metric))
@@ -769,7 +788,8 @@ def main(argv=None) -> dict:
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, before any work or file is written
         print(f'train.py: error: {e}', file=sys.stderr)
         sys.exit(2)
-    metrics = train(args, state)
+    with PreemptionHandler(args.distributed, state['device']) as state['preemption']:
+        metrics = train(args, state)  # a signal: recovery checkpoint, then exit 128 + signal (Preempted)
     if args.distributed:
         torch.distributed.destroy_process_group()
     return metrics
