@@ -3,6 +3,9 @@ continues at the next batch, bitwise equal to an uninterrupted run (CPU)."""
 import argparse
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -89,3 +92,37 @@ def test_resume_auto_skips_corrupt_files_and_needs_an_experiment(tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         train.main([*SMALL, '--output', str(tmp_path), '--resume', 'auto'])
     assert e.value.code == 2 and '--resume auto finds the run by its folder: add --experiment' in capsys.readouterr().err
+
+
+def _torchrun(repo_root, script, *argv, restarts=0):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--max-restarts', str(restarts),
+           '--master_port', str(_free_port()), os.path.join(repo_root, *script), *argv]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=repo_root)
+    proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers too, not only the launcher
+        raise
+    assert proc.returncode == 0, log[-3000:]
+    return log
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_lost_rank_restarts_the_group_from_the_recovery_checkpoint(tmp_path, repo_root):
+    argv = ['--model', 'test_resnet', '-b', '16', '--train-num-samples', '128', '--val-num-samples', '32',
+            '--adv-val-samples', '0', '--lr', '0.1', '--warmup-epochs', '0', '--workers', '0', '--log-interval', '1000',
+            '--epochs', '1', '--recovery-interval', '1', '--output', str(tmp_path), '--resume', 'auto']
+    _torchrun(repo_root, ['train.py'], *argv, '--experiment', 'whole')
+    log = _torchrun(repo_root, ['tests', 'lost_rank_worker.py'], '2', *argv, '--experiment', 'lost', restarts=1)
+    # rank 1 died before its third batch: the restarted group continued after the second
+    assert f'continuing from {tmp_path / "lost" / "recovery-0-1.pth.tar"}' in log, log[-3000:]
+    whole, lost = _load(tmp_path / 'whole' / 'last.pth.tar'), _load(tmp_path / 'lost' / 'last.pth.tar')
+    for k, v in whole['state_dict'].items():
+        assert torch.equal(v, lost['state_dict'][k]), k
