@@ -1,5 +1,6 @@
 """The train / validation / robust-validation loaders of ``train.py``, built from timm's data pieces."""
 import argparse
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -9,6 +10,8 @@ from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader
 from .bundled import is_bundled
 from .dataset_factory import create_dataset
 from .subset import spread_subset
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ['TrainLoaders', 'create_train_loaders', 'is_iterable_dataset']
 
@@ -45,6 +48,9 @@ class TrainLoaders:
 def _datasets(args: argparse.Namespace, input_img_mode: str):
     reader_kwargs = {}
     if not is_bundled(args.dataset):
+        if args.dataset_trust_remote_code:
+            _logger.warning(f'--dataset-trust-remote-code: {args.dataset!r} may run Python code from its repository '
+                            f'while loading; use it only for a dataset whose code you trust.')
         reader_kwargs = dict(input_img_mode=input_img_mode, input_key=args.input_key, target_key=args.target_key,
                              trust_remote_code=args.dataset_trust_remote_code)
     iterable = is_iterable_dataset(args.dataset)
