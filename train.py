@@ -46,7 +46,7 @@ from timm_adv.tasks.arg_types import bounded_type
 from timm_adv.utils import (CheckpointError, Preempted, PreemptionHandler, RecoverySaver, check_compile_args,
                             check_layer_decay, check_state_dict_matches, check_timm_args, checkpoint_position,
                             checkpoint_state_dict, create_wandb_logger, explicit_args, read_checkpoint,
-                            resolve_auto_resume, resume_batches, save_recovery, split_config_keys)
+                            resolve_auto_resume, resume_batches, save_recovery, scrub, split_config_keys)
 
 _logger = logging.getLogger('train')
 
@@ -703,9 +703,11 @@ def _create_saver(args, state):
     # primary process only: the run's args.yaml, checkpoint saver and (with --log-wandb) wandb run
     output_dir, task = state['output_dir'], state['task']
     os.makedirs(output_dir, exist_ok=True)
-    _write_atomic(os.path.join(output_dir, 'args.yaml'), yaml.safe_dump(args.__dict__, default_flow_style=False))
+    # secrets (tokens in the args or the environment) never reach a file; local paths stay for -c args.yaml
+    _write_atomic(os.path.join(output_dir, 'args.yaml'),
+                  yaml.safe_dump(scrub(args.__dict__, machine=False), default_flow_style=False))
     saver = RecoverySaver(
-        model=unwrap_ddp(task.get_eval_model()), optimizer=state['optimizer'], args=args,
+        model=unwrap_ddp(task.get_eval_model()), optimizer=state['optimizer'], args=scrub(args, machine=False),
         amp_scaler=state['loss_scaler'], checkpoint_dir=output_dir, recovery_dir=output_dir,
         decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist, task=task)
     if args.resume and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), output_dir):

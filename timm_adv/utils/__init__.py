@@ -12,3 +12,4 @@ from .preemption import (
     PREEMPT_SIGNALS, Preempted, PreemptionHandler, RecoverySaver, checkpoint_position, find_resume_checkpoint,
     resolve_auto_resume, resume_batches, save_recovery,
 )
+from .scrub import REDACTED, find_leaks, scrub, scrub_text
