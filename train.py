@@ -35,18 +35,20 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 
 from timm_adv.attacks import create_attack, unwrap_ddp
-from timm_adv.data import (DEFAULT_DATASET, apply_bundled_defaults, apply_dataset_recipe, create_train_loaders,
-                           default_workers, format_recipe, is_bundled, is_iterable_dataset, resolve_dataset_name)
+from timm_adv.data import (DEFAULT_DATASET, UnreadableImageError, apply_bundled_defaults, apply_dataset_recipe,
+                           create_train_loaders, default_workers, format_recipe, is_bundled, is_iterable_dataset,
+                           resolve_dataset_name, unreadable_image_message)
 from timm_adv.evaluation import add_overfit_guard_args, check_overfit_guard_args, create_overfit_guard, evaluate_accuracy
 from timm_adv.loss import create_train_criterion
 from timm_adv.models import load_mae_weights, resolve_mae_weights, warn_mae_normalisation
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
 from timm_adv.tasks.distill import prepare_kd_model
 from timm_adv.tasks.arg_types import bounded_type
-from timm_adv.utils import (CheckpointError, Preempted, PreemptionHandler, RecoverySaver, check_compile_args,
-                            check_layer_decay, check_state_dict_matches, check_timm_args, checkpoint_position,
-                            checkpoint_state_dict, create_wandb_logger, explicit_args, read_checkpoint,
-                            resolve_auto_resume, resume_batches, save_recovery, scrub, split_config_keys)
+from timm_adv.utils import (CheckpointError, CheckpointWriteError, Preempted, PreemptionHandler, RecoverySaver,
+                            check_compile_args, check_layer_decay, check_state_dict_matches, check_timm_args,
+                            check_writable, checkpoint_position, checkpoint_state_dict, create_wandb_logger,
+                            explicit_args, read_checkpoint, resolve_auto_resume, resume_batches, save_recovery, scrub,
+                            split_config_keys)
 
 _logger = logging.getLogger('train')
 
@@ -76,6 +78,8 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--input-img-mode', default=None, type=str, help='dataset image conversion mode for input images')
     group.add_argument('--input-key', default=None, type=str, help='dataset key for input images')
     group.add_argument('--target-key', default=None, type=str, help='dataset key for target labels')
+    group.add_argument('--skip-bad-images', action='store_true', default=False,
+                       help='skip (and count) image files that cannot be decoded; default: stop at the first, naming it')
     group.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
                        help='allow Hugging Face datasets that run their own code (trust_remote_code)')
 
@@ -349,6 +353,7 @@ def _output_dir(args, data_config) -> str:
                                                                        output_dir)):
         raise ValueError(f'--output/--experiment: {output_dir!r} already holds a run (last.pth.tar). Pass '
                          f'--resume {last} to continue it, or choose another --experiment; nothing was overwritten.')
+    check_writable(output_dir, '--output')  # now, not after the first epoch
     return output_dir
 
 
@@ -790,8 +795,15 @@ def main(argv=None) -> dict:
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, before any work or file is written
         print(f'train.py: error: {e}', file=sys.stderr)
         sys.exit(2)
-    with PreemptionHandler(args.distributed, state['device']) as state['preemption']:
-        metrics = train(args, state)  # a signal: recovery checkpoint, then exit 128 + signal (Preempted)
+    try:
+        with PreemptionHandler(args.distributed, state['device']) as state['preemption']:
+            metrics = train(args, state)  # a signal: recovery checkpoint, then exit 128 + signal (Preempted)
+    except CheckpointWriteError as e:  # disk full / read-only: one line; the previous checkpoints are intact
+        print(f'train.py: error: {e.strerror}', file=sys.stderr)
+        sys.exit(1)
+    except UnreadableImageError as e:  # raised in a loader worker, re-raised here with the worker's traceback
+        print(f'train.py: error: {unreadable_image_message(e)}', file=sys.stderr)
+        sys.exit(1)
     if args.distributed:
         torch.distributed.destroy_process_group()
     return metrics

@@ -10,6 +10,7 @@ from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader
 from .bundled import is_bundled
 from .dataset_factory import create_dataset
 from .subset import spread_subset
+from .unreadable import check_unreadable_images
 
 _logger = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ def _datasets(args: argparse.Namespace, input_img_mode: str):
                            **common)
     eval_ = create_dataset(args.dataset, split=args.val_split, is_training=False,
                            num_samples=args.val_num_samples if iterable else None, **common)
+    skip = getattr(args, 'skip_bad_images', False)
+    if not any([check_unreadable_images(train, skip), check_unreadable_images(eval_, skip)]) and skip:
+        raise ValueError(f'--skip-bad-images does nothing with --dataset {args.dataset!r}: it applies to image folders '
+                         f'and tars, whose files are decoded one by one.')
     # timm reads --train/val-num-samples for streaming datasets only; on a map-style dataset they
     # would be ignored, so there they take an evenly spread subset of that size
     if not iterable and args.train_num_samples:

@@ -34,8 +34,8 @@ import torch.distributed as dist
 from timm.utils import CheckpointSaver
 from timm.utils.checkpoint_saver import load_checkpoint_metadata
 
-__all__ = ['PREEMPT_SIGNALS', 'Preempted', 'PreemptionHandler', 'RecoverySaver', 'save_recovery',
-           'checkpoint_position', 'find_resume_checkpoint', 'resolve_auto_resume', 'resume_batches']
+__all__ = ['PREEMPT_SIGNALS', 'Preempted', 'PreemptionHandler', 'CheckpointWriteError', 'RecoverySaver',
+           'save_recovery', 'checkpoint_position', 'find_resume_checkpoint', 'resolve_auto_resume', 'resume_batches']
 
 _logger = logging.getLogger(__name__)
 
@@ -96,14 +96,31 @@ class PreemptionHandler:
         return int(flag.item())
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, folder gone read-only); the previous ones are intact."""
+
+
 class RecoverySaver(CheckpointSaver):
-    """timm's ``CheckpointSaver`` whose recovery checkpoints also hold the position in the epoch.
+    """timm's ``CheckpointSaver`` whose recovery checkpoints also hold the position in the epoch, and whose
+    failed writes leave no partial file and raise :class:`CheckpointWriteError` (one line, naming the folder).
 
     The position travels in the saver's bookkeeping (``checkpoint['saver']['position']``), which timm
     reads back with ``load_state_dict`` and ignores where it does not know the key.
     """
 
     position: Optional[Dict[str, Any]] = None
+
+    def _save(self, save_path, epoch, metric=None):
+        # timm writes a temporary file and renames it over ``last``: on failure only the temporary is partial
+        try:
+            super()._save(save_path, epoch, metric)
+        except OSError as e:
+            if os.path.exists(save_path):
+                os.remove(save_path)
+            raise CheckpointWriteError(
+                e.errno, f'cannot write a checkpoint in {os.path.dirname(os.path.abspath(save_path))!r} '
+                         f'({e.strerror or e}); the previous checkpoints there are intact. Free space (or fix the '
+                         f'folder), then continue with --resume auto') from None
 
     def state_dict(self, epoch=None, metric=None):
         state = super().state_dict(epoch, metric)
