@@ -413,22 +413,30 @@ def create_train_model(args, mae_weights, device, model_dtype=None):
     factory_kwargs = {}
     if args.pretrained_path and mae_flag != '--pretrained-path':
         factory_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
-    model = create_model(
-        args.model,
-        pretrained=args.pretrained and mae_flag not in ('--pretrained', '--pretrained-path'),
-        in_chans=args.in_chans or 3,
-        num_classes=args.num_classes,
-        drop_rate=args.drop,
-        drop_path_rate=args.drop_path,
-        drop_block_rate=args.drop_block,
-        global_pool=args.gp,
-        bn_momentum=args.bn_momentum,
-        bn_eps=args.bn_eps,
-        scriptable=args.torchscript,
-        checkpoint_path=(args.initial_checkpoint if mae_flag != '--initial-checkpoint' else '') or None,
-        **factory_kwargs,
-        **args.model_kwargs,
-    )
+    checkpoint_path = (args.initial_checkpoint if mae_flag != '--initial-checkpoint' else '') or None
+    try:
+        model = create_model(
+            args.model,
+            pretrained=args.pretrained and mae_flag not in ('--pretrained', '--pretrained-path'),
+            in_chans=args.in_chans or 3,
+            num_classes=args.num_classes,
+            drop_rate=args.drop,
+            drop_path_rate=args.drop_path,
+            drop_block_rate=args.drop_block,
+            global_pool=args.gp,
+            bn_momentum=args.bn_momentum,
+            bn_eps=args.bn_eps,
+            scriptable=args.torchscript,
+            checkpoint_path=checkpoint_path,
+            **factory_kwargs,
+            **args.model_kwargs,
+        )
+    except RuntimeError as e:  # timm loads --initial-checkpoint strictly: weights of another model are bad input
+        if checkpoint_path is None or 'state_dict' not in str(e):
+            raise
+        raise CheckpointError(f'--initial-checkpoint {checkpoint_path!r} does not fit --model {args.model} '
+                              f'({" ".join(str(e).split())[:240]}...). Give weights of the same --model and '
+                              f'--num-classes.') from None
     if args.num_classes is None:
         args.num_classes = model.num_classes
     if mae_weights is not None:
