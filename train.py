@@ -783,8 +783,9 @@ def train(args, state) -> dict:
             if wandb_logger is not None:
                 wandb_logger.log_epoch(epoch, train_metrics, eval_metrics, lr=sum(lrs) / len(lrs), step_cost=step_cost)
             saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
-        if state.get('preemption') is not None and state['preemption'].requested():  # signalled during validation
-            raise Preempted(state['preemption'].requested())
+        stop = state['preemption'].requested() if state.get('preemption') is not None else 0
+        if stop:  # signalled during validation: last.pth.tar is the recovery point
+            raise Preempted(stop)
         if state['overfit_guard'] is not None and state['overfit_guard'].act(task, optimizer):
             break
         state['lr_scheduler'].step(epoch + 1, eval_metrics.get(args.eval_metric))

@@ -73,6 +73,7 @@ def test_signal_mid_epoch_then_resume_auto_matches_uninterrupted(tmp_path, monke
     if signum != signal.SIGTERM:
         return  # the same path; the bitwise comparison runs once
     resumed = run('cut', '--resume', 'auto')
+    assert not list(out.glob('recovery-*'))  # superseded by last.pth.tar once the epoch ended
     final = _load(out / 'last.pth.tar')
     assert final['epoch'] == full['epoch'] == 1
     for key in ('state_dict', 'state_dict_ema'):

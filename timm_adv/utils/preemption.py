@@ -128,6 +128,16 @@ class RecoverySaver(CheckpointSaver):
             state['position'] = self.position
         return state
 
+    def save_checkpoint(self, epoch, metric=None):
+        result = super().save_checkpoint(epoch, metric)
+        # ``last`` now holds the end of ``epoch``: recovery files of it or earlier epochs (also those left by the
+        # run before a restart) can never be the newest state again
+        for path in glob.glob(os.path.join(self.recovery_dir, f'{self.recovery_prefix}-*{self.extension}')):
+            parts = os.path.basename(path).split('-')
+            if len(parts) == 3 and parts[1].isdigit() and int(parts[1]) <= epoch:
+                os.remove(path)
+        return result
+
     def save_recovery(self, epoch: int, batch_idx: int = 0, position: Optional[Dict[str, Any]] = None) -> None:
         self.position = position
         try:
