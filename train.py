@@ -88,8 +88,9 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--pretrained', action='store_true', default=False, help='start with pretrained version of specified network (if avail)')
     group.add_argument('--pretrained-path', default=None, type=str, help='load this checkpoint as if it were the pretrained weights (with adaptation)')
     group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH', help='load this checkpoint into model after initialization (default: none)')
-    group.add_argument('--resume', default='', type=str, metavar='PATH', help='resume full model and optimizer state from checkpoint; "auto": the newest valid last/recovery '
-                            'checkpoint of --output/--experiment, or a fresh start if there is none (default: none)')
+    group.add_argument('--resume', default='', type=str, metavar='PATH',
+                       help='resume full model and optimizer state from checkpoint; "auto": the newest valid last or '
+                            'recovery checkpoint of --output/--experiment, a fresh start if none (default: none)')
     group.add_argument('--no-resume-opt', action='store_true', default=False, help='prevent resume of optimizer state when resuming model')
     group.add_argument('--num-classes', type=int, default=None, metavar='N', help='number of label classes (model default if None)')
     group.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type (model default if None)')
@@ -226,7 +227,9 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--worker-seeding', type=str, default='all', help='worker seed mode (default: all)')
     group.add_argument('--log-interval', type=int, default=50, metavar='N', help='how many batches to wait before logging training status')
     group.add_argument('--val-interval', type=int, default=1, metavar='N', help='how many epochs between validation and checkpointing')
-    group.add_argument('--recovery-interval', type=int, default=0, metavar='N', help='how many optimizer updates to wait before writing recovery checkpoint (SIGTERM/SIGUSR1 write one too)')
+    group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
+                       help='how many optimizer updates to wait before writing recovery checkpoint (a SIGTERM or '
+                            'SIGUSR1 writes one too)')
     group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='number of checkpoints to keep (default: 10)')
     group.add_argument('-j', '--workers', type=int, default=default_workers(4), metavar='N',
                        help='data loading processes (default: 4, at most the CPUs available to this process)')
@@ -331,7 +334,8 @@ def _epoch_seed(args, epoch: int) -> None:
 
 def _check_paths(args) -> None:
     if args.resume and not os.path.isfile(args.resume):
-        raise CheckpointError(f'--resume {args.resume!r}: no such file; give the last.pth.tar of the run to continue.')
+        raise CheckpointError(f'--resume {args.resume!r}: no such file; give the last.pth.tar of the run to continue '
+                              f'(or --resume auto with its --experiment).')
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         raise CheckpointError(f'--initial-checkpoint {args.initial_checkpoint!r}: no such file.')
     if args.pretrained_path and not os.path.exists(args.pretrained_path):

@@ -13,10 +13,11 @@ import torch
 import train
 from timm_adv.utils import Preempted, PreemptionHandler, find_resume_checkpoint
 
-SMALL = ['--model', 'test_resnet', '-b', '32', '--train-num-samples', '256', '--val-num-samples', '64',
-         '--adv-val-samples', '32', '--adv-val-steps', '1', '--lr', '0.1', '--warmup-epochs', '0', '--workers', '0',
-         '--log-interval', '1000', '--epochs', '2', '--adv-method', 'pgd', '--adv-eps', '0.1', '--adv-steps', '1',
-         '--model-ema', '--model-ema-decay', '0.9', '--sched-on-updates']
+# FGSM-SDI: its generator, the generator's Adam and its every-2-batches schedule must resume mid-epoch too
+SMALL = ['--model', 'test_resnet', '-b', '32', '--train-num-samples', '192', '--val-num-samples', '32',
+         '--adv-val-samples', '16', '--adv-val-steps', '1', '--lr', '0.1', '--warmup-epochs', '0', '--workers', '0',
+         '--log-interval', '1000', '--epochs', '2', '--adv-method', 'fgsm-sdi', '--adv-eps', '0.1',
+         '--adv-sdi-every', '2', '--model-ema', '--model-ema-decay', '0.9', '--sched-on-updates']
 
 
 def _load(path):
@@ -68,6 +69,7 @@ def test_signal_mid_epoch_then_resume_auto_matches_uninterrupted(tmp_path, monke
     assert os.path.basename(recovery) == 'recovery-0-3.pth.tar'  # the update in flight (batch 3) was finished
     saved = _load(recovery)
     assert saved['saver']['position']['batches'] == 4 and 'state_dict_ema' in saved and 'optimizer' in saved
+    assert saved['task_state']['batches_seen'] == 4  # FGSM-SDI's generator, its Adam and its schedule travel too
     resumed = run('cut', '--resume', 'auto')
     assert not list(out.glob('recovery-*'))  # superseded by last.pth.tar once the epoch ended
     final = _load(out / 'last.pth.tar')
@@ -77,6 +79,8 @@ def test_signal_mid_epoch_then_resume_auto_matches_uninterrupted(tmp_path, monke
             assert torch.equal(v, final[key][k]), f'{key}.{k}'
     for s_full, s_res in zip(full['optimizer']['state'].values(), final['optimizer']['state'].values()):
         assert torch.equal(s_full['momentum_buffer'], s_res['momentum_buffer'])
+    for k, v in full['task_state']['generator'].items():
+        assert torch.equal(v, final['task_state']['generator'][k]), f'generator.{k}'
     assert resumed['top1'] == pytest.approx(float(full['metric']))
 
 
