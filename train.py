@@ -45,10 +45,10 @@ from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
 from timm_adv.tasks.distill import prepare_kd_model
 from timm_adv.tasks.arg_types import bounded_type
 from timm_adv.utils import (CheckpointError, CheckpointWriteError, Preempted, PreemptionHandler, RecoverySaver,
-                            check_compile_args, check_layer_decay, check_state_dict_matches, check_timm_args,
-                            check_writable, checkpoint_position, checkpoint_state_dict, create_wandb_logger,
-                            explicit_args, read_checkpoint, resolve_auto_resume, resume_batches, save_recovery, scrub,
-                            split_config_keys)
+                            ResumableBatches, check_compile_args, check_layer_decay, check_state_dict_matches,
+                            check_timm_args, check_writable, checkpoint_position, checkpoint_state_dict,
+                            create_wandb_logger, explicit_args, read_checkpoint, resolve_auto_resume, save_recovery,
+                            scrub, split_config_keys)
 
 _logger = logging.getLogger('train')
 
@@ -633,7 +633,8 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
     epoch_samples = 0
     end = time.time()
     optimizer.zero_grad(set_to_none=True)
-    for batch_idx, (input, target) in resume_batches(loader, position, args.rank):
+    batches = ResumableBatches(loader, position, args.rank)
+    for batch_idx, (input, target) in batches:
         need_update = batch_idx == num_batches - 1 or (batch_idx + 1) % accum_steps == 0
         update_idx = batch_idx // accum_steps
         group_size = num_batches % accum_steps if batch_idx >= last_group_start else accum_steps
@@ -693,7 +694,7 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
                                              padding=0, normalize=True)
         stop = preemption.requested() if preemption is not None else 0
         if stop or (args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0):
-            save_recovery(saver, epoch, batch_idx + 1, args.distributed, accum_steps)
+            save_recovery(saver, epoch, batches, args.distributed, accum_steps)
         if stop:
             raise Preempted(stop)
         update_samples = 0

@@ -13,15 +13,14 @@ import train
 def main():
     kill_at = int(sys.argv[1])
     if os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0' and os.environ.get('RANK') == '1':
-        resume_batches = train.resume_batches
+        class DyingBatches(train.ResumableBatches):
+            def __iter__(self):
+                for batch_idx, batch in super().__iter__():
+                    if batch_idx == kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    yield batch_idx, batch
 
-        def dying(loader, position, rank=0):
-            for batch_idx, batch in resume_batches(loader, position, rank):
-                if batch_idx == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                yield batch_idx, batch
-
-        train.resume_batches = dying
+        train.ResumableBatches = DyingBatches
     train.main(sys.argv[2:])
 
 

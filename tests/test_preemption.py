@@ -13,10 +13,11 @@ import torch
 import train
 from timm_adv.utils import Preempted, PreemptionHandler, find_resume_checkpoint
 
-# FGSM-SDI: its generator, the generator's Adam and its every-2-batches schedule must resume mid-epoch too
-SMALL = ['--model', 'test_resnet', '-b', '32', '--train-num-samples', '192', '--val-num-samples', '32',
-         '--adv-val-samples', '16', '--adv-val-steps', '1', '--lr', '0.1', '--warmup-epochs', '0', '--workers', '0',
-         '--log-interval', '1000', '--epochs', '2', '--adv-method', 'fgsm-sdi', '--adv-eps', '0.1',
+# FGSM-SDI (its generator, the generator's Adam and its every-2-batches schedule resume too), EMA, per-update
+# LR, timm's default augmentation in a loader worker and random erasing in this process (the prefetcher's)
+SMALL = ['--model', 'test_resnet', '--num-classes', '10', '--img-size', '32', '-b', '8', '--epochs', '2',
+         '--workers', '1', '--reprob', '0.25', '--lr', '0.05', '--warmup-epochs', '0', '--log-interval', '1000',
+         '--adv-val-samples', '10', '--adv-val-steps', '1', '--adv-method', 'fgsm-sdi', '--adv-eps', '0.1',
          '--adv-sdi-every', '2', '--model-ema', '--model-ema-decay', '0.9', '--sched-on-updates']
 
 
@@ -54,22 +55,23 @@ def _signal_at(monkeypatch, epoch: int, batch: int, signum: int):
     monkeypatch.setattr(train, 'create_train_loaders', create)
 
 
-def test_signal_mid_epoch_then_resume_auto_matches_uninterrupted(tmp_path, monkeypatch):
-    run = lambda name, *a: train.main([*SMALL, '--output', str(tmp_path), '--experiment', name, *a])
+def test_signal_mid_epoch_then_resume_auto_matches_uninterrupted(tmp_path, monkeypatch, image_folder):
+    run = lambda name, *a: train.main([*SMALL, '--data-dir', str(image_folder), '--output', str(tmp_path),
+                                       '--experiment', name, *a])
     run('full')
     full = _load(tmp_path / 'full' / 'last.pth.tar')
     with monkeypatch.context() as m:
-        _signal_at(m, epoch=0, batch=3, signum=signal.SIGTERM)
+        _signal_at(m, epoch=0, batch=2, signum=signal.SIGTERM)  # of 5 batches
         with pytest.raises(SystemExit) as e:
             run('cut', '--resume', 'auto')  # first launch: nothing to resume, starts fresh
     assert e.value.code == 128 + signal.SIGTERM  # 143: what a launcher retries
     out = tmp_path / 'cut'
     assert not (out / 'last.pth.tar').exists()
     recovery = find_resume_checkpoint(str(out))
-    assert os.path.basename(recovery) == 'recovery-0-3.pth.tar'  # the update in flight (batch 3) was finished
+    assert os.path.basename(recovery) == 'recovery-0-2.pth.tar'  # the update in flight (batch 2) was finished
     saved = _load(recovery)
-    assert saved['saver']['position']['batches'] == 4 and 'state_dict_ema' in saved and 'optimizer' in saved
-    assert saved['task_state']['batches_seen'] == 4  # FGSM-SDI's generator, its Adam and its schedule travel too
+    assert saved['saver']['position']['batches'] == 3 and 'state_dict_ema' in saved and 'optimizer' in saved
+    assert saved['task_state']['batches_seen'] == 3
     resumed = run('cut', '--resume', 'auto')
     assert not list(out.glob('recovery-*'))  # superseded by last.pth.tar once the epoch ended
     final = _load(out / 'last.pth.tar')
@@ -101,7 +103,7 @@ def test_resume_auto_skips_corrupt_files_and_needs_an_experiment(tmp_path, capsy
     (out / 'last.pth.tar').write_bytes(b'')
     assert find_resume_checkpoint(str(out)) == ''
     with pytest.raises(SystemExit) as e:
-        train.main([*SMALL, '--output', str(tmp_path), '--resume', 'auto'])
+        train.main([*SMALL, '--output', str(tmp_path), '--resume', 'auto'])  # fails before reading any data
     assert e.value.code == 2 and '--resume auto finds the run by its folder: add --experiment' in capsys.readouterr().err
 
 

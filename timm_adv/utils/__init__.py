@@ -10,6 +10,6 @@ from .timm_args import MODEL_DTYPES, RUNTIME_CONFIG_KEYS, check_timm_args, split
 from .wandb_log import WandbLogger, create_wandb_logger, import_wandb
 from .preemption import (
     PREEMPT_SIGNALS, CheckpointWriteError, Preempted, PreemptionHandler, RecoverySaver, checkpoint_position,
-    find_resume_checkpoint, resolve_auto_resume, resume_batches, save_recovery,
+    ResumableBatches, find_resume_checkpoint, resolve_auto_resume, save_recovery,
 )
 from .scrub import REDACTED, find_leaks, scrub, scrub_text

@@ -8,16 +8,17 @@ every rank's random-number state) and raises :class:`Preempted`, which exits wit
 the status a shell reports for a process the signal killed, and the range launchers retry.
 
 ``--resume auto`` (:func:`resolve_auto_resume`) picks the newest readable checkpoint of the experiment
-(``last`` or ``recovery-*``); :func:`resume_batches` replays the epoch's data order up to the saved
+(``last`` or ``recovery-*``); :class:`ResumableBatches` replays the epoch's data order up to the saved
 position (loading only, no training) and restores the random state, so the run continues at the next
 batch exactly as if it had not stopped.
 
 Example:
     >>> with PreemptionHandler() as preemption:
-    ...     for batch_idx, (x, y) in resume_batches(loader, position):
+    ...     batches = ResumableBatches(loader, position)
+    ...     for batch_idx, (x, y) in batches:
     ...         step(x, y)
     ...         if preemption.requested():
-    ...             save_recovery(saver, epoch, batch_idx + 1, distributed=False)
+    ...             save_recovery(saver, epoch, batches, distributed=False)
     ...             raise Preempted(preemption.requested())
 """
 import glob
@@ -35,7 +36,7 @@ from timm.utils import CheckpointSaver
 from timm.utils.checkpoint_saver import load_checkpoint_metadata
 
 __all__ = ['PREEMPT_SIGNALS', 'Preempted', 'PreemptionHandler', 'CheckpointWriteError', 'RecoverySaver',
-           'save_recovery', 'checkpoint_position', 'find_resume_checkpoint', 'resolve_auto_resume', 'resume_batches']
+           'ResumableBatches', 'save_recovery', 'checkpoint_position', 'find_resume_checkpoint', 'resolve_auto_resume']
 
 _logger = logging.getLogger(__name__)
 
@@ -164,14 +165,16 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def save_recovery(saver: Optional[RecoverySaver], epoch: int, batches_done: int, distributed: bool,
+def save_recovery(saver: Optional[RecoverySaver], epoch: int, batches: 'ResumableBatches', distributed: bool,
                   accum_steps: int = 1) -> None:
-    """Writes a recovery checkpoint after ``batches_done`` loader batches of ``epoch`` (call on every rank).
+    """Writes a recovery checkpoint after the batches of ``epoch`` that ``batches`` yielded (call on every rank).
 
-    Every rank's random state is gathered to the primary, which writes through ``saver`` (atomically:
-    timm writes a temporary file and renames it); the others wait until the file is complete.
+    Every rank's random states (now, and before its last fetch) are gathered to the primary, which writes
+    through ``saver`` (atomically: timm writes a temporary file and renames it); the others wait until the
+    file is complete.
     """
-    states: List[Dict[str, Any]] = [_rng_state()]
+    batches_done = batches.done
+    states: List[Dict[str, Any]] = [{'now': _rng_state(), 'fetch': batches.fetch_rng_state}]
     if distributed:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, states[0])
@@ -245,23 +248,53 @@ def resolve_auto_resume(resume: str, output: str, experiment: str) -> str:
     return path
 
 
-def resume_batches(loader: Iterable, position: Optional[Dict[str, Any]], rank: int = 0) -> Iterator[Tuple[int, Any]]:
-    """``enumerate(loader)``, continued after ``position``: its batches are loaded and dropped, then the
-    random state of the stopped run is restored, so the rest of the epoch replays exactly.
+class ResumableBatches:
+    """``enumerate(loader)`` that continues after a recovery ``position`` exactly as the stopped run went on.
 
-    Loading the skipped batches (and no training on them) keeps augmentation and data-worker random
-    streams where the stopped run had them; it costs the data loading time of the skipped part.
+    The batches before the position are loaded again and dropped (no training), so data order and worker
+    random streams are where the stopped run had them. The last of them is fetched under the random state
+    the stopped run fetched it with (a prefetching loader transforms the *next* batch during that fetch,
+    in this process when it has no workers), then the state at the position is restored. For this, the
+    random state before each fetch is kept in :attr:`fetch_rng_state`. The reload costs the data-loading
+    time of the skipped part.
+
+    Example:
+        >>> batches = ResumableBatches(loader, checkpoint_position(ckpt), rank)
+        >>> for batch_idx, (x, y) in batches:
+        ...     step(x, y)
+        ...     save_recovery(saver, epoch, batches, distributed=False)
     """
-    skip = position['batches'] if position else 0
-    iterator = iter(loader)
-    for _ in zip(range(skip), iterator):  # range first: stops without drawing one batch too many
-        pass
-    if position:
-        states = position['rng']
-        if rank < len(states):
-            _set_rng_state(states[rank])
-        else:  # more ranks than the stopped run: the data order still holds, the random draws do not
-            _logger.warning(f'Recovery checkpoint has random states for {len(states)} ranks; rank {rank} keeps its '
-                            f'epoch seed (the resumed run is close to, not bitwise equal to, an uninterrupted one).')
-    for batch_idx, batch in enumerate(iterator, start=skip):
-        yield batch_idx, batch
+
+    def __init__(self, loader: Iterable, position: Optional[Dict[str, Any]] = None, rank: int = 0):
+        self.loader, self.position, self.rank = loader, position, rank
+        self.done = 0  # batches yielded so far in the epoch, the skipped ones included
+        self.fetch_rng_state: Optional[Dict[str, Any]] = None
+
+    def _saved_state(self) -> Optional[Dict[str, Any]]:
+        states = self.position['rng']
+        if self.rank < len(states):
+            return states[self.rank]
+        # more ranks than the stopped run: the data order still holds, the random draws do not
+        _logger.warning(f'Recovery checkpoint has random states for {len(states)} ranks; rank {self.rank} keeps its '
+                        f'epoch seed (the resumed run is close to, not bitwise equal to, an uninterrupted one).')
+        return None
+
+    def __iter__(self) -> Iterator[Tuple[int, Any]]:
+        iterator = iter(self.loader)
+        self.done = self.position['batches'] if self.position else 0
+        if self.done:
+            saved = self._saved_state()
+            for _ in zip(range(self.done - 1), iterator):  # range first: stops without drawing one batch too many
+                pass
+            if saved is not None:
+                _set_rng_state(saved['fetch'])
+            next(iterator, None)
+            if saved is not None:
+                _set_rng_state(saved['now'])
+        while True:
+            self.fetch_rng_state = _rng_state()
+            batch = next(iterator, None)
+            if batch is None:
+                return
+            self.done += 1
+            yield self.done - 1, batch
