@@ -35,17 +35,20 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 
 from timm_adv.attacks import create_attack, unwrap_ddp
-from timm_adv.data import (DEFAULT_DATASET, apply_bundled_defaults, apply_dataset_recipe, create_train_loaders,
-                           default_workers, format_recipe, is_bundled, is_iterable_dataset, resolve_dataset_name)
+from timm_adv.data import (DEFAULT_DATASET, UnreadableImageError, apply_bundled_defaults, apply_dataset_recipe,
+                           create_train_loaders, default_workers, format_recipe, is_bundled, is_iterable_dataset,
+                           resolve_dataset_name, unreadable_image_message)
 from timm_adv.evaluation import add_overfit_guard_args, check_overfit_guard_args, create_overfit_guard, evaluate_accuracy
 from timm_adv.loss import create_train_criterion
 from timm_adv.models import load_mae_weights, resolve_mae_weights, warn_mae_normalisation
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
 from timm_adv.tasks.distill import prepare_kd_model
 from timm_adv.tasks.arg_types import bounded_type
-from timm_adv.utils import (CheckpointError, check_compile_args, check_layer_decay, check_state_dict_matches,
-                            check_timm_args, checkpoint_state_dict, create_wandb_logger, explicit_args,
-                            read_checkpoint, split_config_keys)
+from timm_adv.utils import (CheckpointError, CheckpointWriteError, Preempted, PreemptionHandler, RecoverySaver,
+                            ResumableBatches, check_compile_args, check_layer_decay, check_state_dict_matches,
+                            check_timm_args, check_writable, checkpoint_position, checkpoint_state_dict,
+                            create_wandb_logger, explicit_args, read_checkpoint, resolve_auto_resume, save_recovery,
+                            scrub, split_config_keys)
 
 _logger = logging.getLogger('train')
 
@@ -75,6 +78,8 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--input-img-mode', default=None, type=str, help='dataset image conversion mode for input images')
     group.add_argument('--input-key', default=None, type=str, help='dataset key for input images')
     group.add_argument('--target-key', default=None, type=str, help='dataset key for target labels')
+    group.add_argument('--skip-bad-images', action='store_true', default=False,
+                       help='skip (and count) image files that cannot be decoded; default: stop at the first, naming it')
     group.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
                        help='allow Hugging Face datasets that run their own code (trust_remote_code)')
 
@@ -83,7 +88,9 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--pretrained', action='store_true', default=False, help='start with pretrained version of specified network (if avail)')
     group.add_argument('--pretrained-path', default=None, type=str, help='load this checkpoint as if it were the pretrained weights (with adaptation)')
     group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH', help='load this checkpoint into model after initialization (default: none)')
-    group.add_argument('--resume', default='', type=str, metavar='PATH', help='resume full model and optimizer state from checkpoint (default: none)')
+    group.add_argument('--resume', default='', type=str, metavar='PATH',
+                       help='resume full model and optimizer state from checkpoint; "auto": the newest valid last or '
+                            'recovery checkpoint of --output/--experiment, a fresh start if none (default: none)')
     group.add_argument('--no-resume-opt', action='store_true', default=False, help='prevent resume of optimizer state when resuming model')
     group.add_argument('--num-classes', type=int, default=None, metavar='N', help='number of label classes (model default if None)')
     group.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type (model default if None)')
@@ -220,7 +227,9 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--worker-seeding', type=str, default='all', help='worker seed mode (default: all)')
     group.add_argument('--log-interval', type=int, default=50, metavar='N', help='how many batches to wait before logging training status')
     group.add_argument('--val-interval', type=int, default=1, metavar='N', help='how many epochs between validation and checkpointing')
-    group.add_argument('--recovery-interval', type=int, default=0, metavar='N', help='how many batches to wait before writing recovery checkpoint')
+    group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
+                       help='how many optimizer updates to wait before writing recovery checkpoint (a SIGTERM or '
+                            'SIGUSR1 writes one too)')
     group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='number of checkpoints to keep (default: 10)')
     group.add_argument('-j', '--workers', type=int, default=default_workers(4), metavar='N',
                        help='data loading processes (default: 4, at most the CPUs available to this process)')
@@ -325,7 +334,8 @@ def _epoch_seed(args, epoch: int) -> None:
 
 def _check_paths(args) -> None:
     if args.resume and not os.path.isfile(args.resume):
-        raise CheckpointError(f'--resume {args.resume!r}: no such file; give the last.pth.tar of the run to continue.')
+        raise CheckpointError(f'--resume {args.resume!r}: no such file; give the last.pth.tar of the run to continue '
+                              f'(or --resume auto with its --experiment).')
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         raise CheckpointError(f'--initial-checkpoint {args.initial_checkpoint!r}: no such file.')
     if args.pretrained_path and not os.path.exists(args.pretrained_path):
@@ -347,6 +357,7 @@ def _output_dir(args, data_config) -> str:
                                                                        output_dir)):
         raise ValueError(f'--output/--experiment: {output_dir!r} already holds a run (last.pth.tar). Pass '
                          f'--resume {last} to continue it, or choose another --experiment; nothing was overwritten.')
+    check_writable(output_dir, '--output')  # now, not after the first epoch
     return output_dir
 
 
@@ -406,22 +417,30 @@ def create_train_model(args, mae_weights, device, model_dtype=None):
     factory_kwargs = {}
     if args.pretrained_path and mae_flag != '--pretrained-path':
         factory_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
-    model = create_model(
-        args.model,
-        pretrained=args.pretrained and mae_flag not in ('--pretrained', '--pretrained-path'),
-        in_chans=args.in_chans or 3,
-        num_classes=args.num_classes,
-        drop_rate=args.drop,
-        drop_path_rate=args.drop_path,
-        drop_block_rate=args.drop_block,
-        global_pool=args.gp,
-        bn_momentum=args.bn_momentum,
-        bn_eps=args.bn_eps,
-        scriptable=args.torchscript,
-        checkpoint_path=(args.initial_checkpoint if mae_flag != '--initial-checkpoint' else '') or None,
-        **factory_kwargs,
-        **args.model_kwargs,
-    )
+    checkpoint_path = (args.initial_checkpoint if mae_flag != '--initial-checkpoint' else '') or None
+    try:
+        model = create_model(
+            args.model,
+            pretrained=args.pretrained and mae_flag not in ('--pretrained', '--pretrained-path'),
+            in_chans=args.in_chans or 3,
+            num_classes=args.num_classes,
+            drop_rate=args.drop,
+            drop_path_rate=args.drop_path,
+            drop_block_rate=args.drop_block,
+            global_pool=args.gp,
+            bn_momentum=args.bn_momentum,
+            bn_eps=args.bn_eps,
+            scriptable=args.torchscript,
+            checkpoint_path=checkpoint_path,
+            **factory_kwargs,
+            **args.model_kwargs,
+        )
+    except RuntimeError as e:  # timm loads --initial-checkpoint strictly: weights of another model are bad input
+        if checkpoint_path is None or 'state_dict' not in str(e):
+            raise
+        raise CheckpointError(f'--initial-checkpoint {checkpoint_path!r} does not fit --model {args.model} '
+                              f'({" ".join(str(e).split())[:240]}...). Give weights of the same --model and '
+                              f'--num-classes.') from None
     if args.num_classes is None:
         args.num_classes = model.num_classes
     if mae_weights is not None:
@@ -507,14 +526,15 @@ def setup_distributed(args, task, device) -> None:
         task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None, **ddp_kwargs)
 
 
-def create_train_schedule(args, optimizer, loader_train, start_epoch: int):
-    """Schedule phase: timm's scheduler, stepped to ``start_epoch``; returns ``(lr_scheduler, num_epochs)``."""
+def create_train_schedule(args, optimizer, loader_train, start_epoch: int, start_batch: int = 0):
+    """Schedule phase: timm's scheduler, stepped to ``start_epoch`` (and ``start_batch`` loader batches into it);
+    returns ``(lr_scheduler, num_epochs)``."""
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
                                                    updates_per_epoch=updates_per_epoch)
-    if start_epoch > 0:
+    if start_epoch > 0 or start_batch > 0:
         if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+            lr_scheduler.step_update(start_epoch * updates_per_epoch + start_batch // args.grad_accum_steps)
         else:
             lr_scheduler.step(start_epoch)
     return lr_scheduler, num_epochs
@@ -532,8 +552,10 @@ def create_robust_validation(args, data_config, loader_robust, device, amp_autoc
 
 def setup(args):
     """Everything before the first epoch, phase by phase as in timm's train.py."""
+    args.resume = resolve_auto_resume(args.resume, args.output, args.experiment)
     _check_paths(args)
     resume_ckpt = read_checkpoint(args.resume, '--resume') if args.resume else None
+    position = checkpoint_position(resume_ckpt)  # a recovery checkpoint continues mid-epoch
     # reads --initial-checkpoint / --pretrained-path once (an early check of the files); MAE pre-training
     # weights are loaded by timm_adv.models.mae, anything else by timm as usual
     mae_weights = resolve_mae_weights(args.model, args.pretrained, args.pretrained_path, args.initial_checkpoint)
@@ -552,9 +574,12 @@ def setup(args):
     task, start_epoch = create_train_task(args, model, criterion, data_config, device, optimizer, loss_scaler,
                                           resume_ckpt)
     del resume_ckpt
+    if position is not None and args.start_epoch is None:
+        start_epoch = position['epoch']
     compile_task(args, task)
     setup_distributed(args, task, device)
-    lr_scheduler, num_epochs = create_train_schedule(args, optimizer, loaders.train, start_epoch)
+    lr_scheduler, num_epochs = create_train_schedule(args, optimizer, loaders.train, start_epoch,
+                                                     position['batches'] if position else 0)
 
     val_attack, overfit_guard = create_robust_validation(args, data_config, loaders.robust, device, amp_autocast)
     return dict(
@@ -562,7 +587,7 @@ def setup(args):
         loader_train=loaders.train, loader_eval=loaders.eval, loader_robust=loaders.robust,
         mixup_fn=loaders.mixup_fn, batch_size_reference=loaders.batch_size_reference,
         lr_scheduler=lr_scheduler, num_epochs=num_epochs, start_epoch=start_epoch, output_dir=output_dir,
-        data_config=data_config, val_attack=val_attack, overfit_guard=overfit_guard,
+        data_config=data_config, val_attack=val_attack, overfit_guard=overfit_guard, resume_position=position,
     )
 
 
@@ -575,7 +600,8 @@ def _batch_loss_scale(args, batch_size: int, batch_size_reference: float) -> flo
 
 
 def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=None, amp_autocast=nullcontext,
-                    loss_scaler=None, mixup_fn=None, saver=None, output_dir=None, batch_size_reference=None):
+                    loss_scaler=None, mixup_fn=None, saver=None, output_dir=None, batch_size_reference=None,
+                    preemption=None, position=None):
     """One epoch of ``task`` training; returns the averaged loss and every scalar metric the task reported,
     and the step cost (``update_s``: seconds per optimizer update, ``sample_ms``: milliseconds per sample).
 
@@ -585,6 +611,9 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
     group skip the gradient all-reduce (``no_sync``); EMA and the scheduler count optimizer updates.
     timm's ``--recovery-interval``, ``--save-images``, ``--synchronize-step`` and
     ``--variable-batch-loss-scale`` act here as in timm's loop.
+
+    ``position`` (from a recovery checkpoint) continues the epoch at its next batch; after each update
+    a signal caught by ``preemption`` writes a recovery checkpoint and raises :class:`Preempted`.
     """
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if not args.no_prefetcher and getattr(loader, 'mixup_enabled', None) is not None:
@@ -599,12 +628,13 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
     accum_steps = args.grad_accum_steps
     updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
     last_group_start = num_batches - num_batches % accum_steps  # first batch of a shorter final group
-    num_updates = epoch * updates_per_epoch
+    num_updates = epoch * updates_per_epoch + (position['batches'] // accum_steps if position else 0)
     update_samples = 0
     epoch_samples = 0
     end = time.time()
     optimizer.zero_grad(set_to_none=True)
-    for batch_idx, (input, target) in enumerate(loader):
+    batches = ResumableBatches(loader, position, args.rank)
+    for batch_idx, (input, target) in batches:
         need_update = batch_idx == num_batches - 1 or (batch_idx + 1) % accum_steps == 0
         update_idx = batch_idx // accum_steps
         group_size = num_batches % accum_steps if batch_idx >= last_group_start else accum_steps
@@ -662,8 +692,11 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
             if args.save_images and output_dir:
                 torchvision.utils.save_image(input, os.path.join(output_dir, f'train-batch-{batch_idx}.jpg'),
                                              padding=0, normalize=True)
-        if saver is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
-            saver.save_recovery(epoch, batch_idx=update_idx)
+        stop = preemption.requested() if preemption is not None else 0
+        if stop or (args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0):
+            save_recovery(saver, epoch, batches, args.distributed, accum_steps)
+        if stop:
+            raise Preempted(stop)
         update_samples = 0
     metrics = OrderedDict((k, m.avg) for k, m in meters.items())
     step_cost = OrderedDict(update_s=update_time.avg, sample_ms=1000 * update_time.sum / max(epoch_samples, 1))
@@ -688,9 +721,11 @@ def _create_saver(args, state):
     # primary process only: the run's args.yaml, checkpoint saver and (with --log-wandb) wandb run
     output_dir, task = state['output_dir'], state['task']
     os.makedirs(output_dir, exist_ok=True)
-    _write_atomic(os.path.join(output_dir, 'args.yaml'), yaml.safe_dump(args.__dict__, default_flow_style=False))
-    saver = utils.CheckpointSaver(
-        model=unwrap_ddp(task.get_eval_model()), optimizer=state['optimizer'], args=args,
+    # secrets (tokens in the args or the environment) never reach a file; local paths stay for -c args.yaml
+    _write_atomic(os.path.join(output_dir, 'args.yaml'),
+                  yaml.safe_dump(scrub(args.__dict__, machine=False), default_flow_style=False))
+    saver = RecoverySaver(
+        model=unwrap_ddp(task.get_eval_model()), optimizer=state['optimizer'], args=scrub(args, machine=False),
         amp_scaler=state['loss_scaler'], checkpoint_dir=output_dir, recovery_dir=output_dir,
         decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist, task=task)
     if args.resume and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), output_dir):
@@ -733,7 +768,9 @@ def train(args, state) -> dict:
         train_metrics, step_cost = train_one_epoch(
             epoch, task, loader_train, optimizer, args, device, lr_scheduler=state['lr_scheduler'],
             amp_autocast=state['amp_autocast'], loss_scaler=state['loss_scaler'], mixup_fn=state['mixup_fn'],
-            saver=saver, output_dir=output_dir, batch_size_reference=state['batch_size_reference'])
+            saver=saver, output_dir=output_dir, batch_size_reference=state['batch_size_reference'],
+            preemption=state.get('preemption'),
+            position=state['resume_position'] if epoch == state['start_epoch'] else None)
         train_metrics['epoch_time'] = time.time() - start
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
@@ -751,6 +788,9 @@ def train(args, state) -> dict:
             if wandb_logger is not None:
                 wandb_logger.log_epoch(epoch, train_metrics, eval_metrics, lr=sum(lrs) / len(lrs), step_cost=step_cost)
             saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
+        stop = state['preemption'].requested() if state.get('preemption') is not None else 0
+        if stop:  # signalled during validation: last.pth.tar is the recovery point
+            raise Preempted(stop)
         if state['overfit_guard'] is not None and state['overfit_guard'].act(task, optimizer):
             break
         state['lr_scheduler'].step(epoch + 1, eval_metrics.get(args.eval_metric))
@@ -769,7 +809,15 @@ def main(argv=None) -> dict:
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, before any work or file is written
         print(f'train.py: error: {e}', file=sys.stderr)
         sys.exit(2)
-    metrics = train(args, state)
+    try:
+        with PreemptionHandler(args.distributed, state['device']) as state['preemption']:
+            metrics = train(args, state)  # a signal: recovery checkpoint, then exit 128 + signal (Preempted)
+    except CheckpointWriteError as e:  # disk full / read-only: one line; the previous checkpoints are intact
+        print(f'train.py: error: {e.strerror}', file=sys.stderr)
+        sys.exit(1)
+    except UnreadableImageError as e:  # raised in a loader worker, re-raised here with the worker's traceback
+        print(f'train.py: error: {unreadable_image_message(e)}', file=sys.stderr)
+        sys.exit(1)
     if args.distributed:
         torch.distributed.destroy_process_group()
     return metrics

@@ -160,7 +160,7 @@ def test_teacher_weights_from_a_file(teacher_dir):
 def test_missing_teacher_names_the_flag_and_the_offline_fix(tmp_path):
     from timm_adv.tasks.distill import create_teacher
     args = _parse(['--adv-method', 'pgd', '--kd-model-name', f'local-dir:{tmp_path / "absent"}'])
-    with pytest.raises(RuntimeError, match='--kd-model-name local-dir:.*local-dir:DIR, or give --kd-pretrained-path'):
+    with pytest.raises(ValueError, match='--kd-model-name local-dir:.*local-dir:DIR, or give --kd-pretrained-path'):
         create_teacher(args, _model(0))
 
 

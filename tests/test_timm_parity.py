@@ -1,5 +1,6 @@
 """train.py against timm's train.py: every flag, a real timm args.yaml, and the added flags at work."""
 import csv
+import logging
 import os
 import sys
 import types
@@ -148,14 +149,16 @@ def test_augmix_jsd_split_bn_without_attack(tmp_path):
     assert len(_summary(tmp_path / 'augmix' / 'summary.csv')) == 1
 
 
-def test_val_interval_recovery_interval_and_save_images(tmp_path):
-    train.main([*TINY, '--output', str(tmp_path), '--experiment', 'vi', '--epochs', '2', '--val-interval', '2',
-                '--recovery-interval', '1', '--save-images', '--log-interval', '1'])
+def test_val_interval_recovery_interval_and_save_images(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        train.main([*TINY, '--output', str(tmp_path), '--experiment', 'vi', '--epochs', '2', '--val-interval', '2',
+                    '--recovery-interval', '1', '--save-images', '--log-interval', '1'])
     out = tmp_path / 'vi'
     assert [r['epoch'] for r in _summary(out / 'summary.csv')] == ['1']  # epoch 0 not validated
     names = os.listdir(out)
     assert 'checkpoint-1.pth.tar' in names and 'checkpoint-0.pth.tar' not in names
-    assert any(n.startswith('recovery-') for n in names) and 'train-batch-0.jpg' in names
+    assert 'Recovery checkpoint: epoch 0, 1 batches done' in caplog.text and 'train-batch-0.jpg' in names
+    assert not any(n.startswith('recovery-') for n in names)  # superseded by checkpoint-1, then removed
 
 
 def test_layer_decay_min_and_no_opt_scales(tmp_path):

@@ -7,3 +7,4 @@ from .subset import TransformSubset, spread_subset
 from .batch_augment import ViewAugment
 from .bank_loader import create_bank_loader
 from .loaders import TrainLoaders, create_train_loaders, is_iterable_dataset
+from .unreadable import UnreadableImageError, check_unreadable_images, unreadable_image_message

@@ -1,5 +1,6 @@
 """The train / validation / robust-validation loaders of ``train.py``, built from timm's data pieces."""
 import argparse
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -9,6 +10,9 @@ from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_loader
 from .bundled import is_bundled
 from .dataset_factory import create_dataset
 from .subset import spread_subset
+from .unreadable import check_unreadable_images
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ['TrainLoaders', 'create_train_loaders', 'is_iterable_dataset']
 
@@ -45,6 +49,9 @@ class TrainLoaders:
 def _datasets(args: argparse.Namespace, input_img_mode: str):
     reader_kwargs = {}
     if not is_bundled(args.dataset):
+        if args.dataset_trust_remote_code:
+            _logger.warning(f'--dataset-trust-remote-code: {args.dataset!r} may run Python code from its repository '
+                            f'while loading; use it only for a dataset whose code you trust.')
         reader_kwargs = dict(input_img_mode=input_img_mode, input_key=args.input_key, target_key=args.target_key,
                              trust_remote_code=args.dataset_trust_remote_code)
     iterable = is_iterable_dataset(args.dataset)
@@ -55,6 +62,10 @@ def _datasets(args: argparse.Namespace, input_img_mode: str):
                            **common)
     eval_ = create_dataset(args.dataset, split=args.val_split, is_training=False,
                            num_samples=args.val_num_samples if iterable else None, **common)
+    skip = getattr(args, 'skip_bad_images', False)
+    if not any([check_unreadable_images(train, skip), check_unreadable_images(eval_, skip)]) and skip:
+        raise ValueError(f'--skip-bad-images does nothing with --dataset {args.dataset!r}: it applies to image folders '
+                         f'and tars, whose files are decoded one by one.')
     # timm reads --train/val-num-samples for streaming datasets only; on a map-style dataset they
     # would be ignored, so there they take an evenly spread subset of that size
     if not iterable and args.train_num_samples:

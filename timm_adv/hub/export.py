@@ -22,7 +22,7 @@ import yaml
 from timm.data import resolve_data_config
 from timm.models import create_model, save_for_hf
 
-from timm_adv.utils import check_state_dict_matches, checkpoint_state_dict, read_checkpoint
+from timm_adv.utils import check_state_dict_matches, checkpoint_state_dict, read_checkpoint, scrub
 
 __all__ = ['ExportError', 'ExportedModel', 'task_from_checkpoint', 'export_from_task', 'export_checkpoint',
            'sample_batch', 'compare_outputs', 'label_names_for', 'METADATA_KEY']
@@ -173,7 +173,7 @@ def _training_metadata(train_args: Optional[argparse.Namespace], task, extra: Op
             meta['recipe']['model_ema_decay'] = args.get('model_ema_decay')
     if extra:
         meta.update(extra)
-    return meta
+    return scrub(meta)  # published: no tokens, home folders or host names
 
 
 def _base_weights(train_args) -> str:
@@ -290,7 +290,7 @@ def export_from_task(
                               f'{architecture!r}; pass architecture= explicitly.')
         if train_args is not None:
             with open(os.path.join(staging, 'training_args.yaml'), 'w') as f:
-                yaml.safe_dump({k: _plain(v) for k, v in vars(train_args).items()}, f, default_flow_style=False)
+                yaml.safe_dump(scrub({k: _plain(v) for k, v in vars(train_args).items()}), f, default_flow_style=False)
         loaded = create_model(f'local-dir:{staging}', pretrained=True)
         diff = compare_outputs(reference, loaded, sample)
         with torch.no_grad():
@@ -365,7 +365,7 @@ def export_checkpoint(
         from timm_adv.models import BANK_FILE, save_feature_bank
         # the task's model holds the exported weights (the EMA ones with use_ema)
         save_feature_bank(task.feature_bank(), os.path.join(out_dir, BANK_FILE), metadata=dict(
-            split=getattr(train_args, 'train_split', ''), dataset=train_args.dataset or train_args.data_dir or '',
+            split=getattr(train_args, 'train_split', ''), dataset=scrub(train_args.dataset or train_args.data_dir or ''),
             knn_k=train_args.adv_knn_k, knn_temperature=train_args.adv_knn_temperature))
     return exported, train_args
 

@@ -11,6 +11,7 @@ from typing import Dict, List, Mapping, Optional
 import yaml
 
 from timm_adv.evaluation.report import report_to_markdown
+from timm_adv.utils import scrub_text
 
 __all__ = ['METHOD_PAPERS', 'method_reference', 'render_model_card', 'write_model_card']
 
@@ -231,7 +232,7 @@ def write_model_card(folder: str, repo_id: str, **kwargs) -> str:
     """Writes ``README.md`` into the export folder (see :func:`render_model_card`); returns its path."""
     path = os.path.join(folder, 'README.md')
     with open(path, 'w') as f:
-        f.write(render_model_card(folder, repo_id, **kwargs))
+        f.write(scrub_text(render_model_card(folder, repo_id, **kwargs)))  # published: no secrets or home paths
     return path
 
 

@@ -3,6 +3,8 @@ import logging
 import os
 from typing import Dict, Optional
 
+from timm_adv.utils import find_leaks
+
 __all__ = ['REQUIRED_FILES', 'check_hub_folder', 'publish_folder']
 
 _logger = logging.getLogger(__name__)
@@ -18,6 +20,23 @@ def check_hub_folder(folder: str) -> None:
     if missing:
         raise FileNotFoundError(f'{folder!r} lacks {", ".join(missing)}; re-run `python -m timm_adv.hub export` '
                                 f'(it writes the weights, config and model card together).')
+    for name in sorted(os.listdir(folder)):
+        leaks = find_leaks(_published_text(os.path.join(folder, name)))
+        if leaks:
+            raise ValueError(f'{os.path.join(folder, name)!r} holds {" and ".join(leaks)}; nothing was uploaded. Remove '
+                             f'it from the file (`python -m timm_adv.hub export` writes folders without them).')
+
+
+def _published_text(path: str) -> str:
+    # the text a reader of the repository sees: text files whole, the header of safetensors files
+    if path.endswith('.safetensors'):
+        from safetensors import safe_open
+        with safe_open(path, framework='pt') as f:
+            return '\n'.join((f.metadata() or {}).values())
+    if path.endswith(('.md', '.json', '.yaml', '.yml', '.txt', '.csv')):
+        with open(path, errors='replace') as f:
+            return f.read()
+    return ''
 
 
 def publish_folder(

@@ -29,6 +29,7 @@ from timm.data import resolve_data_config
 
 from timm_adv.augment import DiscreteAdversarialAugment, check_vqgan_input_size, compile_vqgan
 from timm_adv.layers import convert_dual_bn, dual_bn_layers, dual_bn_route, strip_aux_bn
+from timm_adv.utils import scrub
 from .arg_types import bounded_type
 from .aux_bn_state import AuxBNStateMixin
 from .base import AdversarialTask, top1
@@ -242,7 +243,8 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         """The auxiliary BNs (if any) and the VQGAN's identity; never its weights."""
-        return {**super().get_task_state(module, ema=ema), 'vqgan': dict(self.vqgan_identity)}
+        # checkpoints travel (export, sharing): the VQGAN's paths lose home folders and host names
+        return {**super().get_task_state(module, ema=ema), 'vqgan': scrub(dict(self.vqgan_identity))}
 
     def load_checkpoint_state(self, state_dict: Dict[str, Any], task_state: Optional[Dict[str, Any]] = None,
                               ema: bool = False, strict: bool = True) -> None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from timm.task import DistillationTeacher
 from timm.utils import unwrap_model
 
+from timm_adv.utils import CheckpointError
 from .registry import get_method
 
 __all__ = ['KD_ARGS', 'KD_PROJECTION_KEY', 'DistillationMixin', 'add_kd_args', 'check_kd_args', 'create_teacher',
@@ -152,8 +153,11 @@ def create_teacher(
         teacher = DistillationTeacher(args.kd_model_name, num_classes=student.num_classes,
                                       in_chans=getattr(student, 'in_chans', 3),
                                       pretrained_path=getattr(args, 'kd_pretrained_path', None), device=device)
-    except (OSError, RuntimeError) as e:
-        raise RuntimeError(f'--kd-model-name {args.kd_model_name}: the teacher\'s weights could not be loaded ({e}). '
+    except (OSError, RuntimeError) as e:  # a missing file, or one weights_only loading refuses (pickled code)
+        path = getattr(args, 'kd_pretrained_path', None)
+        source = f'--kd-pretrained-path {path!r}' if path else f'--kd-model-name {args.kd_model_name}'
+        reason = ' '.join(str(e).split())  # one line, as every bad-input error
+        raise CheckpointError(f'{source}: the teacher\'s weights could not be loaded ({reason}). '
                            f'Offline, export the teacher (python -m timm_adv.hub export CHECKPOINT --out DIR) and pass '
                            f'--kd-model-name local-dir:DIR, or give --kd-pretrained-path FILE.') from e
     return teacher.requires_grad_(False)

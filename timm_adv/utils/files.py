@@ -1,9 +1,10 @@
-"""File helpers: content hashes and atomic writes."""
+"""File helpers: content hashes, atomic writes, and a writable-folder check."""
 import hashlib
 import os
+import tempfile
 from typing import Callable
 
-__all__ = ['file_sha256', 'atomic_write']
+__all__ = ['file_sha256', 'atomic_write', 'check_writable']
 
 
 def file_sha256(path: str) -> str:
@@ -35,3 +36,23 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_writable(folder: str, flag: str) -> None:
+    """Raises a one-line ``ValueError`` naming ``flag`` when ``folder`` (or, if it does not exist yet, the
+    folder it would be created in) cannot take a new file. Writes and removes a probe file: permission
+    bits alone do not tell (read-only mounts, or root, for whom ``os.access`` always says yes).
+
+    Example:
+        >>> check_writable('output/train/run1', '--output')
+    """
+    probe_dir = os.path.abspath(folder)
+    while not os.path.isdir(probe_dir) and os.path.dirname(probe_dir) != probe_dir:
+        probe_dir = os.path.dirname(probe_dir)
+    try:
+        fd, probe = tempfile.mkstemp(prefix='.write-test-', dir=probe_dir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f'{flag}: cannot write to {probe_dir!r} ({e.strerror or e}); choose a folder this user can '
+                         f'write to.') from None

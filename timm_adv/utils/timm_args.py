@@ -9,6 +9,8 @@ import argparse
 import logging
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
+import timm
+
 from .wandb_log import import_wandb
 
 __all__ = ['RUNTIME_CONFIG_KEYS', 'MODEL_DTYPES', 'check_timm_args', 'split_config_keys']
@@ -180,6 +182,8 @@ def check_timm_args(
         ValueError: --aug-splits with --adv-method pgd: AugMix feeds each batch as stacked splits ...
     """
     explicit = explicit or {}
+    if ':' not in args.model and not timm.is_model(args.model):  # hf-hub: / local-dir: names resolve at creation
+        raise ValueError(f'--model {args.model!r} is not a timm architecture; timm.list_models() lists them.')
     _check_dependent_flags(args, explicit)
     _check_augmix(args)
     _check_runtime(args, explicit, bundled, iterable)

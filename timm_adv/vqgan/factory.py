@@ -10,6 +10,7 @@ Weights are read with safetensors or ``torch.load(weights_only=True)``; the loss
 keys of training checkpoints are dropped, and every other key must be present with its config's
 shape: a checkpoint that does not fit its config fails naming both files.
 """
+import logging
 import os
 from typing import Dict, Mapping, Optional, Tuple, Union
 
@@ -22,6 +23,8 @@ from timm_adv.utils.files import atomic_write, file_sha256
 from .config import VQGAN_PRESETS, list_vqgan_presets, load_vqgan_config
 from .discretizer import VQGANDiscretizer
 from .model import VQModel
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ['create_vqgan', 'save_vqgan', 'load_vqgan_weights', 'CONFIG_FILE', 'WEIGHTS_FILE']
 
@@ -50,6 +53,10 @@ def _read_weights(path: str, unsafe_pickle: bool) -> Dict[str, torch.Tensor]:
         except Exception as e:
             raise ValueError(f'VQGAN weights {path!r}: cannot read this safetensors file ({type(e).__name__}: '
                              f'{str(e).splitlines()[0][:200]}).') from None
+    if unsafe_pickle:
+        _logger.warning(f'VQGAN weights {path!r}: unsafe_pickle loads it with torch.load(weights_only=False), which '
+                        f'runs any code the file holds; use it only for a file you trust, then re-save it as '
+                        f'safetensors (python -m timm_adv.vqgan convert).')
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=not unsafe_pickle)
     except Exception as e:
