@@ -87,7 +87,7 @@ class ContrastiveTask(RepresentationTask):
         augment = ViewAugment(scale=args.adv_contrastive_scale, hflip=args.adv_contrastive_hflip,
                               jitter=args.adv_contrastive_jitter, noise_std=args.adv_contrastive_noise)
         return cls(model, bank_loader_from_args(args, model, device), args.num_classes, augment=augment, mean=mean,
-                   std=std, device=device, **cls.knn_kwargs(args))
+                   std=std, device=device, **cls.knn_kwargs(args, device))
 
     def ideal_cost(self) -> Dict[str, float]:
         return {'train_steps': 2.0, 'attack_passes': 0.0}  # one training step on the two views (2x batch)
