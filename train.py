@@ -36,7 +36,8 @@ from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 
 from timm_adv.attacks import create_attack, unwrap_ddp
 from timm_adv.data import (DEFAULT_DATASET, apply_bundled_defaults, apply_dataset_recipe, create_train_loaders,
-                           default_workers, format_recipe, is_bundled, is_iterable_dataset, resolve_dataset_name)
+                           default_workers, format_recipe, is_bundled, is_fine_tuning, is_iterable_dataset,
+                           resolve_dataset_name)
 from timm_adv.evaluation import (add_overfit_guard_args, check_overfit_guard_args, create_overfit_guard, evaluate_accuracy,
                                  evaluate_robust_accuracy)
 from timm_adv.loss import create_train_criterion
@@ -315,7 +316,7 @@ def _apply_recipe(args, explicit) -> None:
     """Fills flags the user did not give (command line or ``-c``) with the dataset's recipe, and says so."""
     applied = apply_dataset_recipe(args, explicit)
     if applied is not None and int(os.environ.get('RANK', 0)) == 0:
-        _logger.info(format_recipe(resolve_dataset_name(args), applied))
+        _logger.info(format_recipe(resolve_dataset_name(args), applied, fine_tuning=is_fine_tuning(args)))
 
 
 def _epoch_seed(args, epoch: int) -> None:
