@@ -3,7 +3,8 @@
 
 For a bank of ``N x D`` features it prints, per ``--dtypes`` entry:
 
-* bytes: the formula ``N * (D * s + 8)`` (``s`` bytes per feature element, int64 labels) and the bytes of
+* bytes: the formula ``N * (D * s + 40)`` (``s`` bytes per feature element, int64 labels, 8 float32 input
+  keys that find a training image's own entry) and the bytes of
   the bank actually built (they must agree: the bank is preallocated, no concatenation copy);
 * peak allocator bytes while building it (CUDA only: ``torch.cuda.max_memory_allocated``);
 * refresh time: filling the bank from a loader of ready features (the bank's own work, without the
@@ -92,7 +93,7 @@ def main():
         print(line + f'; search top-{args.k} {search_s * 1000:.1f} ms, guides m={args.guides} {guides_s * 1000:.1f} ms')
         del bank
     n, d = IMAGENET
-    print(f'ImageNet on paper ({n:,} x {d}, bytes = N * (D * s + 8)):')
+    print(f'ImageNet on paper ({n:,} x {d}, bytes = N * (D * s + 40)):')
     for name in args.dtypes:
         dtype = BANK_DTYPES[name]
         print(f'{name:>9}: {bank_bytes(n, d, dtype):,} bytes = {_gib(bank_bytes(n, d, dtype))} per bank per GPU '

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import timm
 from timm_adv.attacks import PGDAttack, attack_bn_mode, create_knn_guided_attack, select_guides
 from timm_adv.evaluation import evaluate_knn_robustness, evaluate_robust_accuracy, knn_attacks
-from timm_adv.models import FeatureBank, KNNClassifier, bank_bytes, build_feature_bank, knn_search
+from timm_adv.models import FeatureBank, KNNClassifier, bank_bytes, build_feature_bank, input_keys, knn_search
 from timm_adv.tasks import SSATTask
 
 
@@ -73,13 +73,13 @@ def test_half_precision_bank_bytes_and_same_neighbours():
     full = FeatureBank(features, labels)
     for dtype in (torch.float16, torch.bfloat16):
         half = FeatureBank(features, labels, dtype=dtype)
-        assert half.features.dtype == dtype and half.nbytes == bank_bytes(3000, 32, dtype) == 3000 * (32 * 2 + 8)
+        assert half.features.dtype == dtype and half.nbytes == bank_bytes(3000, 32, dtype, keys=False) == 3000 * (32 * 2 + 8)
         sims, idx = knn_search(query, half, 20, chunk_size=700)
         ref_sims, ref_idx = knn_search(query, full, 20)
         assert sims.dtype == torch.float32  # similarities are float32 whatever the storage
         assert torch.allclose(sims, ref_sims, atol=2e-2)
         assert (idx[:, :5] == ref_idx[:, :5]).float().mean() > 0.9  # only near-ties may swap
-    assert full.nbytes == bank_bytes(3000, 32) == 3000 * (32 * 4 + 8)
+    assert full.nbytes == bank_bytes(3000, 32, keys=False) == 3000 * (32 * 4 + 8)
 
 
 @pytest.mark.parametrize('mode', ['class', 'neighbours'])
@@ -108,34 +108,45 @@ def test_neighbours_mode_surrounds_the_nearest_wrong_entry():
     assert torch.equal(select_guides(x, bank, reference, m=2, mode='neighbours')[0], bank.features[[1, 3]])
 
 
-def test_training_knn_excludes_each_images_own_entry():
-    features = F.normalize(torch.randn(50, 8), dim=1)
+def test_training_knn_excludes_each_images_own_entry_after_the_weights_moved():
+    images = torch.rand(50, 1, 2, 4)
     labels = torch.arange(50) % 5
-    bank = FeatureBank(features, labels)
-    for dtype in (torch.float32, torch.float16):
-        stored = FeatureBank(features, labels, dtype=dtype)
-        plain = KNNClassifier(nn.Identity(), stored, k=1)
-        own = KNNClassifier(nn.Identity(), stored, k=1, exclude_self=True)
-        assert torch.equal(plain.neighbours(features, stored)[1][:, 0], torch.arange(50))  # nearest: itself
-        sims, idx = own.neighbours(features, stored)
-        assert (idx[:, 0] != torch.arange(50)).all()
-        expected = (features @ bank.features.t()).fill_diagonal_(-2).argmax(1)
-        assert (idx[:, 0] == expected).float().mean() > 0.95  # the next one (fp16 may swap a near-tie)
-    query = F.normalize(torch.randn(4, 8), dim=1)  # a query that is in no bank entry loses the farthest of k + 1
-    sims, idx = KNNClassifier(nn.Identity(), bank, k=3, exclude_self=True).neighbours(query, bank)
-    assert torch.equal(idx, knn_search(query, bank, 3)[1])
+    backbone = nn.Flatten()
+    bank = build_feature_bank(backbone, DataLoader(TensorDataset(images, labels), batch_size=16), 5)
+    assert bank.nbytes == bank_bytes(50, 8)  # features, labels and input keys
+    plain = KNNClassifier(backbone, bank, k=1)
+    own = KNNClassifier(backbone, bank, k=1, exclude_self=True)
+    assert torch.equal(plain.neighbours(plain.embed(images), bank)[1][:, 0], torch.arange(50))  # nearest: itself
+    with torch.no_grad():
+        for drift in (0.0, 0.05):  # the backbone has moved since the bank was embedded: features no longer match
+            features = F.normalize(images.flatten(1) + drift * torch.randn(50, 8), dim=1)
+            sims, idx = own.neighbours(features, bank, input_keys(images))
+            assert (idx[:, 0] != torch.arange(50)).all()
+            expected = (features @ bank.features.t()).scatter_(1, torch.arange(50)[:, None], -2).argmax(1)
+            assert torch.equal(idx[:, 0], expected)  # the next nearest instead
+    other = torch.rand(4, 1, 2, 4)  # images not in the bank lose the farthest of the k + 1
+    sims, idx = own.neighbours(own.embed(other), bank, input_keys(other))
+    assert torch.equal(idx, knn_search(own.embed(other), bank, 1)[1])
+    exact = (bank.features @ bank.features.t()).fill_diagonal_(-2).argmax(1)
+    assert torch.equal(own(images).argmax(1), labels[exact])  # the forward excludes it too
 
 
-def test_ssat_training_knn_excludes_own_entries():
+def _tiny_ssat():
+    """An SSAT task over a 12-image bank (3 classes), k = 1."""
     model = timm.create_model('test_resnet', num_classes=0)
     x = torch.rand(12, 3, 16, 16)
     loader = DataLoader(TensorDataset(x, torch.arange(12) % 3), batch_size=4)
     task = SSATTask(model, loader, 3, create_knn_guided_attack(eps=0.03, steps=1, num_guides=2), knn_k=1,
                     verbose=False)
+    return model, x, task
+
+
+def test_ssat_training_knn_excludes_own_entries():
+    model, x, task = _tiny_ssat()
     bank = task.feature_bank()
     knn = task.knn_classifier(bank=bank)  # what the training step uses for the reference and the fooling check
     with torch.no_grad(), attack_bn_mode(knn.backbone, 'eval'):  # as the step judges its references
-        idx = knn.neighbours(knn.embed(x), bank)[1][:, 0]
+        idx = knn.neighbours(knn.embed(x), bank, input_keys(x))[1][:, 0]
     assert (idx != torch.arange(12)).all()
 
 
@@ -181,3 +192,25 @@ def test_faiss_index_is_built_once_per_bank(monkeypatch):
     KNNClassifier(nn.Identity(), FeatureBank(torch.randn(200, 8), torch.randint(0, 4, (200,))), k=5,
                   backend='faiss')(query)
     assert len(builds) == 2  # a refreshed bank (a new object) gets its own index
+
+
+def test_ssat_step_learns_only_from_pairs_that_fool_the_knn():
+    # the task itself must drop the pairs whose adversarial image does not change the kNN's answer
+    model, x, task = _tiny_ssat()
+    task.train()
+    for m in model.modules():  # no BN statistics drift between the steps: the kNN's answers stay put
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0
+    bank = task.feature_bank()
+    with torch.no_grad(), attack_bn_mode(model, 'eval'):
+        clean = task.knn_classifier(bank=bank)(x).argmax(1)
+    other = torch.stack([x[(clean != clean[i]).nonzero()[0, 0]] for i in range(12)])  # an image the kNN calls otherwise
+    for adversarial, kept in ((lambda knn, x, ref, bank=None: x, 0.0),  # never fools: nothing to learn from
+                              (lambda knn, x, ref, bank=None: other, 100.0)):  # always fools
+        task.attack = adversarial
+        out = task(x, None)
+        assert float(out['fooled']) == kept
+        model.zero_grad()
+        out['loss'].backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert (sum(float(g.abs().sum()) for g in grads) > 0) == (kept > 0)

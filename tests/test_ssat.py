@@ -19,7 +19,7 @@ from timm_adv.hub import export_checkpoint
 from timm_adv.loss import info_nce, pair_top1
 from timm_adv.models import (BANK_FILE, FeatureBank, KNNClassifier, build_feature_bank, knn_search, load_feature_bank,
                              save_feature_bank)
-from timm_adv.tasks import SSATTask
+from timm_adv.tasks import ContrastiveTask, SSATTask
 
 DATA_CONFIG = dict(input_size=(3, 32, 32), interpolation='bilinear', crop_pct=1.0, crop_mode='center',
                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -202,6 +202,36 @@ def test_view_augment_stays_in_range_and_differs():
     assert torch.allclose(identity(x), x, atol=1e-5)
     with pytest.raises(ValueError, match='--adv-contrastive-scale'):
         ViewAugment(scale=(0.0, 1.0))
+
+
+def test_view_augment_colour_operations_for_rgb_and_none_on_grey():
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 32, 32)
+    geometry = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, jitter=0.0)
+    gray = ViewAugment(**geometry, grayscale=1.0)(x)
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    luma = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)
+    assert torch.allclose(gray[:, 0], luma, atol=1e-6)
+    for op in (dict(saturation=0.8), dict(hue=0.3)):
+        out = ViewAugment(**geometry, **op)(x)
+        assert (out - x).abs().mean() > 0.01 and out.min() >= 0 and out.max() <= 1, op
+        out_luma = (out * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)
+        assert (out_luma - luma).abs().mean() < 0.05, op  # colour changes, brightness stays (up to clipping)
+    blurred = ViewAugment(**geometry, blur=1.0)(x)
+    assert blurred.std() < x.std() and torch.allclose(blurred.mean(), x.mean(), atol=0.02)  # smooths, keeps mean
+    digits = x[:, :1].expand(-1, 3, -1, -1)  # grey images: the colour defaults change nothing
+    assert torch.allclose(ViewAugment(**geometry, saturation=0.4, hue=0.1, grayscale=0.2)(digits), digits, atol=1e-5)
+    with pytest.raises(ValueError, match='--adv-contrastive-hue'):
+        ViewAugment(hue=0.7)
+
+
+def test_stage1_warns_when_the_loader_augments(caplog):
+    args, _ = train.parse_args(['--adv-method', 'contrastive', '--scale', '0.5', '1', '--num-classes', '10'])
+    assert not args.no_aug
+    with caplog.at_level(logging.WARNING):
+        ContrastiveTask.from_args(ContrastiveTask.prepare_model(timm.create_model('test_resnet', num_classes=0), args),
+                                  None, args)
+    assert 'both views are sub-crops of one crop' in caplog.text
 
 
 def test_stage1_trains_feature_model_with_knn_validation(stage1):

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 __all__ = ['KNN_BACKENDS', 'KNN_VOTES', 'BANK_DTYPES', 'BANK_FILE', 'FeatureBank', 'KNNClassifier', 'knn_search',
            'build_feature_bank', 'load_feature_bank', 'save_feature_bank', 'import_faiss', 'check_bank',
-           'check_knn_settings', 'bank_bytes', 'self_match_tolerance', 'DEFAULT_CHUNK']
+           'check_knn_settings', 'bank_bytes', 'input_keys', 'DEFAULT_CHUNK']
 
 KNN_BACKENDS = ('torch', 'faiss')
 #: ``weighted``: sum of ``exp(cos / T)`` per class (default); ``count``: DkNN's unweighted count.
@@ -48,6 +48,20 @@ BANK_FILE = 'knn_bank.safetensors'
 _MIN_VOTE = 1e-12
 #: Bank rows per similarity chunk: B x 65,536 float32 similarities (32 MB at B = 128).
 DEFAULT_CHUNK = 65536
+#: Size of the input fingerprint that finds a training image's own bank entry.
+KEY_DIM = 8
+
+
+def input_keys(x: torch.Tensor) -> torch.Tensor:
+    """A fingerprint ``[B, 8]`` of each input: a fixed random projection of its pixels (the same for the same input).
+
+    The bank keeps one per entry, so a training image finds its own entry whatever the weights have become
+    since the bank was embedded (a feature comparison would stop matching after a few steps).
+    """
+    flat = x.detach().flatten(1).float()
+    g = torch.Generator().manual_seed(flat.shape[1])
+    projection = torch.randn(flat.shape[1], KEY_DIM, generator=g).to(flat.device)
+    return flat @ projection
 
 
 def import_faiss():
@@ -60,15 +74,17 @@ def import_faiss():
     return faiss
 
 
-def bank_bytes(num: int, dim: int, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of a bank of ``num x dim`` features in ``dtype`` plus its int64 labels: ``N * (D * s + 8)``."""
-    return int(num) * (int(dim) * torch.empty(0, dtype=dtype).element_size() + 8)
+def bank_bytes(num: int, dim: int, dtype: torch.dtype = torch.float32, keys: bool = True) -> int:
+    """Bytes of a bank of ``num x dim`` features in ``dtype``, its int64 labels and (``keys``) its float32 input
+    keys: ``N * (D * s + 8 + 32)``."""
+    return int(num) * (int(dim) * torch.empty(0, dtype=dtype).element_size() + 8 + (4 * KEY_DIM if keys else 0))
 
 
 class FeatureBank:
     """L2-normalised features ``[N, D]`` of a labelled set, their labels ``[N]`` and the class count.
 
-    Features are normalised in float32 and stored in ``dtype`` (default float32). ``normalize=False``
+    Features are normalised in float32 and stored in ``dtype`` (default float32); ``keys`` ``[N, 8]`` are the
+    entries' :func:`input_keys`, when the bank was embedded by :func:`build_feature_bank`. ``normalize=False``
     keeps features that are normalised already bit for bit (saved banks). The faiss index of the bank
     is built on first use and kept with it: a refreshed bank is a new object, so one build per refresh.
 
@@ -78,7 +94,7 @@ class FeatureBank:
     """
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, num_classes: Optional[int] = None,
-                 normalize: bool = True, dtype: Optional[torch.dtype] = None):
+                 normalize: bool = True, dtype: Optional[torch.dtype] = None, keys: Optional[torch.Tensor] = None):
         if features.ndim != 2 or labels.ndim != 1 or features.shape[0] != labels.shape[0]:
             raise ValueError(f'A feature bank needs features [N, D] and labels [N], got {tuple(features.shape)} and '
                              f'{tuple(labels.shape)}.')
@@ -93,6 +109,7 @@ class FeatureBank:
         if int(self.labels.min()) < 0 or int(self.labels.max()) >= self.num_classes:
             raise ValueError(f'Bank labels must lie in [0, {self.num_classes}), got [{int(self.labels.min())}, '
                              f'{int(self.labels.max())}].')
+        self.keys = keys
         self._faiss_index = None
 
     def __len__(self) -> int:
@@ -104,12 +121,14 @@ class FeatureBank:
 
     @property
     def nbytes(self) -> int:
-        return self.features.numel() * self.features.element_size() + self.labels.numel() * 8
+        keys = 0 if self.keys is None else self.keys.numel() * self.keys.element_size()
+        return self.features.numel() * self.features.element_size() + self.labels.numel() * 8 + keys
 
     def to(self, device) -> 'FeatureBank':
         if self.features.device == torch.device(device):
             return self
-        return FeatureBank(self.features.to(device), self.labels.to(device), self.num_classes, normalize=False)
+        return FeatureBank(self.features.to(device), self.labels.to(device), self.num_classes, normalize=False,
+                           keys=None if self.keys is None else self.keys.to(device))
 
     def class_counts(self) -> torch.Tensor:
         return torch.bincount(self.labels, minlength=self.num_classes)
@@ -170,11 +189,6 @@ def knn_search(query: torch.Tensor, bank: Union[FeatureBank, torch.Tensor], k: i
     return best_sims, best_idx
 
 
-def self_match_tolerance(dtype: torch.dtype) -> float:
-    """Cosine below 1 within which a bank entry counts as the query itself (storage rounding included)."""
-    return max(torch.finfo(dtype).eps, 1e-5)
-
-
 class KNNClassifier(nn.Module):
     """A feature model plus a feature bank, behaving as a classifier (log-probabilities ``[B, C]``).
 
@@ -186,7 +200,7 @@ class KNNClassifier(nn.Module):
         temperature: Vote weight ``exp(s / T)``.
         backend: ``torch`` or ``faiss`` exact search.
         vote: ``weighted`` (default, differentiable) or ``count`` (DkNN's unweighted count).
-        exclude_self: Drop a bank entry identical to the query (cosine within storage rounding of 1): a
+        exclude_self: Drop the bank entry of the query image itself (found by its :func:`input_keys`): a
             training image's own entry, which would vote its label (used while training on the bank's split).
 
     Example:
@@ -217,21 +231,26 @@ class KNNClassifier(nn.Module):
         """L2-normalised features of ``x``."""
         return F.normalize(self.backbone(x).float(), dim=1)
 
-    def neighbours(self, features: torch.Tensor, bank: FeatureBank) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Similarities and indices ``[B, k]`` of the voters, the query's own entry excluded if asked."""
-        if not self.exclude_self:
+    def neighbours(self, features: torch.Tensor, bank: FeatureBank,
+                   keys: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Similarities and indices ``[B, k]`` of the voters; with ``keys`` (the queries' :func:`input_keys`)
+        and a bank that has keys, each query's own entry is left out."""
+        if keys is None or bank.keys is None:
             return knn_search(features, bank, self.k, self.backend)
         sims, idx = knn_search(features, bank, self.k + 1, self.backend)
-        own = sims >= 1.0 - self_match_tolerance(bank.features.dtype)
-        # one entry per row is dropped: the first identical one, else the farthest of the k + 1
+        keys = keys.to(bank.keys.device)
+        own = ((bank.keys[idx] - keys.unsqueeze(1)).norm(dim=-1) <= 1e-4 * (1 + keys.norm(dim=1, keepdim=True)))
+        own = own.to(sims.device)
+        # one entry per row is dropped: the query's own one, else the farthest of the k + 1
         drop = torch.where(own.any(dim=1), own.float().argmax(dim=1), torch.full_like(idx[:, 0], self.k))
         keep = torch.ones_like(own).scatter_(1, drop.unsqueeze(1), False)
         return sims[keep].view(-1, self.k), idx[keep].view(-1, self.k)
 
-    def vote(self, features: torch.Tensor, bank: Optional[FeatureBank] = None) -> torch.Tensor:
-        """Log-probabilities of the vote of the ``k`` nearest bank entries of ``features``."""
+    def vote(self, features: torch.Tensor, bank: Optional[FeatureBank] = None,
+             keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Log-probabilities of the vote of the ``k`` nearest bank entries of ``features`` (see :meth:`neighbours`)."""
         bank = (bank or self.bank).to(features.device)
-        sims, idx = self.neighbours(features, bank)
+        sims, idx = self.neighbours(features, bank, keys)
         if self.vote_mode == 'count':
             weights = torch.ones_like(sims)
         else:
@@ -242,7 +261,7 @@ class KNNClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bank = self.bank  # resolved before the forward: a refresh never runs inside an attack's graph
-        return self.vote(self.embed(x), bank)
+        return self.vote(self.embed(x), bank, input_keys(x) if self.exclude_self else None)
 
 
 def check_knn_settings(k: int, temperature: float, backend: str = 'torch', vote: str = 'weighted') -> None:
@@ -310,7 +329,7 @@ def build_feature_bank(backbone: nn.Module, loader, num_classes: Optional[int] =
         raise ValueError('A sharded feature bank needs a loader over a map-style dataset.')
     modes = [(m, m.training) for m in backbone.modules()]
     backbone.eval()
-    features = labels = None
+    features = labels = keys = None
     try:
         if distributed:
             per_rank = math.ceil(len(dataset) / world)
@@ -326,27 +345,31 @@ def build_feature_bank(backbone: nn.Module, loader, num_classes: Optional[int] =
             with amp_autocast() if amp_autocast is not None else nullcontext():
                 out = backbone(input)
             out = F.normalize(out.float(), dim=1).to(dtype)
+            key = input_keys(input).to(out.device)
             if rows is None:  # an iterable loader of unknown length: collect, then one copy
-                chunks.append((out, target.long()))
+                chunks.append((out, target.long(), key))
                 continue
             if features is None:
                 features = torch.zeros(rows, out.shape[1], dtype=dtype, device=out.device)
                 labels = torch.zeros(rows, dtype=torch.long, device=out.device)
+                keys = torch.zeros(rows, KEY_DIM, device=out.device)
             features[offset:offset + out.shape[0]] = out
             labels[offset:offset + out.shape[0]] = target.long()
+            keys[offset:offset + out.shape[0]] = key
             offset += out.shape[0]
     finally:
         for m, training in modes:
             m.training = training
     if rows is None:
-        features, labels = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        features, labels, keys = (torch.cat([c[i] for c in chunks]) for i in range(3))
     elif distributed:
         if features is None:  # an empty last shard still needs the feature size and the device
             raise ValueError(f'The bank split has {len(dataset)} images, fewer than the {world} processes.')
         dist.all_gather(list(features.split(per_rank)), features[rank * per_rank:(rank + 1) * per_rank].clone())
         dist.all_gather(list(labels.split(per_rank)), labels[rank * per_rank:(rank + 1) * per_rank].clone())
-        features, labels = features[:len(dataset)], labels[:len(dataset)]
-    return FeatureBank(features, labels, num_classes, normalize=False, dtype=dtype)
+        dist.all_gather(list(keys.split(per_rank)), keys[rank * per_rank:(rank + 1) * per_rank].clone())
+        features, labels, keys = features[:len(dataset)], labels[:len(dataset)], keys[:len(dataset)]
+    return FeatureBank(features, labels, num_classes, normalize=False, dtype=dtype, keys=keys)
 
 
 def save_feature_bank(bank: FeatureBank, path: str, metadata: Optional[dict] = None) -> None:

@@ -11,8 +11,9 @@ kNN-guided attack, each also reported) without any change to the loop.
 At ImageNet scale the bank is the memory: ``--adv-knn-bank-dtype float16`` halves it, searches and guide
 selection run chunk by chunk, and under DDP each process embeds a shard of the split (gathered into
 one preallocated bank). Each training image's own bank entry is left out of its neighbours while
-training (``exclude_self``): with ``--no-aug`` an image's nearest neighbour is itself, whose label would
-otherwise decide the label-free reference class of stage 2.
+training (``exclude_self``, found by the image's input key, not its drifting feature): with ``--no-aug``
+an image's nearest neighbour is itself, whose label would otherwise decide the label-free reference class
+of stage 2.
 """
 import argparse
 import logging
