@@ -237,7 +237,9 @@ def test_stage1_warns_when_the_loader_augments(caplog):
 def test_stage1_trains_feature_model_with_knn_validation(stage1):
     run, metrics = stage1
     rows = _summary(run / 'summary.csv')
-    assert {'train_pair_top1', 'eval_top1', 'eval_pgd_top1'} <= set(rows[0])
+    assert {'train_pair_top1', 'eval_top1', 'eval_pgd_top1', 'eval_pgd_softvote_top1', 'eval_pgd_guided_top1'} <= set(rows[0])
+    for row in rows:  # the per-epoch robust figure is the per-sample worst case of the two attacks
+        assert float(row['eval_pgd_top1']) <= min(float(row['eval_pgd_softvote_top1']), float(row['eval_pgd_guided_top1']))
     assert float(rows[1]['train_loss']) < float(rows[0]['train_loss'])  # InfoNCE falls without labels
     assert metrics['top1'] >= 40.0  # kNN top-1 (chance: 10)
     ckpt = _load(run / 'last.pth.tar')
@@ -296,8 +298,10 @@ def test_export_feature_model_with_bank_and_validate_knn(stage1, digits_dir, tmp
                                '--knn-bank-split', 'train', '--knn-bank-samples', '200', *common])
     # the exported bank is the training subset of the run: the same kNN either way
     assert from_hub['top1'] == from_ckpt['top1'] == pytest.approx(metrics['top1'], abs=1.0)
-    assert {'pgd2_top1', 'knn_guided2_top1'} <= set(from_hub)
+    assert {'pgd2_top1', 'knn_guided2_top1', 'knn_worst2_top1'} <= set(from_hub)
     assert from_hub['knn_guided2_top1'] < from_hub['attack_subset_top1']
+    # the robust figure: per sample, robust only if neither attack succeeded
+    assert from_hub['knn_worst2_top1'] <= min(from_hub['pgd2_top1'], from_hub['knn_guided2_top1'])
 
 
 @pytest.mark.parametrize('argv,message', [
