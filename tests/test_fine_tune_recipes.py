@@ -47,3 +47,18 @@ def test_typed_flags_still_win_when_fine_tuning(caplog):
     assert '--lr' not in line and '--epochs' not in line
     args, _ = _parse(['--adv-method', 'ssat', '--opt', 'sgd', '--lr', '0.01'], caplog)
     assert (args.opt, args.lr, args.weight_decay) == ('sgd', 0.01, 1e-5)
+
+
+#: The official notebook's stage 2 (STL_SAT_003.ipynb), as train.py flags.
+NOTEBOOK_STAGE2 = dict(
+    dataset='torch/stl10', adv_method='ssat', adv_eps=0.03, adv_steps=10, adv_step_size=0.005, adv_ssat_guides=300,
+    adv_knn_k=75, epochs=10, batch_size=100, opt='adam', lr=1e-4, opt_betas=[0.8, 0.999], opt_eps=1e-8,
+    weight_decay=1e-5, opt_kwargs={'filter_bias_and_bn': False}, decay_rate=1.0, warmup_epochs=0, no_aug=True,
+)
+
+
+def test_stage2_recipe_file_is_the_notebooks_run(repo_root):
+    import os
+    args, _ = train.parse_args(['-c', os.path.join(repo_root, 'recipes', 'ssat_stage2_stl10.yaml'), '--data-dir', '/x',
+                                '--model', 'resnet18', '--pretrained', '--pretrained-path', 'stage1.pth'])
+    assert {k: getattr(args, k) for k in NOTEBOOK_STAGE2} == NOTEBOOK_STAGE2
