@@ -311,6 +311,9 @@ def test_export_feature_model_with_bank_and_validate_knn(stage1, digits_dir, tmp
     (['--knn-k', '10'], '--knn-k does nothing without --knn'),
     (['--knn', '--knn-bank-samples', '10'], '--knn-bank-samples does nothing without --knn --knn-bank-split'),
     (['--knn', '--knn-k', '0'], '--knn-k must be >= 1'),
+    (['--knn-vote', 'count'], '--knn-vote does nothing without --knn'),
+    (['--knn-bank-dtype', 'float16'], '--knn-bank-dtype does nothing without --knn'),
+    (['--knn', '--knn-guide-mode', 'neighbours'], '--knn-guide-mode does nothing without --knn and --attack'),
 ])
 def test_validate_knn_bad_input(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
