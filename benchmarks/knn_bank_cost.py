@@ -97,7 +97,7 @@ def main():
     for name in args.dtypes:
         dtype = BANK_DTYPES[name]
         print(f'{name:>9}: {bank_bytes(n, d, dtype):,} bytes = {_gib(bank_bytes(n, d, dtype))} per bank per GPU '
-              f'(EMA: twice); search working memory {args.batch_size * min(args.chunk_size, n) * 4 / 2 ** 20:.0f} MiB '
+              f'(EMA: twice); search working memory {args.batch_size * min(args.chunk_size, n) * 4 / 2 ** 20:.1f} MiB '
               f'vs dense {args.batch_size * n * 4 / 2 ** 20:.0f} MiB')
 
 
