@@ -36,9 +36,10 @@ from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 
 from timm_adv.attacks import create_attack, unwrap_ddp
 from timm_adv.data import (DEFAULT_DATASET, UnreadableImageError, apply_bundled_defaults, apply_dataset_recipe,
-                           create_train_loaders, default_workers, format_recipe, is_bundled, is_iterable_dataset,
-                           resolve_dataset_name, unreadable_image_message)
-from timm_adv.evaluation import add_overfit_guard_args, check_overfit_guard_args, create_overfit_guard, evaluate_accuracy
+                           create_train_loaders, default_workers, format_recipe, is_bundled, is_fine_tuning,
+                           is_iterable_dataset, resolve_dataset_name, unreadable_image_message)
+from timm_adv.evaluation import (add_overfit_guard_args, check_overfit_guard_args, create_overfit_guard, evaluate_accuracy,
+                                 evaluate_robust_accuracy)
 from timm_adv.loss import create_train_criterion
 from timm_adv.models import load_mae_weights, resolve_mae_weights, warn_mae_normalisation
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
@@ -323,7 +324,7 @@ def _apply_recipe(args, explicit) -> None:
     """Fills flags the user did not give (command line or ``-c``) with the dataset's recipe, and says so."""
     applied = apply_dataset_recipe(args, explicit)
     if applied is not None and int(os.environ.get('RANK', 0)) == 0:
-        _logger.info(format_recipe(resolve_dataset_name(args), applied))
+        _logger.info(format_recipe(resolve_dataset_name(args), applied, fine_tuning=is_fine_tuning(args)))
 
 
 def _epoch_seed(args, epoch: int) -> None:
@@ -704,16 +705,16 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
 
 
 def validate_epoch(task, loader_eval, loader_robust, val_attack, args, device, amp_autocast=nullcontext, ema=False):
-    """Clean accuracy on the validation split and PGD accuracy on its fixed subset."""
+    """Clean accuracy on the validation split and PGD accuracy (a kNN: worst case over its attacks) on its subset."""
     model = unwrap_ddp(task.get_eval_model(ema=ema))
     metrics = OrderedDict()
     clean = evaluate_accuracy(model, loader_eval, device=device, amp_autocast=amp_autocast,
                               channels_last=args.channels_last)
     metrics.update(loss=clean['loss'], top1=clean['top1'], top5=clean['top5'])
     if loader_robust is not None:
-        robust = evaluate_accuracy(model, loader_robust, attack=val_attack, device=device, amp_autocast=amp_autocast,
-                                   channels_last=args.channels_last)
-        metrics['pgd_top1'] = robust['top1']
+        # a kNN eval model reports the per-sample worst case over its attacks as pgd_top1, and each beside it
+        metrics.update(evaluate_robust_accuracy(model, loader_robust, val_attack, device=device,
+                                                amp_autocast=amp_autocast, channels_last=args.channels_last))
     return metrics
 
 

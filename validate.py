@@ -27,7 +27,7 @@ from timm.layers import apply_test_time_pool, set_fast_norm
 from timm.models import NaFlexVit, create_model
 from timm.utils import reparameterize_model, set_jit_fuser
 
-from timm_adv.attacks import NORMS, create_attack, create_knn_guided_attack, parse_eps
+from timm_adv.attacks import GUIDE_MODES, NORMS, create_attack, parse_eps
 from timm_adv.data import (DEFAULT_DATASET, TransformSubset, apply_bundled_defaults, create_bank_loader, create_dataset,
                            default_workers, is_bundled, spread_subset)
 from timm_adv.evaluation import (IMAGENET_C_CORRUPTIONS, SEVERITIES, SHIFT_TYPES, LogitSubset, evaluate_accuracy,
@@ -36,10 +36,11 @@ from timm_adv.evaluation import (IMAGENET_C_CORRUPTIONS, SEVERITIES, SHIFT_TYPES
 from timm_adv.evaluation.autoattack import AUTOATTACK_VERSIONS, import_autoattack
 from timm_adv.evaluation.bulk import list_bulk_models, run_with_retry, write_results
 from timm_adv.evaluation.corruptions import FOLDER_PROTOCOLS, import_imagecorruptions
-from timm_adv.evaluation.knn import create_feature_model, create_knn_classifier, find_model_bank
+from timm_adv.evaluation.knn import (create_feature_model, create_knn_classifier, evaluate_knn_robustness,
+                                     find_model_bank, knn_attacks)
 from timm_adv.evaluation.labels import ClassMetrics, create_real_labels, read_valid_labels
 from timm_adv.evaluation.model_wrap import DtypeModel, wrap_eval_model
-from timm_adv.models import KNN_BACKENDS, build_feature_bank, import_faiss, load_feature_bank
+from timm_adv.models import BANK_DTYPES, KNN_BACKENDS, KNN_VOTES, build_feature_bank, import_faiss, load_feature_bank
 from timm_adv.utils import explicit_args, load_training_checkpoint
 
 _logger = logging.getLogger('validate')
@@ -142,7 +143,8 @@ def _build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('kNN evaluation of feature models (self-supervised AT)')
     group.add_argument('--knn', action='store_true',
                        help='classify with a kNN over a feature bank (the head, if any, is dropped); with --attack '
-                            'pgd also reports the kNN-guided attack on the representation')
+                            'pgd also reports the kNN-guided attack on the representation and the per-sample worst '
+                            'case of both (knn_worst*_top1: the robust accuracy)')
     group.add_argument('--knn-bank', default=None, metavar='FILE',
                        help='feature bank safetensors (default: knn_bank.safetensors beside a local-dir:/hf-hub: model)')
     group.add_argument('--knn-bank-split', default=None, metavar='NAME',
@@ -155,6 +157,14 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--knn-backend', choices=KNN_BACKENDS, default='torch', help='exact search backend (default: torch)')
     group.add_argument('--knn-guides', type=int, default=300, metavar='M',
                        help='guided attack: guide samples of the nearest wrong class (default: 300)')
+    group.add_argument('--knn-guide-mode', choices=GUIDE_MODES, default='class',
+                       help="guided attack: guides nearest the sample (class) or nearest the nearest wrong-class "
+                            "entry (neighbours, the official notebook's guide=2) (default: class)")
+    group.add_argument('--knn-vote', choices=KNN_VOTES, default='weighted',
+                       help="kNN vote: similarity-weighted exp(cos / T) or DkNN's unweighted count (default: weighted)")
+    group.add_argument('--knn-bank-dtype', choices=tuple(BANK_DTYPES), default=None,
+                       help='storage dtype of the bank (similarities stay float32) (default: float32 for an embedded '
+                            'split, the file\'s for --knn-bank)')
 
     group = parser.add_argument_group('Robustness evaluation (timm_adv.evaluation)')
     group.add_argument('--autoattack', choices=('none',) + AUTOATTACK_VERSIONS, default='none',
@@ -219,9 +229,10 @@ _NEEDS = {
                            '--corruption-dir or --corruptions-generated'),
     'no_plots': (lambda a: bool(a.report_dir), '--report-dir'),
     **{dest: (lambda a: a.knn, '--knn') for dest in ('knn_bank', 'knn_bank_split', 'knn_k', 'knn_temperature',
-                                                     'knn_backend')},
+                                                     'knn_backend', 'knn_vote', 'knn_bank_dtype')},
     'knn_bank_samples': (lambda a: a.knn and bool(a.knn_bank_split), '--knn --knn-bank-split'),
     'knn_guides': (lambda a: a.knn and a.attack != 'none', '--knn and --attack fgsm|pgd (the guided attack)'),
+    'knn_guide_mode': (lambda a: a.knn and a.attack != 'none', '--knn and --attack fgsm|pgd (the guided attack)'),
     'torchcompile_mode': (lambda a: bool(a.torchcompile), '--torchcompile'),
     'fuser': (lambda a: a.torchscript, '--torchscript (it selects the TorchScript fuser)'),
     'naflex_max_seq_len': (lambda a: a.naflex_loader, '--naflex-loader'),
@@ -437,14 +448,16 @@ def _create_knn(args, model, data_config, device):
             args.dataset, args.data_dir, args.knn_bank_split, data_config, batch_size=args.batch_size,
             workers=args.workers, device=device, num_samples=args.knn_bank_samples,
             use_prefetcher=not args.no_prefetcher, class_map=args.class_map, download=args.dataset_download)
-        bank = build_feature_bank(model, bank_loader, args.num_classes, device=device)
+        bank = build_feature_bank(model, bank_loader, args.num_classes, device=device,
+                                  dtype=BANK_DTYPES[args.knn_bank_dtype or 'float32'])
     else:
         args.knn_bank = args.knn_bank or find_model_bank(args.model)
         if not args.knn_bank:
             raise ValueError(f'--knn: {args.model!r} has no feature bank; pass --knn-bank FILE (the '
                              f'knn_bank.safetensors of its export) or --knn-bank-split train to embed the training split.')
-        bank = load_feature_bank(args.knn_bank)
-    return create_knn_classifier(model, bank, args.knn_k, args.knn_temperature, args.knn_backend, device=device)
+        bank = load_feature_bank(args.knn_bank, dtype=BANK_DTYPES[args.knn_bank_dtype] if args.knn_bank_dtype else None)
+    return create_knn_classifier(model, bank, args.knn_k, args.knn_temperature, args.knn_backend, device=device,
+                                 vote=args.knn_vote)
 
 
 def create_eval_dataset(args, data_config):
@@ -579,6 +592,9 @@ def _evaluate_attacks(args, model, dataset, loader, make_loader, data_config, ev
                                    random_start=True, bn_mode='eval', restarts=args.restarts,
                                    mean=data_config['mean'], std=data_config['std'])
         _logger.info(f'Attacking with {attack}')
+        if args.knn:
+            _evaluate_knn_attacks(args, model, eps, attack, attack_loader, eval_kwargs, results, report)
+            continue
         real = create_real_labels(attack_set, args.real_labels) if args.real_labels else None
         adv = evaluate_accuracy(model, attack_loader, attack=attack, log_prefix=f'Attack eps={eps:.4g}',
                                 on_output=real and (lambda logits, _: real.add_result(logits)), **eval_kwargs)
@@ -588,25 +604,33 @@ def _evaluate_attacks(args, model, dataset, loader, make_loader, data_config, ev
         report.setdefault('pgd', []).append(dict(
             attack=args.attack, eps=eps, norm=args.norm, steps=attack.steps, step_size=attack.step_size,
             restarts=attack.restarts, samples=adv['samples'], top1=adv['top1']))
-        if args.knn:
-            _evaluate_knn_guided(args, model, eps, attack, attack_loader, eval_kwargs, results, report)
     results['eps'] = ' '.join(f'{e:.6g}' for e in args.eps)
 
 
-def _evaluate_knn_guided(args, knn, eps, attack, loader, eval_kwargs, results, report) -> None:
-    """kNN top-1 under the guided attack on the representation (same eps, steps and step size as the PGD)."""
+def _evaluate_knn_attacks(args, knn, eps, attack, loader, eval_kwargs, results, report) -> None:
+    """kNN top-1 under PGD through the soft vote, under the guided attack on the representation (same eps,
+    steps and step size, one restart, true label as reference) and under the per-sample worst case of both."""
     if args.restarts > 1:
         _logger.warning('--restarts applies to the PGD through the soft vote; the guided attack runs one restart.')
-    torch.manual_seed(args.seed)
-    guided = create_knn_guided_attack(eps=eps, steps=attack.steps, step_size=attack.step_size, norm=args.norm,
-                                      random_start=attack.random_start, num_guides=args.knn_guides,
-                                      mean=attack.normalizer.mean, std=attack.normalizer.std)
-    _logger.info(f'Attacking with {guided}')
-    adv = evaluate_accuracy(knn, loader, attack=guided, log_prefix=f'Guided eps={eps:.4g}', **eval_kwargs)
-    key = _attack_key(args, eps).replace(args.attack if args.attack == 'fgsm' else 'pgd', 'knn_guided', 1)
-    results[key] = round(adv['top1'], 4)
-    report.setdefault('knn_guided', []).append(dict(eps=eps, steps=guided.steps, guides=guided.num_guides,
-                                                    samples=adv['samples'], top1=adv['top1']))
+    attacks = knn_attacks(attack, num_guides=args.knn_guides, guide_mode=args.knn_guide_mode)
+    _logger.info(f'Attacking with {attacks["guided"]}; robust accuracy is the per-sample worst case of both attacks')
+    adv = evaluate_knn_robustness(knn, loader, attacks, device=eval_kwargs.get('device'),
+                                  amp_autocast=eval_kwargs.get('amp_autocast', nullcontext),
+                                  channels_last=eval_kwargs.get('channels_last', False))
+    key = _attack_key(args, eps)
+    pgd_name = args.attack if args.attack == 'fgsm' else 'pgd'
+    results[key] = round(adv['softvote_top1'], 4)
+    results[key.replace(pgd_name, 'knn_guided', 1)] = round(adv['guided_top1'], 4)
+    results[key.replace(pgd_name, 'knn_worst', 1)] = round(adv['worst_top1'], 4)
+    _logger.info(f'kNN eps={eps:.4g}: soft-vote {args.attack} {adv["softvote_top1"]:.2f}, guided '
+                 f'{adv["guided_top1"]:.2f}, worst case {adv["worst_top1"]:.2f} ({adv["samples"]} samples)')
+    report.setdefault('pgd', []).append(dict(
+        attack=args.attack, eps=eps, norm=args.norm, steps=attack.steps, step_size=attack.step_size,
+        restarts=attack.restarts, samples=adv['samples'], top1=adv['softvote_top1']))
+    report.setdefault('knn_guided', []).append(dict(eps=eps, steps=attacks['guided'].steps,
+                                                    guides=attacks['guided'].num_guides, samples=adv['samples'],
+                                                    top1=adv['guided_top1']))
+    report.setdefault('knn_worst', []).append(dict(eps=eps, samples=adv['samples'], top1=adv['worst_top1']))
 
 
 def _evaluate_robustness(args, model, base, data_config, aa_loader, device, results, report,

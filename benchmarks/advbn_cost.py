@@ -9,11 +9,16 @@ interleaved (one call of each per round) so that a shared machine's drifting loa
   one training pass of the back on the clean + adversarial batch);
 * ``ideal``: the sum of its unavoidable parts, each timed on its own: one front pass without
   gradients + K back passes with gradients for a, b only + one back training pass (forward and
-  backward with weight gradients on the 2N batch, SGD step);
-* ``front recomputed + anomaly``: the structure the issue calls official: the front runs again for
-  every attack step, with autograd anomaly detection on;
+  backward with weight gradients on the 2N batch, SGD step). The attack pass is the marginal cost of
+  one step, ``(t(K steps) - t(1 step)) / (K - 1)`` of one attack call, so the call's set-up (BN mode
+  switch, multipliers, routing) is not counted K times;
+* ``front recomputed + anomaly``: the front runs again for every attack step, with autograd anomaly
+  detection on;
 * ``official code``: the structure of ``azshue/AdvBN``'s ``train_imagenet.py``: front once per
-  batch, anomaly detection on, clean and adversarial back passes run separately.
+  batch, anomaly detection on, clean and adversarial back passes run separately;
+* ``official structure, no anomaly detection``: the same without anomaly detection. Its difference to
+  ``official code`` is the cost of anomaly detection; its difference to ``ours`` is the structural
+  cost of two back training passes (N each) against our one concatenated pass (2N).
 
     python benchmarks/advbn_cost.py --model resnet10t --img-size 32 --batch-size 64
 """
@@ -73,9 +78,11 @@ def main():
         feature = advbn.front(model, x)
     one_step = FeatureStatsAttack(steps=1, relu=advbn.relu)
 
-    def attack_pass():
-        with dual_bn_route(model, 'aux') if dual else nullcontext():
-            one_step.perturb(model, lambda f: advbn.back(model, f), feature, y)
+    def attack_call(att):
+        def run():
+            with dual_bn_route(model, 'aux') if dual else nullcontext():
+                att.perturb(model, lambda f: advbn.back(model, f), feature, y)
+        return run
 
     features = torch.cat([feature, perturb_feature_stats(feature, 0.5 * torch.ones_like(feature[:1, :, :1, :1]),
                                                          torch.ones_like(feature[:1, :, :1, :1]), relu=advbn.relu)])
@@ -101,8 +108,8 @@ def main():
                 out = advbn.back(model, both)
             _sgd_step(F.cross_entropy(out[:n], y) + F.cross_entropy(out[n:], y), optimizer)
 
-    def official_step():
-        with torch.autograd.detect_anomaly(check_nan=True):
+    def official_step(anomaly: bool = True):
+        with torch.autograd.detect_anomaly(check_nan=True) if anomaly else nullcontext():
             with torch.no_grad():
                 f = advbn.front(model, x)
             with dual_bn_route(model, 'aux') if dual else nullcontext():
@@ -116,24 +123,33 @@ def main():
         'plain': lambda: _sgd_step(F.cross_entropy(plain(x), y), plain_opt),
         'ours': lambda: _sgd_step(task(x, y)['loss'], optimizer),
         'front': lambda: torch.no_grad()(advbn.front)(model, x),
-        'attack': attack_pass,
+        'attack_1': attack_call(one_step),
+        'attack_k': attack_call(attack),
         'back_train': back_train,
         'recompute': recompute_front_step,
         'official': official_step,
+        'official_no_anomaly': lambda: official_step(anomaly=False),
     }, args.steps, args.warmup, device)
-    t_plain, t_front, t_attack, t_back_train = t['plain'], t['front'], t['attack'], t['back_train']
-    t_ideal = t_front + args.attack_steps * t_attack + t_back_train
+    t_plain, t_front, t_back_train = t['plain'], t['front'], t['back_train']
+    k = args.attack_steps
+    t_attack = (t['attack_k'] - t['attack_1']) / (k - 1) if k > 1 else t['attack_1']
+    t_setup = t['attack_1'] - t_attack
+    t_ideal = t_front + k * t_attack + t_back_train
 
     print(f'model={args.model} img={args.img_size} batch={n} device={device} torch={torch.__version__} '
           f'threads={torch.get_num_threads()} cut={advbn.stage!r} K={args.attack_steps} dual_bn={dual}')
     print(f'unit costs / plain step: front (no grad) {t_front / t_plain:.3f}, back attack pass (grad for a, b) '
-          f'{t_attack / t_plain:.3f}, back training pass (2N, weight grads + SGD) {t_back_train / t_plain:.3f}')
+          f'{t_attack / t_plain:.3f} (+ {t_setup / t_plain:.3f} set-up per attack call), back training pass (2N, '
+          f'weight grads + SGD) {t_back_train / t_plain:.3f}')
+    print(f'official code vs ours, per step / plain: anomaly detection {(t["official"] - t["official_no_anomaly"]) / t_plain:.3f}, '
+          f'structure (two N back passes vs one 2N pass) {(t["official_no_anomaly"] - t["ours"]) / t_plain:.3f}')
     print('| mode | step / plain | step / ideal |')
     print('|---|---|---|')
     for name, seconds in (('plain', t_plain), ('ideal', t_ideal), ('advbn (ours)', t['ours']),
                           ('front recomputed + anomaly detection', t['recompute']),
                           ('official code structure (front once, anomaly detection, separate back passes)',
-                           t['official'])):
+                           t['official']),
+                          ('official structure, no anomaly detection', t['official_no_anomaly'])):
         print(f'| {name} | {seconds / t_plain:.2f} | {seconds / t_ideal:.2f} |')
 
 

@@ -2,8 +2,9 @@
 
     torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_FILE_PREFIX TRAIN_ARGS...
 
-After the epochs, this rank's model (with any auxiliary BNs) and method state (FGSM-SDI's
-generator) are saved to ``<OUT_FILE_PREFIX>-rank<R>.pt`` so the test can check that the processes agree.
+After the epochs, this rank's model (with any auxiliary BNs), method state (FGSM-SDI's generator) and
+feature bank (``contrastive`` / ``ssat``: embedded sharded across the ranks) are saved to
+``<OUT_FILE_PREFIX>-rank<R>.pt`` so the test can check that the processes agree.
 """
 import sys
 
@@ -21,6 +22,9 @@ def main():
     snapshot = {'model': task.unwrapped_model.state_dict()}
     if hasattr(task, 'generator'):
         snapshot['generator'] = task.generator.state_dict()
+    if hasattr(task, 'feature_bank'):  # a collective call: every rank embeds its shard
+        bank = task.feature_bank()
+        snapshot.update(bank_features=bank.features, bank_labels=bank.labels)
     torch.save(snapshot, f'{prefix}-rank{args.rank}.pt')
     torch.distributed.destroy_process_group()
 

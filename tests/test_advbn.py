@@ -156,7 +156,6 @@ def test_training_step_runs_front_once_and_trains_only_the_back():
     out = task(x, y)
     out['loss'].backward()
     assert calls == {'stem': 1, 'cut': 1}  # 3 attack steps + the training pass never re-ran the front
-    torch.testing.assert_close(out['loss'], out['loss_clean'] + out['loss_adv'])
     assert all(p.grad is None for m in front for p in m.parameters())
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
     assert all(torch.equal(v, front_state[k]) for m in front for k, v in m.state_dict().items())
@@ -166,6 +165,38 @@ def test_training_step_runs_front_once_and_trains_only_the_back():
     assert not any(torch.equal(a, b) for a, b in zip(main_before, main_after))
     assert not any(torch.equal(a, b) for a, b in zip(aux_before, aux_after))
     assert not torch.equal(main_after[0] - main_before[0], aux_after[0] - aux_before[0])
+
+
+def _record_routes(model):
+    """(route, training, split size) of the first dual BN at each of its calls."""
+    seen = []
+    dual_bn_layers(model)[0].register_forward_pre_hook(lambda m, args: seen.append((m.route, m.training, m.split_size)))
+    return seen
+
+
+@pytest.mark.parametrize('arch', ['test_resnet', 'tiny_regnetx', 'test_efficientnet', 'mobilenetv3_small_050'])
+def test_task_attacks_through_adversarial_bns_and_trains_both_halves(arch):
+    # the task itself must route: the attack (eval mode) through the adversarial BNs, the training pass split
+    model = AdvBNTask.prepare_model(_model(arch), _args(model=arch))
+    task = _task(model, steps=2)
+    task.train()
+    seen = _record_routes(model)
+    x, y = _batch(6)
+    out = task(x, y)
+    out['loss'].backward()
+    assert seen == [('aux', False, None)] * 2 + [('split', True, 6)]
+    assert torch.isfinite(out['loss']) and out['loss_adv'] > 0 and out['loss_clean'] > 0
+    back = [p for p in model.parameters() if p.requires_grad]
+    assert back and all(p.grad is not None for p in back)
+    assert all(p.grad is None for m in task.advbn.front_modules(model) for p in m.parameters())
+
+
+@pytest.mark.parametrize('arch, relu', [('resnet10t', True), ('test_resnet', True), ('tiny_regnetx', True),
+                                        ('test_efficientnet', False), ('mobilenetv3_small_050', False),
+                                        ('test_convnext', False)])
+def test_relu_after_the_perturbation_follows_the_architecture(arch, relu):
+    # ResNet / RegNet stages end in a ReLU; EfficientNet / MobileNetV3 blocks end linear, ConvNeXt in a residual add
+    assert get_advbn(_insert(_model(arch))).relu is relu
 
 
 def test_unfrozen_front_is_trained():
@@ -227,10 +258,50 @@ def test_strip_advbn_restores_the_module():
     assert model.layer1 is layer.module and get_advbn(model) is None
 
 
-def _args(*extra):
-    args, _ = train.parse_args(['--model', 'test_resnet', '--num-classes', str(NUM_CLASSES), '--img-size', '32',
+def _args(*extra, model='test_resnet'):
+    args, _ = train.parse_args(['--model', model, '--num-classes', str(NUM_CLASSES), '--img-size', '32',
                                 '--adv-method', 'advbn', '--pretrained', *extra])
     return args
+
+
+#: The official run (azshue/AdvBN configs/res50_configs.yml, scripts/train.sh, train_imagenet.py), as train.py flags.
+OFFICIAL = dict(
+    model='resnet50.tv_in1k', pretrained=True, num_classes=1000, adv_method='advbn', adv_advbn_stage='layer1',
+    adv_advbn_steps=6, adv_advbn_step_size=0.2, adv_advbn_eps=1.1, adv_advbn_freeze_front=True, epochs=20,
+    batch_size=64, sync_bn=True, opt='momentum', momentum=0.9, lr=1e-3, weight_decay=1e-4,
+    opt_kwargs={'filter_bias_and_bn': False}, sched='step', decay_epochs=10, decay_rate=0.1, warmup_epochs=0,
+    cooldown_epochs=0, smoothing=0.0, mixup=0.0, cutmix=0.0, color_jitter=0.0, aa=None, reprob=0.0, scale=[0.08, 1.0],
+    ratio=[0.75, 4 / 3], hflip=0.5, vflip=0.0, train_interpolation='bilinear', interpolation='bilinear',
+    crop_pct=0.875, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], amp=False, model_ema=False,
+    drop_path=None, drop=0.0, bce_loss=False, jsd_loss=False, clip_grad=None,
+)
+
+
+def test_official_recipe_reproduces_the_official_run(repo_root):
+    import os
+    args, _ = train.parse_args(['-c', os.path.join(repo_root, 'recipes', 'advbn_resnet50.yaml'), '--data-dir', '/x'])
+    assert {k: getattr(args, k) for k in OFFICIAL} == OFFICIAL
+    assert args.batch_size * 4 == 256  # 4 processes
+    # what the flags build: plain momentum SGD with weight decay on every trained parameter, lr x0.1 at epoch 10
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    model = AdvBNTask.prepare_model(_model('resnet10t'), _args(model='resnet10t'))
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    assert [(g['weight_decay'], g['nesterov'], g['momentum']) for g in optimizer.param_groups] == [(1e-4, False, 0.9)]
+    trained = {id(p) for g in optimizer.param_groups for p in g['params'] if p.requires_grad}
+    assert trained == {id(p) for p in model.parameters() if p.requires_grad}  # BN and biases of the back included
+    scheduler, epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=10)
+    lrs = []
+    for epoch in range(epochs):
+        scheduler.step(epoch)
+        lrs.append(optimizer.param_groups[0]['lr'])
+    assert epochs == 20 and lrs == pytest.approx([1e-3] * 10 + [1e-4] * 10)
+
+
+def test_grad_checkpointing_is_refused_at_start_up(capsys):
+    with pytest.raises(SystemExit):
+        _args('--grad-checkpointing')
+    assert '--grad-checkpointing does not work with --adv-method advbn' in capsys.readouterr().err
 
 
 def test_bad_input(capsys):

@@ -19,7 +19,7 @@ from timm_adv.hub import export_checkpoint
 from timm_adv.loss import info_nce, pair_top1
 from timm_adv.models import (BANK_FILE, FeatureBank, KNNClassifier, build_feature_bank, knn_search, load_feature_bank,
                              save_feature_bank)
-from timm_adv.tasks import SSATTask
+from timm_adv.tasks import ContrastiveTask, SSATTask
 
 DATA_CONFIG = dict(input_size=(3, 32, 32), interpolation='bilinear', crop_pct=1.0, crop_mode='center',
                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -204,10 +204,42 @@ def test_view_augment_stays_in_range_and_differs():
         ViewAugment(scale=(0.0, 1.0))
 
 
+def test_view_augment_colour_operations_for_rgb_and_none_on_grey():
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 32, 32)
+    geometry = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, jitter=0.0)
+    gray = ViewAugment(**geometry, grayscale=1.0)(x)
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    luma = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)
+    assert torch.allclose(gray[:, 0], luma, atol=1e-6)
+    for op in (dict(saturation=0.8), dict(hue=0.3)):
+        out = ViewAugment(**geometry, **op)(x)
+        assert (out - x).abs().mean() > 0.01 and out.min() >= 0 and out.max() <= 1, op
+        out_luma = (out * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)
+        assert (out_luma - luma).abs().mean() < 0.05, op  # colour changes, brightness stays (up to clipping)
+    blurred = ViewAugment(**geometry, blur=1.0)(x)
+    assert blurred.std() < x.std() and torch.allclose(blurred.mean(), x.mean(), atol=0.02)  # smooths, keeps mean
+    digits = x[:, :1].expand(-1, 3, -1, -1)  # grey images: the colour defaults change nothing
+    assert torch.allclose(ViewAugment(**geometry, saturation=0.4, hue=0.1, grayscale=0.2)(digits), digits, atol=1e-5)
+    with pytest.raises(ValueError, match='--adv-contrastive-hue'):
+        ViewAugment(hue=0.7)
+
+
+def test_stage1_warns_when_the_loader_augments(caplog):
+    args, _ = train.parse_args(['--adv-method', 'contrastive', '--scale', '0.5', '1', '--num-classes', '10'])
+    assert not args.no_aug
+    with caplog.at_level(logging.WARNING):
+        ContrastiveTask.from_args(ContrastiveTask.prepare_model(timm.create_model('test_resnet', num_classes=0), args),
+                                  None, args)
+    assert 'both views are sub-crops of one crop' in caplog.text
+
+
 def test_stage1_trains_feature_model_with_knn_validation(stage1):
     run, metrics = stage1
     rows = _summary(run / 'summary.csv')
-    assert {'train_pair_top1', 'eval_top1', 'eval_pgd_top1'} <= set(rows[0])
+    assert {'train_pair_top1', 'eval_top1', 'eval_pgd_top1', 'eval_pgd_softvote_top1', 'eval_pgd_guided_top1'} <= set(rows[0])
+    for row in rows:  # the per-epoch robust figure is the per-sample worst case of the two attacks
+        assert float(row['eval_pgd_top1']) <= min(float(row['eval_pgd_softvote_top1']), float(row['eval_pgd_guided_top1']))
     assert float(rows[1]['train_loss']) < float(rows[0]['train_loss'])  # InfoNCE falls without labels
     assert metrics['top1'] >= 40.0  # kNN top-1 (chance: 10)
     ckpt = _load(run / 'last.pth.tar')
@@ -266,8 +298,10 @@ def test_export_feature_model_with_bank_and_validate_knn(stage1, digits_dir, tmp
                                '--knn-bank-split', 'train', '--knn-bank-samples', '200', *common])
     # the exported bank is the training subset of the run: the same kNN either way
     assert from_hub['top1'] == from_ckpt['top1'] == pytest.approx(metrics['top1'], abs=1.0)
-    assert {'pgd2_top1', 'knn_guided2_top1'} <= set(from_hub)
+    assert {'pgd2_top1', 'knn_guided2_top1', 'knn_worst2_top1'} <= set(from_hub)
     assert from_hub['knn_guided2_top1'] < from_hub['attack_subset_top1']
+    # the robust figure: per sample, robust only if neither attack succeeded
+    assert from_hub['knn_worst2_top1'] <= min(from_hub['pgd2_top1'], from_hub['knn_guided2_top1'])
 
 
 @pytest.mark.parametrize('argv,message', [
@@ -277,6 +311,9 @@ def test_export_feature_model_with_bank_and_validate_knn(stage1, digits_dir, tmp
     (['--knn-k', '10'], '--knn-k does nothing without --knn'),
     (['--knn', '--knn-bank-samples', '10'], '--knn-bank-samples does nothing without --knn --knn-bank-split'),
     (['--knn', '--knn-k', '0'], '--knn-k must be >= 1'),
+    (['--knn-vote', 'count'], '--knn-vote does nothing without --knn'),
+    (['--knn-bank-dtype', 'float16'], '--knn-bank-dtype does nothing without --knn'),
+    (['--knn', '--knn-guide-mode', 'neighbours'], '--knn-guide-mode does nothing without --knn and --attack'),
 ])
 def test_validate_knn_bad_input(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -7,4 +7,4 @@ from .pgd import (
     NORMS, TARGETINGS, PGDAttack, ascent_step, hard_labels, input_gradient, per_sample_norm, project,
     random_init, select_target, unwrap_ddp,
 )
-from .knn_guided import KNNGuidedAttack, create_knn_guided_attack, guided_similarity_loss, select_guides
+from .knn_guided import GUIDE_MODES, KNNGuidedAttack, create_knn_guided_attack, guided_similarity_loss, select_guides

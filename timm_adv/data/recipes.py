@@ -6,10 +6,14 @@ and badly, so a bundled dataset brings its own recipe. "Not given" means not typ
 line and not set by a ``-c`` config: :func:`timm_adv.utils.explicit_args` asks argparse which
 destinations the arguments touched (a value equal to timm's default still counts as given).
 
+A recipe knows when a run fine-tunes (:func:`is_fine_tuning`: a method that always starts from a trained
+model, or any run given a starting checkpoint): from-scratch settings (a large learning rate, many
+epochs) would undo what the checkpoint learned, so those items give way to fine-tuning ones.
+
 Example:
     >>> args = parser.parse_args(argv)
     >>> applied = apply_dataset_recipe(args, explicit_args(parser, argv))
-    >>> print(format_recipe('bundled/mnist', applied))
+    >>> print(format_recipe('bundled/mnist', applied, fine_tuning=is_fine_tuning(args)))
 """
 import argparse
 import os
@@ -18,9 +22,21 @@ from typing import Any, Dict, FrozenSet, Iterable, Optional, Set, Tuple
 
 from .dataset_factory import DEFAULT_DATASET
 
-__all__ = ['DatasetRecipe', 'RecipeItem', 'DATASET_RECIPES', 'get_dataset_recipe', 'resolve_dataset_name',
-           'apply_bundled_defaults', 'apply_dataset_recipe', 'format_recipe', 'available_cpus',
-           'default_workers']
+__all__ = ['DatasetRecipe', 'RecipeItem', 'DATASET_RECIPES', 'FINE_TUNING_METHODS', 'get_dataset_recipe',
+           'resolve_dataset_name', 'is_fine_tuning', 'apply_bundled_defaults', 'apply_dataset_recipe', 'format_recipe',
+           'available_cpus', 'default_workers']
+
+#: Methods that always fine-tune a trained model (AdvBN; SSAT stage 2 starts from stage 1).
+FINE_TUNING_METHODS = ('advbn', 'ssat')
+#: Flags that give a run its starting weights.
+_START_WEIGHTS = ('initial_checkpoint', 'pretrained', 'pretrained_path')
+
+
+def is_fine_tuning(args: argparse.Namespace) -> bool:
+    """Whether the run fine-tunes: a method that always does, or starting weights given (AdvProp or PGD-AT from a
+    checkpoint, an MAE encoder, a hub model)."""
+    return getattr(args, 'adv_method', 'none') in FINE_TUNING_METHODS or any(
+        getattr(args, k, None) for k in _START_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -34,14 +50,20 @@ class RecipeItem:
             the recipe's SGD learning rate away from another optimiser).
         if_given: Apply only when at least one of these destinations was given.
         methods: Apply only with these ``--adv-method`` values (all when empty).
+        except_methods: Never with these ``--adv-method`` values.
+        fine_tune: Apply only when fine-tuning (True), only when training from scratch (False), or both (None).
     """
     values: Dict[str, Any]
     unless_given: FrozenSet[str] = frozenset()
     if_given: FrozenSet[str] = frozenset()
     methods: Tuple[str, ...] = ()
+    except_methods: Tuple[str, ...] = ()
+    fine_tune: Optional[bool] = None
 
-    def applies(self, explicit: Set[str], method: str) -> bool:
-        if self.methods and method not in self.methods:
+    def applies(self, explicit: Set[str], method: str, fine_tuning: bool = False) -> bool:
+        if self.methods and method not in self.methods or method in self.except_methods:
+            return False
+        if self.fine_tune is not None and self.fine_tune != fine_tuning:
             return False
         if self.if_given and not self.if_given & explicit:
             return False
@@ -60,6 +82,9 @@ class DatasetRecipe:
     train: Tuple[RecipeItem, ...] = field(default_factory=tuple)
 
 
+# a learning-rate item is not forced on another optimiser or on a --lr-base rule
+_LR_RULES = frozenset({'lr_base', 'lr_base_size', 'lr_base_scale', 'opt'})
+
 # flags that ask for training augmentation (each makes the recipe drop --no-aug)
 _AUGMENTATION = frozenset({'scale', 'ratio', 'hflip', 'vflip', 'color_jitter', 'aa', 'reprob', 'remode', 'recount',
                            'train_crop_mode', 'train_interpolation'})
@@ -77,11 +102,20 @@ DATASET_RECIPES: Dict[str, DatasetRecipe] = {
             RecipeItem(dict(hflip=0.0), if_given=_AUGMENTATION),
             RecipeItem(dict(color_jitter=0.0), if_given=_AUGMENTATION),
             RecipeItem(dict(train_interpolation='bilinear'), if_given=_AUGMENTATION),
-            RecipeItem(dict(epochs=10)),
+            RecipeItem(dict(epochs=10), fine_tune=False),
             RecipeItem(dict(warmup_epochs=0)),
             RecipeItem(dict(batch_size=64)),
-            RecipeItem(dict(lr=0.05), unless_given=frozenset({'lr_base', 'lr_base_size', 'lr_base_scale', 'opt'})),
-            RecipeItem(dict(weight_decay=5e-4)),
+            RecipeItem(dict(lr=0.05), unless_given=_LR_RULES, fine_tune=False),
+            RecipeItem(dict(weight_decay=5e-4), fine_tune=False),
+            # fine-tuning (AdvBN, SSAT stage 2, anything from a checkpoint): lr 0.05 for one epoch takes a
+            # 97.4% plain resnet10t to 90.2% under AdvBN; SGD 0.01, wd 1e-4 for 2 epochs keeps it (97.5%)
+            RecipeItem(dict(epochs=2), fine_tune=True),
+            RecipeItem(dict(lr=0.01), unless_given=_LR_RULES, except_methods=('ssat',), fine_tune=True),
+            RecipeItem(dict(weight_decay=1e-4), except_methods=('ssat',), fine_tune=True),
+            # SSAT stage 2: the official notebook's optimiser, Adam lr 1e-4, betas (0.8, 0.999), wd 1e-5
+            RecipeItem(dict(opt='adam', lr=1e-4, opt_betas=[0.8, 0.999]),
+                       unless_given=frozenset({'lr_base', 'lr_base_size', 'lr_base_scale'}), methods=('ssat',)),
+            RecipeItem(dict(weight_decay=1e-5), methods=('ssat',)),
             # 4,000 small images held in memory: loader processes cost more than they save
             RecipeItem(dict(workers=0)),
             RecipeItem(dict(adv_val_samples=200)),
@@ -148,9 +182,10 @@ def apply_dataset_recipe(args: argparse.Namespace, explicit: Iterable[str]) -> O
     if recipe is None:
         return None
     explicit = set(explicit)
+    fine_tuning = is_fine_tuning(args)
     applied = {}
     for item in recipe.train:
-        if item.applies(explicit, getattr(args, 'adv_method', 'none')):
+        if item.applies(explicit, getattr(args, 'adv_method', 'none'), fine_tuning):
             for dest, value in item.values.items():
                 value = value(args) if callable(value) else value
                 if value is not None:
@@ -159,8 +194,8 @@ def apply_dataset_recipe(args: argparse.Namespace, explicit: Iterable[str]) -> O
     return applied
 
 
-def format_recipe(name: str, applied: Dict[str, Any]) -> str:
-    """One start-up line listing the recipe's flags as the user would type them."""
+def format_recipe(name: str, applied: Dict[str, Any], fine_tuning: bool = False) -> str:
+    """One start-up line listing the recipe's flags as the user would type them (and saying it fine-tunes)."""
     def text(value):
         return f'{value:g}' if isinstance(value, float) else str(value)
 
@@ -170,9 +205,10 @@ def format_recipe(name: str, applied: Dict[str, Any]) -> str:
             return option
         return f'{option} {" ".join(map(text, value)) if isinstance(value, (list, tuple)) else text(value)}'
 
+    what = f'{name} (fine-tuning)' if fine_tuning else name
     if not applied:
-        return f'recipe for {name}: nothing applied, every recipe flag was given'
-    return f'recipe for {name}: {", ".join(flag(d, v) for d, v in applied.items())} (flags you give win)'
+        return f'recipe for {what}: nothing applied, every recipe flag was given'
+    return f'recipe for {what}: {", ".join(flag(d, v) for d, v in applied.items())} (flags you give win)'
 
 
 def available_cpus() -> int:

@@ -9,7 +9,8 @@ from .overfit_guard import (
     CO_ACTIONS, GuardRecord, OverfitGuard, add_overfit_guard_args, check_overfit_guard_args, create_overfit_guard,
     detect_collapse, guard_enabled,
 )
-from .knn import create_feature_model, create_knn_classifier, find_model_bank
+from .knn import (create_feature_model, create_knn_classifier, evaluate_knn_robustness, evaluate_robust_accuracy,
+                  find_model_bank, knn_attacks)
 from .bulk import list_bulk_models, run_with_retry, write_results
 from .labels import ClassMetrics, create_real_labels, dataset_filenames, read_valid_labels
 from .model_wrap import DtypeModel, wrap_eval_model

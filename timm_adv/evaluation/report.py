@@ -5,6 +5,8 @@ Report layout (every key optional)::
     {'model': str, 'dataset': str,
      'clean': {'top1', 'top5', 'samples'}, 'attack_subset_clean': {'top1', 'samples'},
      'pgd': [{'attack', 'eps', 'norm', 'steps', 'step_size', 'restarts', 'samples', 'top1'}, ...],
+     'knn_guided': [{'eps', 'steps', 'guides', 'samples', 'top1'}, ...],   # kNN models: the guided attack
+     'knn_worst': [{'eps', 'samples', 'top1'}, ...],   # kNN models: per-sample worst case, the robust figure
      'autoattack': {'version', 'attacks', 'norm', 'eps', 'samples', 'clean_top1', 'robust_top1', ...},
      'corruptions': {'source': 'folder' | 'generated', 'top1': {c: {s: acc}}, 'mean_top1', 'mce', ...},
      'shift': {name: {'top1', 'top5', 'samples', 'classes'}}}
@@ -45,6 +47,12 @@ def report_rows(report: Dict) -> List[Dict[str, str]]:
         if p.get('attack') != 'fgsm':
             setting += f', step={format_eps(p["step_size"])}, restarts={p.get("restarts", 1)}'
         rows.append(dict(evaluation=name, setting=setting, samples=p['samples'], top1=p['top1']))
+    for p in report.get('knn_guided', []):
+        rows.append(dict(evaluation=f'kNN-guided PGD-{p["steps"]}', setting=f'eps={format_eps(p["eps"])}, '
+                         f'{p["guides"]} guides', samples=p['samples'], top1=p['top1']))
+    for p in report.get('knn_worst', []):
+        rows.append(dict(evaluation='kNN worst case (per sample)', setting=f'eps={format_eps(p["eps"])}, soft-vote '
+                         f'PGD and guided', samples=p['samples'], top1=p['top1']))
     aa = report.get('autoattack')
     if aa:
         setting = f'{aa["version"]} ({", ".join(aa["attacks"])}), {aa["norm"]} eps={format_eps(aa["eps"])}'

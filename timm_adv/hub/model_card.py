@@ -116,7 +116,9 @@ def _knn_usage(folder: str, repo_id: str, meta: Mapping) -> str:
             f'knn = KNNClassifier(model, bank, k={k}, temperature={t})\n'
             'log_probs = knn(transform(img).unsqueeze(0))   # [1, classes]\n```\n',
             f'`python validate.py --model hf-hub:{repo_id} --knn --attack pgd` reports kNN top-1, clean, under PGD '
-            'through the soft vote and under the kNN-guided attack on the representation.\n']
+            'through the soft vote, under the kNN-guided attack on the representation, and under the per-sample '
+            'worst case of both (`knn_worst*_top1`), the robust accuracy to quote: PGD alone stalls where all '
+            'neighbours agree.\n']
     if names:
         text.append('Bank classes: ' + ', '.join(str(n) for n in names) + '.\n')
     return '\n'.join(text)

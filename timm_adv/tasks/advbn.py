@@ -132,7 +132,13 @@ class AdvBNTask(AuxBNStateMixin, AdversarialTask):
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
-        """Warns when not fine-tuning (the pixel-attack flags are refused by ``check_adv_args``: ``uses_args``)."""
+        """Refuses gradient checkpointing; warns when not fine-tuning (the pixel-attack flags are refused by
+        ``check_adv_args``: ``uses_args``)."""
+        if getattr(args, 'grad_checkpointing', False):
+            # a checkpointed segment is recomputed in the backward, outside the back-only pass that feeds the
+            # cut its (perturbed) feature: the gradients of the multipliers would be those of another graph
+            raise ValueError('--grad-checkpointing does not work with --adv-method advbn (the attack and training '
+                             'passes run only the layers after the cut); drop it, or lower --batch-size.')
         if not any(getattr(args, k, None) for k in ('pretrained', 'pretrained_path', 'initial_checkpoint', 'resume')):
             warnings.warn('--adv-method advbn without --pretrained (or --initial-checkpoint): the paper fine-tunes a '
                           'trained model for a few epochs; from random weights the frozen front stays random.',

@@ -3,10 +3,14 @@
 Chen et al. (ICASSP 2020) start from a self-supervised AMDIM encoder, which timm does not have; we
 pre-train any timm backbone with SimCLR-style InfoNCE instead. Per batch, two random views of every
 image are drawn on the device (:class:`~timm_adv.data.ViewAugment`: random resized crop, flip,
-brightness / contrast jitter, noise, in pixel space), both go through the backbone in one forward
+brightness / contrast / saturation / hue jitter, random grayscale, optional blur and noise, in pixel
+space; the colour defaults are SimCLR's CIFAR ones, no-ops on grey digits; ImageNet adds
+``--adv-contrastive-blur 0.5``), both go through the backbone in one forward
 (shared batch statistics) and a projection head, and the symmetric InfoNCE loss pulls each pair
 together against the other ``2B - 2`` views of the batch. Labels are not used; the per-epoch
-validation is the kNN of :class:`~timm_adv.tasks.representation.RepresentationTask`.
+validation is the kNN of :class:`~timm_adv.tasks.representation.RepresentationTask`. The loader's own
+augmentation is drawn once per image, before the task: with it on, both views are sub-crops of one
+crop under one colour jitter, so the task warns and asks for ``--no-aug``.
 """
 import argparse
 import logging
@@ -67,6 +71,15 @@ class ContrastiveTask(RepresentationTask):
                            help='contrastive: horizontal flip probability of each view; 0 for digits (default: 0.5)')
         group.add_argument('--adv-contrastive-jitter', type=float, default=0.4, metavar='J',
                            help='contrastive: brightness / contrast jitter of each view (default: 0.4)')
+        group.add_argument('--adv-contrastive-saturation', type=float, default=0.4, metavar='S',
+                           help='contrastive: saturation jitter of each RGB view (default: 0.4)')
+        group.add_argument('--adv-contrastive-hue', type=float, default=0.1, metavar='H',
+                           help='contrastive: hue jitter of each RGB view, in turns (default: 0.1)')
+        group.add_argument('--adv-contrastive-grayscale', type=float, default=0.2, metavar='P',
+                           help='contrastive: probability of a grayscale RGB view (default: 0.2)')
+        group.add_argument('--adv-contrastive-blur', type=float, default=0.0, metavar='P',
+                           help='contrastive: probability of a Gaussian blur of each view; 0.5 on ImageNet '
+                                '(default: 0)')
         group.add_argument('--adv-contrastive-noise', type=float, default=0.0, metavar='STD',
                            help='contrastive: Gaussian noise std added to each view, pixel units (default: 0)')
         group.add_argument('--adv-contrastive-proj-dim', type=bounded_type('--adv-contrastive-proj-dim', int, 1),
@@ -84,10 +97,16 @@ class ContrastiveTask(RepresentationTask):
     @classmethod
     def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'ContrastiveTask':
         check_label_free_args(args, 'contrastive')
+        if not getattr(args, 'no_aug', True):
+            _logger.warning('--adv-method contrastive with the loader\'s augmentation on: it is drawn once per image, '
+                            'so both views are sub-crops of one crop under one colour jitter. Pass --no-aug; the '
+                            'task draws the two views itself (--adv-contrastive-*).')
         augment = ViewAugment(scale=args.adv_contrastive_scale, hflip=args.adv_contrastive_hflip,
-                              jitter=args.adv_contrastive_jitter, noise_std=args.adv_contrastive_noise)
+                              jitter=args.adv_contrastive_jitter, noise_std=args.adv_contrastive_noise,
+                              saturation=args.adv_contrastive_saturation, hue=args.adv_contrastive_hue,
+                              grayscale=args.adv_contrastive_grayscale, blur=args.adv_contrastive_blur)
         return cls(model, bank_loader_from_args(args, model, device), args.num_classes, augment=augment, mean=mean,
-                   std=std, device=device, **cls.knn_kwargs(args))
+                   std=std, device=device, **cls.knn_kwargs(args, device))
 
     def ideal_cost(self) -> Dict[str, float]:
         return {'train_steps': 2.0, 'attack_passes': 0.0}  # one training step on the two views (2x batch)

@@ -5,11 +5,20 @@ kNN classifier reads them, through a feature bank of the training split that the
 (eval transform, fixed order) whenever the weights have changed since the last embedding: once per
 epoch in practice. The task's eval model is that :class:`~timm_adv.models.KNNClassifier`, so the
 training loop's per-epoch validation reports kNN top-1 (``top1``) and kNN top-1 under PGD through the
-kNN's soft vote (``pgd_top1``) without any change to the loop.
+kNN under attack (``pgd_top1``: the per-sample worst case of PGD through the soft vote and the
+kNN-guided attack, each also reported) without any change to the loop.
+
+At ImageNet scale the bank is the memory: ``--adv-knn-bank-dtype float16`` halves it, searches and guide
+selection run chunk by chunk, and under DDP each process embeds a shard of the split (gathered into
+one preallocated bank). Each training image's own bank entry is left out of its neighbours while
+training (``exclude_self``, found by the image's input key, not its drifting feature): with ``--no-aug``
+an image's nearest neighbour is itself, whose label would otherwise decide the label-free reference class
+of stage 2.
 """
 import argparse
 import logging
 import time
+from functools import partial
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -21,7 +30,8 @@ from timm.utils.model import unwrap_model
 from timm_adv.attacks import PixelNormalizer
 from timm_adv.data import create_bank_loader
 from timm_adv.layers import split_projection_head_state, strip_projection_head
-from timm_adv.models import KNN_BACKENDS, FeatureBank, KNNClassifier, build_feature_bank, check_knn_settings
+from timm_adv.models import (BANK_DTYPES, KNN_BACKENDS, KNN_VOTES, FeatureBank, KNNClassifier, build_feature_bank,
+                             check_knn_settings)
 from .arg_types import bounded_type
 from .base import AdversarialTask
 
@@ -30,7 +40,8 @@ __all__ = ['KNN_ARGS', 'RepresentationTask', 'add_knn_args', 'bank_loader_from_a
 _logger = logging.getLogger(__name__)
 
 #: Destinations of the kNN / InfoNCE flags that ``contrastive`` creates (:func:`add_knn_args`) and ``ssat`` reads too.
-KNN_ARGS = ('adv_knn_k', 'adv_knn_temperature', 'adv_knn_backend', 'adv_knn_bank_samples', 'adv_nce_temperature')
+KNN_ARGS = ('adv_knn_k', 'adv_knn_temperature', 'adv_knn_backend', 'adv_knn_bank_samples', 'adv_nce_temperature',
+            'adv_knn_vote', 'adv_knn_bank_dtype')
 
 
 def add_knn_args(group: argparse._ArgumentGroup) -> None:
@@ -41,6 +52,12 @@ def add_knn_args(group: argparse._ArgumentGroup) -> None:
                        help='contrastive, ssat: kNN vote weight exp(cos / T) (default: 0.07)')
     group.add_argument('--adv-knn-backend', choices=KNN_BACKENDS, default='torch',
                        help='contrastive, ssat: exact kNN search in torch or faiss-cpu (default: torch)')
+    group.add_argument('--adv-knn-vote', choices=KNN_VOTES, default='weighted',
+                       help="contrastive, ssat: similarity-weighted vote exp(cos / T), differentiable (PGD can attack "
+                            "it), or DkNN's unweighted count (default: weighted)")
+    group.add_argument('--adv-knn-bank-dtype', choices=tuple(BANK_DTYPES), default='float32',
+                       help='contrastive, ssat: storage dtype of the feature bank; similarities stay float32 '
+                            '(default: float32; float16 halves an ImageNet bank)')
     group.add_argument('--adv-knn-bank-samples', type=bounded_type('--adv-knn-bank-samples', int, 1), default=None,
                        metavar='N', help='contrastive, ssat: bank of N evenly spaced training images (default: all)')
     group.add_argument('--adv-nce-temperature', type=float, default=0.2, metavar='T',
@@ -78,7 +95,10 @@ class RepresentationTask(AdversarialTask):
         knn_k: kNN neighbours.
         knn_temperature: kNN vote temperature.
         knn_backend: ``torch`` or ``faiss``.
+        knn_vote: ``weighted`` or ``count``.
+        bank_dtype: Storage dtype of the feature bank.
         nce_temperature: InfoNCE temperature.
+        amp_autocast: Autocast context factory for the bank embedding (``--amp``).
     """
 
     default_bn_mode = 'eval'
@@ -97,7 +117,10 @@ class RepresentationTask(AdversarialTask):
             knn_k: int = 75,
             knn_temperature: float = 0.07,
             knn_backend: str = 'torch',
+            knn_vote: str = 'weighted',
+            bank_dtype: torch.dtype = torch.float32,
             nce_temperature: float = 0.2,
+            amp_autocast: Optional[Callable] = None,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
@@ -117,13 +140,16 @@ class RepresentationTask(AdversarialTask):
         self.knn_k = int(knn_k)
         self.knn_temperature = float(knn_temperature)
         self.knn_backend = knn_backend
+        self.knn_vote = knn_vote
+        self.bank_dtype = bank_dtype
+        self.amp_autocast = amp_autocast
         self.nce_temperature = float(nce_temperature)
         #: Training steps taken; a bank built at an older version is stale.
         self.weights_version = 0
         self.bank_refresh_seconds = []
         self._banks: Dict[bool, tuple] = {}
         self._knn: Dict[bool, KNNClassifier] = {}
-        check_knn_settings(self.knn_k, self.knn_temperature, self.knn_backend)
+        check_knn_settings(self.knn_k, self.knn_temperature, self.knn_backend, self.knn_vote)
 
     @classmethod
     def prepare_model(cls, model: nn.Module, args: Optional[argparse.Namespace] = None) -> nn.Module:
@@ -132,9 +158,17 @@ class RepresentationTask(AdversarialTask):
         return model
 
     @classmethod
-    def knn_kwargs(cls, args: argparse.Namespace) -> Dict[str, Any]:
+    def knn_kwargs(cls, args: argparse.Namespace, device: Optional[torch.device] = None) -> Dict[str, Any]:
+        autocast = None
+        if getattr(args, 'amp', False):  # the bank is embedded under --amp like the training forward
+            device_type = torch.device(device).type if device is not None else 'cpu'
+            dtype = torch.bfloat16 if getattr(args, 'amp_dtype', None) == 'bfloat16' or device_type == 'cpu' \
+                else torch.float16
+            autocast = partial(torch.autocast, device_type=device_type, dtype=dtype)
         return dict(knn_k=args.adv_knn_k, knn_temperature=args.adv_knn_temperature, knn_backend=args.adv_knn_backend,
-                    nce_temperature=args.adv_nce_temperature)
+                    knn_vote=getattr(args, 'adv_knn_vote', 'weighted'),
+                    bank_dtype=BANK_DTYPES[getattr(args, 'adv_knn_bank_dtype', 'float32')],
+                    nce_temperature=args.adv_nce_temperature, amp_autocast=autocast)
 
     @property
     def bank_loader(self):
@@ -153,24 +187,27 @@ class RepresentationTask(AdversarialTask):
         if cached is not None and cached[0] == self.weights_version:
             return cached[1]
         start = time.time()
-        bank = build_feature_bank(self.backbone(ema), self.bank_loader, self.num_classes, device=self.device)
+        bank = build_feature_bank(self.backbone(ema), self.bank_loader, self.num_classes, device=self.device,
+                                  amp_autocast=self.amp_autocast, dtype=self.bank_dtype)
         self.bank_refresh_seconds.append(time.time() - start)
         if len(bank) < self.knn_k:
             raise ValueError(f'--adv-knn-k {self.knn_k} is larger than the bank ({len(bank)} images); lower it or '
                              f'raise --adv-knn-bank-samples.')
         self._banks[ema] = (self.weights_version, bank)
         if self.verbose:
-            _logger.info(f'kNN bank{" (EMA)" if ema else ""}: {len(bank)} x {bank.dim} features embedded in '
-                         f'{self.bank_refresh_seconds[-1]:.1f}s')
+            _logger.info(f'kNN bank{" (EMA)" if ema else ""}: {len(bank)} x {bank.dim} {self.bank_dtype} features '
+                         f'({bank.nbytes / 2 ** 20:.1f} MiB) embedded in {self.bank_refresh_seconds[-1]:.1f}s')
         return bank
 
     def knn_classifier(self, ema: bool = False, bank: Optional[FeatureBank] = None) -> KNNClassifier:
-        """The kNN classifier over the (lazily refreshed) bank, or over ``bank`` when given."""
+        """The kNN classifier over the (lazily refreshed) bank; over ``bank`` when given, for training images,
+        whose own bank entry is excluded from their neighbours."""
         if bank is not None:
-            return KNNClassifier(self.backbone(ema), bank, self.knn_k, self.knn_temperature, self.knn_backend)
+            return KNNClassifier(self.backbone(ema), bank, self.knn_k, self.knn_temperature, self.knn_backend,
+                                 self.knn_vote, exclude_self=True)
         if ema not in self._knn:
             self._knn[ema] = KNNClassifier(self.backbone(ema), lambda: self.feature_bank(ema), self.knn_k,
-                                           self.knn_temperature, self.knn_backend)
+                                           self.knn_temperature, self.knn_backend, self.knn_vote)
         return self._knn[ema]
 
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:

@@ -4,11 +4,12 @@ Per batch, with the kNN feature bank embedded at the start of the epoch (the pap
 training set as the encoder changes; the official notebook does it every batch):
 
 1. reference class: the kNN's prediction on the clean image (stage 2 reads no labels; the
-   official notebook uses the training label, which equals it wherever the kNN is right);
+   official notebook uses the training label, which equals it wherever the kNN is right), the
+   image's own bank entry excluded from its neighbours (it would vote the true label);
 2. kNN-guided PGD against the representation (:class:`~timm_adv.attacks.KNNGuidedAttack`): ``m``
    guides of the nearest wrong class, maximise the log-sum-exp of cosines, random start, L-inf
    (STL-10 recipe: eps 0.03, 10 steps of 0.005); the attack sees eval-mode BN by default, as the
-   kNN does;
+   kNN does; ``--adv-ssat-guide-mode neighbours`` picks the guides as the official notebook does;
 3. keep the pairs whose adversarial image fools the kNN;
 4. loss: InfoNCE between the clean and the adversarial representation of the kept pairs (each the
    other's positive, every other view of the batch a negative), on the L2-normalised backbone
@@ -29,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm_adv.attacks import KNNGuidedAttack, PGDAttack, attack_bn_mode
+from timm_adv.attacks import GUIDE_MODES, KNNGuidedAttack, PGDAttack, attack_bn_mode
 from timm_adv.loss import info_nce
 from .arg_types import bounded_type
 from .registry import register_method
@@ -72,6 +73,9 @@ class SSATTask(RepresentationTask):
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
         group.add_argument('--adv-ssat-guides', type=bounded_type('--adv-ssat-guides', int, 1), default=300,
                            metavar='M', help='ssat: guide samples of the nearest wrong class per image (default: 300)')
+        group.add_argument('--adv-ssat-guide-mode', choices=GUIDE_MODES, default='class',
+                           help="ssat: guides nearest the image (class) or nearest the nearest wrong-class bank entry "
+                                "(neighbours, the official notebook's guide=2) (default: class)")
 
     @classmethod
     def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'SSATTask':
@@ -83,9 +87,10 @@ class SSATTask(RepresentationTask):
                             'weights. Pass the contrastive run with --pretrained --pretrained-path '
                             '<stage1>/last.pth.tar.')
         guided: PGDAttack = cls.attack_from_args(args, mean, std)
-        attack = KNNGuidedAttack(guided, num_guides=getattr(args, 'adv_ssat_guides', 300))
+        attack = KNNGuidedAttack(guided, num_guides=getattr(args, 'adv_ssat_guides', 300),
+                                 guide_mode=getattr(args, 'adv_ssat_guide_mode', 'class'))
         return cls(model, bank_loader_from_args(args, model, device), args.num_classes, attack, mean=mean, std=std,
-                   device=device, **cls.knn_kwargs(args))
+                   device=device, **cls.knn_kwargs(args, device))
 
     def on_epoch_start(self, epoch: int) -> None:
         """Re-embeds the bank the epoch's attacks are guided by (reused if the weights did not change)."""
