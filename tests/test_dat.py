@@ -208,6 +208,9 @@ def test_aux_bn_routes_dat_examples_through_auxiliary_bns(vqgan_dir):
     (['--adv-dat-vqgan', 'VQ', '--adv-dat-start-prob', '1.5'], '--adv-dat-start-prob must be in'),
     (['--adv-dat-vqgan', '/nonexistent/vqgan'], "--adv-dat-vqgan '/nonexistent/vqgan'"),
     (['--adv-dat-vqgan', 'VQ', '--img-size', '30'], 'downsamples by 4, which does not divide the input size 30x30'),
+    (['--adv-dat-vqgan', 'VQ', '--adv-attack-amp'], '--adv-attack-amp runs the attack under the --amp autocast, but '
+                                                     '--amp is off'),
+    (['--adv-method', 'none', '--amp', '--adv-attack-amp'], '--adv-attack-amp does nothing with --adv-method none'),
     (['--adv-method', 'pgd', '--adv-dat-aux-bn'], '--adv-dat-aux-bn/--no-adv-dat-aux-bn does nothing with --adv-method pgd; it applies to dat'),
 ])
 def test_bad_input_fails_before_any_work(argv, message, vqgan_dir, tmp_path, capsys):
