@@ -109,17 +109,58 @@ def test_weights_that_do_not_fit_the_config_fail_naming_both(saved, tmp_path):
         create_vqgan(str(tmp_path / 'cut.ckpt'), config=os.path.join(saved, 'config.yaml'))
 
 
-def test_pickled_objects_need_explicit_trust(saved, images, tmp_path):
+class LightningCallback:
+    """Stands for the ``pytorch_lightning`` objects a Lightning ``.ckpt`` pickles beside the weights."""
+    restored = False
+
+    def __setstate__(self, state):
+        LightningCallback.restored = True
+
+
+class RunsCode:
+    def __reduce__(self):
+        return os.system, ('true',)
+
+
+def test_training_objects_load_inert_and_code_needs_explicit_trust(saved, images, tmp_path):
+    """A Lightning checkpoint loads without unsafe_pickle (its objects never built); code-running pickles refuse."""
     state = create_vqgan(saved).model.state_dict()
-    torch.save({'state_dict': state, 'hparams': argparse.Namespace(lr=1.0)}, tmp_path / 'pl.ckpt')
     config = os.path.join(saved, 'config.yaml')
+    torch.save({'state_dict': state, 'hparams': argparse.Namespace(lr=1.0), 'callbacks': {'cb': LightningCallback()}},
+               tmp_path / 'pl.ckpt')
+    vq = create_vqgan(str(tmp_path / 'pl.ckpt'), config=config)
+    assert not LightningCallback.restored
+    assert torch.equal(vq.reconstruct(images), create_vqgan(saved).reconstruct(images))
+    torch.save({'state_dict': state, 'x': RunsCode()}, tmp_path / 'code.ckpt')
     with pytest.raises(ValueError, match='unsafe_pickle=True'):
-        create_vqgan(str(tmp_path / 'pl.ckpt'), config=config)
-    vq = create_vqgan(str(tmp_path / 'pl.ckpt'), config=config, unsafe_pickle=True)
+        create_vqgan(str(tmp_path / 'code.ckpt'), config=config)
+
+
+def test_preset_reads_its_cache_folder_and_says_what_goes_where(saved, images, tmp_path, monkeypatch, capsys):
+    from timm_adv.vqgan import VQGAN_PRESETS, preset_folder
+    from timm_adv.vqgan.__main__ import main
+    monkeypatch.setenv('TIMM_ADV_HOME', str(tmp_path / 'home'))
+    tiny = dict(params=create_vqgan(saved).config.params(), weights='https://example.org/tiny.zip',
+                files=('model.safetensors', 'model.ckpt'))
+    monkeypatch.setitem(VQGAN_PRESETS, 'tiny-f2', tiny)
+    folder = tmp_path / 'home' / 'vqgan' / 'tiny-f2'
+    assert preset_folder('tiny-f2') == str(folder)
+    with pytest.raises(ValueError) as e:
+        create_vqgan('tiny-f2')
+    message = str(e.value)
+    assert str(folder) in message and 'https://example.org/tiny.zip' in message
+    assert f'python -m timm_adv.vqgan convert <file.ckpt> --config tiny-f2' in message
+    assert '--adv-dat-vqgan-config tiny-f2' in message
+    torch.save({'state_dict': create_vqgan(saved).model.state_dict()}, tmp_path / 'download.ckpt')
+    main(['convert', str(tmp_path / 'download.ckpt'), '--config', 'tiny-f2'])  # --out: the preset's folder
+    assert sorted(os.listdir(folder)) == ['config.yaml', 'model.safetensors']
+    vq = create_vqgan('tiny-f2')
+    assert vq.weights == str(folder / 'model.safetensors')
     assert torch.equal(vq.reconstruct(images), create_vqgan(saved).reconstruct(images))
 
 
-def test_bad_sources_fail_clearly(tmp_path, saved):
+def test_bad_sources_fail_clearly(tmp_path, saved, monkeypatch):
+    monkeypatch.setenv('TIMM_ADV_HOME', str(tmp_path))  # no vq-f8 weights in its cache folder
     with pytest.raises(ValueError, match='Unknown VQGAN'):
         create_vqgan('vq-f9')
     with pytest.raises(ValueError, match='ommer-lab.com'):

@@ -41,9 +41,10 @@ _logger = logging.getLogger(__name__)
 #: ``--adv-dat-*`` flags and their defaults, the official behaviour (channels_last only changes speed, and the
 #: result up to float rounding); also used for namespaces built without the DAT flags.
 DAT_FLAG_DEFAULTS: Dict[str, Any] = dict(
-    adv_dat_vqgan=None, adv_dat_start_prob=0.8, adv_dat_start_on_sphere=True, adv_dat_clean_weight=1.0,
-    adv_dat_weight=1.0, adv_dat_aux_bn=False, adv_dat_vqgan_bf16=False, adv_dat_vqgan_channels_last=True,
-    adv_dat_vqgan_compile=False,
+    adv_dat_vqgan=None, adv_dat_vqgan_config=None, adv_dat_start_prob=0.8, adv_dat_start_on_sphere=True,
+    adv_dat_clean_weight=1.0, adv_dat_weight=1.0, adv_dat_aux_bn=False, adv_dat_vqgan_bf16=False,
+    adv_dat_vqgan_channels_last=None, adv_dat_vqgan_compile=False, adv_dat_vqgan_chunk=0,
+    adv_dat_vqgan_memory_gb=None,
 )
 _VQGAN_HELP = '<preset | folder | file | hf-hub:org/name | local-dir:folder>'
 
@@ -54,15 +55,30 @@ def _dat_setting(args: argparse.Namespace, dest: str):
 
 
 @functools.lru_cache(maxsize=1)
-def _load_vqgan(spec: str, bf16: bool, channels_last: bool, compile: bool) -> nn.Module:
+def _load_vqgan(spec: str, config: Optional[str], bf16: bool, compile: bool) -> nn.Module:
     # prepare_model checks it before any data is read and from_args uses it: load the weights once;
     # imported here so that other methods never import taming
     from timm_adv.vqgan import create_vqgan
     try:
-        vqgan = create_vqgan(spec, bf16=bf16, channels_last=channels_last)
+        vqgan = create_vqgan(spec, config=config, bf16=bf16)
     except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f'--adv-dat-vqgan {spec!r}: {e}') from None
+        flags = f'--adv-dat-vqgan {spec!r}' + (f' --adv-dat-vqgan-config {config!r}' if config else '')
+        raise ValueError(f'{flags}: {e}') from None
     return compile_vqgan(vqgan) if compile else vqgan
+
+
+def _vqgan_chunk(args: argparse.Namespace, vqgan: nn.Module, input_size, device: torch.device) -> Optional[int]:
+    """``--adv-dat-vqgan-chunk``, or (0) the chunk whose estimated activations fit the memory budget."""
+    from timm_adv.vqgan.memory import chunk_for_budget, default_memory_budget, vqgan_activation_bytes
+    chunk = _dat_setting(args, 'adv_dat_vqgan_chunk')
+    if chunk:
+        return int(chunk)
+    gb = _dat_setting(args, 'adv_dat_vqgan_memory_gb')
+    budget = gb * 2 ** 30 if gb else default_memory_budget(device)
+    if budget is None:
+        return None
+    per_image = vqgan_activation_bytes(vqgan.config, input_size[-2], input_size[-1], 2 if vqgan.bf16 else 4)
+    return chunk_for_budget(per_image, budget)
 
 
 def _vqgan_identity(vqgan: nn.Module) -> Dict[str, Any]:
@@ -124,14 +140,20 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
         self.vqgan_identity = _vqgan_identity(augment.vqgan)
         if verbose:
             _logger.info(f'DAT: VQGAN {self.vqgan_identity.get("source", "?")} (f={self.vqgan_identity.get("downsample_factor")}, '
-                         f'{self.vqgan_identity.get("n_embed")} codes), attack {augment.attack!r}, loss '
+                         f'{self.vqgan_identity.get("n_embed")} codes, channels_last {self.vqgan_identity.get("channels_last")}, '
+                         f'chunk {self.vqgan_identity.get("chunk_size") or "whole batch"}), attack {augment.attack!r}, loss '
                          f'{clean_weight:g} * CE(clean) + {dat_weight:g} * CE(DAT){", DAT through auxiliary BNs" if aux_bn else ""}.')
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
         d = DAT_FLAG_DEFAULTS
         group.add_argument('--adv-dat-vqgan', default=d['adv_dat_vqgan'], metavar='VQGAN',
-                           help=f'dat: the VQGAN discretiser, {_VQGAN_HELP} (required by --adv-method dat)')
+                           help=f'dat: the VQGAN discretiser, {_VQGAN_HELP} (required by --adv-method dat); a preset '
+                                f'(vq-f8) reads its weights from $TIMM_ADV_HOME/vqgan/<preset>/ (default '
+                                f'~/.cache/timm_adv/vqgan/<preset>/)')
+        group.add_argument('--adv-dat-vqgan-config', default=d['adv_dat_vqgan_config'], metavar='CONFIG',
+                           help='dat: architecture of a bare weights file given to --adv-dat-vqgan (a .ckpt without a '
+                                'config beside it): a preset (vq-f8) or a taming / latent-diffusion yaml')
         group.add_argument('--adv-dat-start-prob', type=float, default=d['adv_dat_start_prob'], metavar='P',
                            help='dat: probability (one draw per batch) of the random start (default: 0.8)')
         group.add_argument('--adv-dat-start-on-sphere', action=argparse.BooleanOptionalAction,
@@ -152,12 +174,23 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
                                 'bf16 units, slow elsewhere (default: fp32, as the official code)')
         group.add_argument('--adv-dat-vqgan-channels-last', action=argparse.BooleanOptionalAction,
                            default=d['adv_dat_vqgan_channels_last'],
-                           help='dat: run the VQGAN in channels_last memory format; on CPU 1.8x faster for a tiny VQGAN, '
-                                'no gain measured for the digits one (benchmarks/dat_cost.py) (default: on)')
+                           help='dat: run the VQGAN in channels_last memory format; on CPU 1.8x faster for a tiny VQGAN '
+                                '(benchmarks/dat_cost.py); on CUDA its GroupNorms may convert formats and no GPU '
+                                'measurement says it helps (default: on for CPU, off for CUDA)')
         group.add_argument('--adv-dat-vqgan-compile', action=argparse.BooleanOptionalAction,
                            default=d['adv_dat_vqgan_compile'],
-                           help='dat: torch.compile the VQGAN encoder and decoder: faster passes after minutes of '
-                                'compilation (again for each new batch shape), worth it for long runs (default: off)')
+                           help='dat: torch.compile the VQGAN encoder and decoder once (every pass padded to the chunk '
+                                'size, so the varying count of re-decoded samples does not recompile): faster passes '
+                                'after minutes of compilation, worth it for long runs (default: off)')
+        group.add_argument('--adv-dat-vqgan-chunk', type=bounded_type('--adv-dat-vqgan-chunk', int, 0),
+                           default=d['adv_dat_vqgan_chunk'], metavar='N',
+                           help='dat: images per VQGAN encoder / decoder pass (its activations take about 0.2 GB per '
+                                '224 px image in fp32); 0 picks the largest chunk within --adv-dat-vqgan-memory-gb '
+                                '(default: 0)')
+        group.add_argument('--adv-dat-vqgan-memory-gb', type=bounded_type('--adv-dat-vqgan-memory-gb', float, 0),
+                           default=d['adv_dat_vqgan_memory_gb'], metavar='GB',
+                           help='dat: memory budget of the VQGAN passes for the automatic chunk (default: a quarter '
+                                'of the GPU; on CPU the whole batch at once)')
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
@@ -169,6 +202,9 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
             raise ValueError(f'--adv-dat-start-prob must be in [0, 1], got {prob}.')
         if not _dat_setting(args, 'adv_dat_weight') > 0:
             raise ValueError('--adv-dat-weight must be > 0 (--adv-method none trains without DAT examples).')
+        if _dat_setting(args, 'adv_dat_vqgan_chunk') and _dat_setting(args, 'adv_dat_vqgan_memory_gb'):
+            raise ValueError('--adv-dat-vqgan-memory-gb sets the automatic chunk, which --adv-dat-vqgan-chunk N '
+                             'replaces: drop one of them.')
 
     @classmethod
     def prepare_model(cls, model: nn.Module, args: Optional[argparse.Namespace] = None) -> nn.Module:
@@ -187,17 +223,30 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
         return model
 
     @classmethod
-    def create_vqgan(cls, args: argparse.Namespace, device: Optional[torch.device] = None) -> nn.Module:
-        """The frozen VQGAN named by ``--adv-dat-vqgan`` (loaded once per process), errors naming the flag."""
+    def create_vqgan(cls, args: argparse.Namespace, device: Optional[torch.device] = None,
+                     input_size=None) -> nn.Module:
+        """The frozen VQGAN named by ``--adv-dat-vqgan`` (loaded once per process), errors naming the flag.
+
+        With ``device`` it is moved there in the memory format measured faster on that device (unless
+        ``--adv-dat-vqgan-channels-last`` says otherwise); with ``input_size`` its chunk is set too.
+        """
         cls.check_args(args)
-        vqgan = _load_vqgan(args.adv_dat_vqgan, _dat_setting(args, 'adv_dat_vqgan_bf16'),
-                            _dat_setting(args, 'adv_dat_vqgan_channels_last'), _dat_setting(args, 'adv_dat_vqgan_compile'))
-        return vqgan.to(device) if device is not None else vqgan
+        vqgan = _load_vqgan(args.adv_dat_vqgan, _dat_setting(args, 'adv_dat_vqgan_config'),
+                            _dat_setting(args, 'adv_dat_vqgan_bf16'), _dat_setting(args, 'adv_dat_vqgan_compile'))
+        if device is None:
+            return vqgan
+        device = torch.device(device)
+        channels_last = _dat_setting(args, 'adv_dat_vqgan_channels_last')
+        vqgan.set_channels_last(device.type == 'cpu' if channels_last is None else channels_last)
+        if input_size is not None:
+            vqgan.chunk_size = _vqgan_chunk(args, vqgan, input_size, device)
+        return vqgan.to(device)
 
     @classmethod
     def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'DATTask':
-        vqgan = cls.create_vqgan(args, device)
-        check_vqgan_input_size(vqgan, resolve_data_config(vars(args), model=model)['input_size'])
+        input_size = resolve_data_config(vars(args), model=model)['input_size']
+        vqgan = cls.create_vqgan(args, device or torch.device('cpu'), input_size)
+        check_vqgan_input_size(vqgan, input_size)
         attack = cls.attack_from_args(
             args, mean, std, start_prob=_dat_setting(args, 'adv_dat_start_prob'),
             start_on_sphere=_dat_setting(args, 'adv_dat_start_on_sphere'))

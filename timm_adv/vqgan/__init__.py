@@ -6,5 +6,7 @@
 """
 from .config import VQGAN_PRESETS, VQGANConfig, list_vqgan_presets, load_vqgan_config
 from .discretizer import VQGANDiscretizer, compare_precision
-from .factory import CONFIG_FILE, WEIGHTS_FILE, create_vqgan, load_vqgan_weights, save_vqgan
+from .factory import (
+    CONFIG_FILE, WEIGHTS_FILE, create_vqgan, load_vqgan_weights, preset_folder, save_vqgan, vqgan_home,
+)
 from .model import VQModel
