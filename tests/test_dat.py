@@ -110,6 +110,52 @@ def test_attack_leaves_vqgan_and_model_gradients_alone(vqgan):
     assert all(not p.requires_grad and p.grad is None for p in vqgan.parameters())
 
 
+def _official_l2_attack(model, x_rec, soft_target, noise, eps=0.1, step=0.1):
+    """The official DAT attack (one L2 step, no best-of selection), written from its description: optional random
+    start ``x + eps * n / (||n|| + 1e-10)`` clamped to [0, 1], the normalised gradient of the mean soft-target CE
+    at that point, then ``renorm`` of the difference to eps and a clamp to [0, 1]."""
+    x = x_rec if noise is None else (x_rec + eps * noise / (noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-10))
+    x = x.clamp(0, 1).detach().requires_grad_(True)
+    loss = torch.sum(-soft_target * F.log_softmax(model(_normalise(x)), dim=-1), dim=-1).mean()
+    grad, = torch.autograd.grad(loss, x)
+    x = x.detach() + step * grad / (grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-10)
+    diff = (x - x_rec).renorm(p=2, dim=0, maxnorm=eps)
+    return (x_rec + diff).clamp(0, 1)
+
+
+@pytest.mark.parametrize('start', [True, False])
+def test_dat_example_equals_an_independent_official_attack(vqgan, start):
+    model = _model().train()
+    x_pix, y = _digits(8)
+    soft = F.one_hot(y, 10).float() * 0.9 + 0.01
+    augment = DiscreteAdversarialAugment(vqgan, _attack(start_prob=1.0 if start else 0.0))
+    torch.manual_seed(11)
+    out = augment.generate(model, _normalise(x_pix), soft)
+    x_rec = vqgan.reconstruct(x_pix)
+    torch.manual_seed(11)  # the same normal noise for the start
+    x_adv = _official_l2_attack(model, x_rec, soft, torch.randn_like(x_rec) if start else None)
+    expected = vqgan.reconstruct(x_adv)
+    assert torch.equal(vqgan.encode(_pixels(out.images).clamp(0, 1)), vqgan.encode(expected))
+    assert torch.allclose(_pixels(out.images), expected, atol=1e-5)
+
+
+def test_dat_step_reads_nothing_back_but_the_decode_count(vqgan, monkeypatch):
+    """No .item() / bool() / float() of a tensor in a DAT step (each a device sync on GPU); the one sync left is
+    the count of samples to decode again."""
+    model = _model().train()
+    x_pix, y = _digits(8)
+    task = DATTask(model, nn.CrossEntropyLoss(), DiscreteAdversarialAugment(vqgan, _attack(start_prob=1.0)),
+                   verbose=False)
+    reads = []
+    for name in ('__bool__', 'item', '__float__', '__int__', 'tolist'):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _n=name, _o=original: reads.append(_n) or _o(t, *a))
+    out = task(_normalise(x_pix), y)
+    assert reads == []
+    monkeypatch.undo()
+    assert out['dat_samples_changed'] > 0
+
+
 @pytest.fixture(scope='module')
 def digit_classifier():
     """A softmax-regression digit classifier (normalised input): trained, confident, cheap."""

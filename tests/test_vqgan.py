@@ -221,6 +221,66 @@ def test_bf16_channels_last_and_describe(saved, images):
     assert yaml.safe_load(yaml.safe_dump(desc)) == desc  # plain types: fits a checkpoint's task state
 
 
+def test_quantiser_in_fp32_under_bf16_and_channels_last_reaches_the_output(saved, images):
+    """Under a bf16 autocast (the VQGAN's own or the training's) codebook distances stay fp32; with channels_last
+    every encoder / decoder layer runs in it and the decoded images come out in it."""
+    vq = create_vqgan(saved, bf16=True, channels_last=True)
+    seen = {'quantize': set(), 'conv_in': set()}
+    vq.model.quantize.register_forward_pre_hook(lambda m, a: seen['quantize'].add(a[0].dtype))
+    for name in ('encoder', 'decoder'):
+        conv = getattr(vq.model, name).conv_out
+        conv.register_forward_pre_hook(lambda m, a: seen['conv_in'].add(a[0].is_contiguous(
+            memory_format=torch.channels_last)))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = vq.reconstruct(images)
+    assert seen == {'quantize': {torch.float32}, 'conv_in': {True}}
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    vq.set_channels_last(False)
+    assert vq.reconstruct(images).is_contiguous()
+
+
+def test_chunked_passes_equal_the_whole_batch_and_bound_memory(saved):
+    from timm_adv.vqgan import chunk_for_budget, peak_memory_bytes, vqgan_activation_bytes
+    torch.manual_seed(2)
+    x = torch.rand(6, 3, 32, 32)
+    whole = create_vqgan(saved)
+    codes, rec = whole.encode(x), whole.reconstruct(x)
+    chunked = create_vqgan(saved, chunk_size=4)
+    chunked.static_batch = True  # the last chunk of 2 padded to 4, as a compiled VQGAN runs it
+    assert torch.equal(chunked.encode(x), codes) and torch.allclose(chunked.reconstruct(x), rec, atol=1e-5)
+    est = vqgan_activation_bytes(whole.config, 32, 32)
+    cpu = torch.device('cpu')
+    by_chunk = {n: create_vqgan(saved, chunk_size=n) for n in (1, 6)}
+    measured = {n: peak_memory_bytes(lambda: vq.encode(x), cpu) for n, vq in by_chunk.items()}
+    assert measured[1] < measured[6] / 2  # the encoder's kept activations scale with the chunk
+    per_image = peak_memory_bytes(lambda: whole.encode(x), cpu) / 6
+    assert 0.5 < est['encode'] / per_image < 2.0, (est, per_image)
+    assert chunk_for_budget(est, 10.5 * max(est.values())) == 10 and chunk_for_budget(est, 1) == 1
+
+
+def test_compiled_vqgan_compiles_once_whatever_the_batch(saved):
+    """DAT decodes a different number of samples each step: after the first batch nothing recompiles."""
+    from timm_adv.augment import compile_vqgan
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(tuple(t.shape[0] for t in example_inputs if torch.is_tensor(t) and t.ndim == 4))
+        return gm.forward
+    torch._dynamo.reset()
+    vq = compile_vqgan(create_vqgan(saved), backend=counting_backend)
+    torch.manual_seed(3)
+    x = torch.rand(4, 3, 16, 16)
+    reference = create_vqgan(saved)
+    codes = vq.encode(x)
+    vq.decode(codes)
+    warm = len(graphs)
+    for n in (1, 3, 4, 2):
+        assert torch.equal(vq.encode(x[:n]), reference.encode(x[:n]))
+        assert torch.allclose(vq.decode(codes[:n]), reference.decode(codes[:n]), atol=1e-5)
+    assert warm >= 2 and len(graphs) == warm and vq.chunk_size == 4
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------- fit
 
 def _fit_args(out, *extra):

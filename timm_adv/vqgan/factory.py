@@ -203,7 +203,8 @@ def _hub_folder(repo: str) -> str:
 
 def create_vqgan(name_or_path: str, device: Optional[Union[str, torch.device]] = None, *,
                  config: Optional[str] = None, checkpoint_path: Optional[str] = None, pretrained: bool = True,
-                 bf16: bool = False, channels_last: bool = False, unsafe_pickle: bool = False) -> VQGANDiscretizer:
+                 bf16: bool = False, channels_last: bool = False, unsafe_pickle: bool = False,
+                 chunk_size: Optional[int] = None) -> VQGANDiscretizer:
     """Creates a frozen ``VQGANDiscretizer``.
 
     Args:
@@ -218,8 +219,9 @@ def create_vqgan(name_or_path: str, device: Optional[Union[str, torch.device]] =
             random weights (benchmarks).
         bf16: Encoder/decoder under bf16 autocast (quantiser stays fp32).
         channels_last: Encoder/decoder in channels_last memory format.
-        unsafe_pickle: Allow ``torch.load(weights_only=False)`` for trusted Lightning checkpoints that
-            hold pickled training objects.
+        unsafe_pickle: Allow ``torch.load(weights_only=False)`` for trusted checkpoints whose pickled
+            objects weights-only loading refuses even as placeholders.
+        chunk_size: Images per encoder / decoder pass (None: the whole batch).
 
     Raises:
         ValueError: Unknown name, missing files, unreadable weights, weights that do not fit the config.
@@ -251,7 +253,7 @@ def create_vqgan(name_or_path: str, device: Optional[Union[str, torch.device]] =
     model = VQModel(load_vqgan_config(config_path))
     sha = load_vqgan_weights(model, weights, unsafe_pickle) if weights else None
     vq = VQGANDiscretizer(model, source=source, weights=os.path.abspath(weights) if weights else None,
-                          weights_sha256=sha, bf16=bf16, channels_last=channels_last)
+                          weights_sha256=sha, bf16=bf16, channels_last=channels_last, chunk_size=chunk_size)
     return vq.to(device) if device is not None else vq
 
 
