@@ -227,6 +227,27 @@ def test_loss_weights_and_running_stats(vqgan):
         DATTask(model, nn.CrossEntropyLoss(), task.augment, dat_weight=0.0)
 
 
+def test_official_bn_updates_in_the_official_order(vqgan_dir):
+    """--adv-dat-official-bn: clean, attack, the attack's final forward, DAT; four BN updates, the DAT batch last."""
+    args = _args('--adv-dat-vqgan', vqgan_dir, '--adv-dat-official-bn')
+    model = _model().train()
+    task = DATTask.from_args(model, nn.CrossEntropyLoss(), args, mean=MEAN, std=STD)
+    assert task.attack.bn_mode == 'train_update'
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.momentum = None  # cumulative average: running_mean = mean of the batch means it saw
+    bn.reset_running_stats()
+    inputs = []
+    model.register_forward_pre_hook(lambda m, a: inputs.append((a[0].detach().clone(), torch.is_grad_enabled())))
+    batch_means = []
+    bn.register_forward_pre_hook(lambda m, a: batch_means.append(a[0].detach().mean((0, 2, 3))))
+    x, y = _normalise(_digits(8)[0]), _digits(8)[1]
+    task(x, y)['loss'].backward()
+    assert bn.num_batches_tracked.item() == 4 and len(inputs) == 4
+    assert torch.equal(inputs[0][0], x) and inputs[0][1]           # clean first, in the training graph
+    assert inputs[1][1] and not inputs[2][1] and inputs[3][1]      # attack, final forward (no grad), DAT
+    assert torch.allclose(bn.running_mean, torch.stack(batch_means).mean(0), atol=1e-5)
+
+
 def test_aux_bn_routes_dat_examples_through_auxiliary_bns(vqgan_dir):
     args = _args('--adv-dat-vqgan', vqgan_dir, '--adv-dat-aux-bn')
     model = DATTask.prepare_model(_model(), args)
@@ -256,6 +277,8 @@ def test_aux_bn_routes_dat_examples_through_auxiliary_bns(vqgan_dir):
     (['--adv-dat-vqgan', 'VQ', '--img-size', '30'], 'downsamples by 4, which does not divide the input size 30x30'),
     (['--adv-dat-vqgan', 'VQ', '--adv-attack-amp'], '--adv-attack-amp runs the attack under the --amp autocast, but '
                                                      '--amp is off'),
+    (['--adv-dat-vqgan', 'VQ', '--adv-dat-official-bn', '--adv-bn-mode', 'train'],
+     '--adv-dat-official-bn runs the attack in --adv-bn-mode train_update'),
     (['--adv-method', 'none', '--amp', '--adv-attack-amp'], '--adv-attack-amp does nothing with --adv-method none'),
     (['--adv-method', 'pgd', '--adv-dat-aux-bn'], '--adv-dat-aux-bn/--no-adv-dat-aux-bn does nothing with --adv-method pgd; it applies to dat'),
 ])

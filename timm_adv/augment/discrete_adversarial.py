@@ -38,10 +38,12 @@ class DiscreteAdversarialBatch(NamedTuple):
         code_change: Fraction of code positions where ``x_dat``'s codes differ from the clean image's
             (``[]`` tensor); the reconstruction alone moves some, since a VQGAN is not idempotent.
         samples_changed: Fraction of samples with at least one such code, i.e. decoded twice (``[]`` tensor).
+        attacked: The attack's result ``x_rec + delta`` in pixels, before the second reconstruction.
     """
     images: torch.Tensor
     code_change: torch.Tensor
     samples_changed: torch.Tensor
+    attacked: torch.Tensor
 
 
 def check_vqgan_input_size(vqgan: nn.Module, input_size, flag: str = '--adv-dat-vqgan') -> None:
@@ -128,10 +130,10 @@ class DiscreteAdversarialAugment:
         with self._vqgan_context(x):
             codes = self.vqgan.encode(x_pix, check_range=False)
             x_rec = self.vqgan.decode(codes, check_range=False).float()
-        delta = self.attack.perturb(model, x_rec, target)
+        # re-clamped: (x_rec + delta) can exceed [0, 1] by a rounding error after the attack's projection
+        attacked = (x_rec + self.attack.perturb(model, x_rec, target)).clamp(0.0, 1.0)
         with self._vqgan_context(x):
-            # re-clamped: (x_rec + delta) can exceed [0, 1] by a rounding error after the attack's projection
-            adv_codes = self.vqgan.encode((x_rec + delta).clamp(0.0, 1.0), check_range=False)
+            adv_codes = self.vqgan.encode(attacked, check_range=False)
             diff = adv_codes != codes
             changed = diff.flatten(1).any(dim=1)
             index = changed.nonzero().squeeze(1)  # the step's one host sync: how many samples to decode
@@ -144,7 +146,7 @@ class DiscreteAdversarialAugment:
         images = self.normalizer.from_pixel(x_dat).to(dtype=x.dtype)
         if x.is_contiguous(memory_format=torch.channels_last):
             images = images.contiguous(memory_format=torch.channels_last)
-        return DiscreteAdversarialBatch(images, diff.float().mean(), changed.float().mean())
+        return DiscreteAdversarialBatch(images, diff.float().mean(), changed.float().mean(), attacked)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Discrete adversarial images, in the same space, shape and dtype as ``x``, detached."""

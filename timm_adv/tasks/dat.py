@@ -44,7 +44,7 @@ DAT_FLAG_DEFAULTS: Dict[str, Any] = dict(
     adv_dat_vqgan=None, adv_dat_vqgan_config=None, adv_dat_start_prob=0.8, adv_dat_start_on_sphere=True,
     adv_dat_clean_weight=1.0, adv_dat_weight=1.0, adv_dat_aux_bn=False, adv_dat_vqgan_bf16=False,
     adv_dat_vqgan_channels_last=None, adv_dat_vqgan_compile=False, adv_dat_vqgan_chunk=0,
-    adv_dat_vqgan_memory_gb=None,
+    adv_dat_vqgan_memory_gb=None, adv_dat_official_bn=False,
 )
 _VQGAN_HELP = '<preset | folder | file | hf-hub:org/name | local-dir:folder>'
 
@@ -103,6 +103,8 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
         clean_weight: Weight of the clean loss (0 trains on the DAT batch only).
         dat_weight: Weight of the DAT loss.
         aux_bn: Route the DAT examples (attack and loss) through the auxiliary BNs.
+        official_bn: Update BN running statistics as the official code does (see :meth:`forward`); the attack
+            must then run in ``train_update`` BN mode.
 
     Example:
         >>> attack = create_attack(0.1, steps=1, step_size=0.1, norm='l2', bn_mode='train', start_prob=0.8,
@@ -122,6 +124,7 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
             clean_weight: float = 1.0,
             dat_weight: float = 1.0,
             aux_bn: bool = False,
+            official_bn: bool = False,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
@@ -133,7 +136,12 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
         if aux_bn and not dual_bn_layers(self.unwrapped_model):
             raise ValueError('DATTask(aux_bn=True) needs a model with auxiliary BNs; convert it with '
                              'DATTask.prepare_model (or timm_adv.layers.convert_dual_bn) first.')
+        if official_bn and (aux_bn or augment.attack.bn_mode != 'train_update' or not clean_weight > 0):
+            raise ValueError('--adv-dat-official-bn reproduces the official BN updates: it needs the attack in '
+                             '--adv-bn-mode train_update, a clean loss (--adv-dat-clean-weight > 0) and no '
+                             '--adv-dat-aux-bn.')
         self.augment = augment
+        self.official_bn = official_bn
         self.clean_weight = float(clean_weight)
         self.dat_weight = float(dat_weight)
         self.aux_bn = aux_bn
@@ -168,6 +176,12 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
                            default=d['adv_dat_aux_bn'],
                            help='dat: route the DAT examples through auxiliary BatchNorms (AdvProp-style), dropped '
                                 'at export (default: off)')
+        group.add_argument('--adv-dat-official-bn', action=argparse.BooleanOptionalAction,
+                           default=d['adv_dat_official_bn'],
+                           help='dat: update BatchNorm running statistics as the official code: clean forward, attack '
+                                'forward, the attack\'s final forward, DAT forward (4 updates, the DAT batch last; one '
+                                'more forward, and the clean graph is held while the VQGAN runs); default: DAT then '
+                                'clean, 2 updates, running statistics untouched by the attack')
         group.add_argument('--adv-dat-vqgan-bf16', action=argparse.BooleanOptionalAction,
                            default=d['adv_dat_vqgan_bf16'],
                            help='dat: run the VQGAN encoder/decoder under bf16 autocast; fast on GPUs and CPUs with '
@@ -205,6 +219,9 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
         if _dat_setting(args, 'adv_dat_vqgan_chunk') and _dat_setting(args, 'adv_dat_vqgan_memory_gb'):
             raise ValueError('--adv-dat-vqgan-memory-gb sets the automatic chunk, which --adv-dat-vqgan-chunk N '
                              'replaces: drop one of them.')
+        if _dat_setting(args, 'adv_dat_official_bn') and getattr(args, 'adv_bn_mode', None) not in (None, 'train_update'):
+            raise ValueError(f'--adv-dat-official-bn runs the attack in --adv-bn-mode train_update (as the official '
+                             f'code), not {args.adv_bn_mode}: drop one of them.')
 
     @classmethod
     def prepare_model(cls, model: nn.Module, args: Optional[argparse.Namespace] = None) -> nn.Module:
@@ -247,13 +264,16 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
         input_size = resolve_data_config(vars(args), model=model)['input_size']
         vqgan = cls.create_vqgan(args, device or torch.device('cpu'), input_size)
         check_vqgan_input_size(vqgan, input_size)
+        official_bn = _dat_setting(args, 'adv_dat_official_bn')
         attack = cls.attack_from_args(
             args, mean, std, start_prob=_dat_setting(args, 'adv_dat_start_prob'),
             start_on_sphere=_dat_setting(args, 'adv_dat_start_on_sphere'))
+        if official_bn and getattr(args, 'adv_bn_mode', None) is None:
+            attack.bn_mode = 'train_update'
         return cls(model, criterion, DiscreteAdversarialAugment(vqgan, attack),
                    clean_weight=_dat_setting(args, 'adv_dat_clean_weight'),
                    dat_weight=_dat_setting(args, 'adv_dat_weight'),
-                   aux_bn=_dat_setting(args, 'adv_dat_aux_bn'), device=device)
+                   aux_bn=_dat_setting(args, 'adv_dat_aux_bn'), official_bn=official_bn, device=device)
 
     def ideal_cost(self) -> Dict[str, float]:
         cost = super().ideal_cost()
@@ -264,21 +284,36 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
     def _dat_route(self):
         return dual_bn_route(self.unwrapped_model, 'aux') if self.aux_bn else contextlib.nullcontext()
 
+    def _clean(self, input: torch.Tensor, target: torch.Tensor, result: Dict[str, torch.Tensor]):
+        output = self.trainable_module(input)
+        loss_clean = self.criterion(output, target)
+        result.update(top1_clean=top1(output, target), loss_clean=loss_clean.detach())
+        return output, self.clean_weight * loss_clean
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        # the DAT batch first: no training graph is held while the VQGAN runs
+        """One DAT step. By default the DAT batch goes first, so no training graph is held while the VQGAN
+        runs, and BN running statistics are updated by the DAT then the clean forward. With ``official_bn``
+        the official order: clean forward, the attack (``train_update``), the official attack's final
+        forward at ``x_rec + delta`` (no gradient; it only updates BN statistics), DAT forward."""
+        result: Dict[str, torch.Tensor] = {}
+        if self.official_bn:
+            output, loss = self._clean(input, target, result)
         with self._dat_route():
             dat = self.augment.generate(self.trainable_module, input, target)
+            if self.official_bn:
+                with torch.no_grad():
+                    self.trainable_module(self.augment.normalizer.from_pixel(dat.attacked).to(input.dtype))
             output_dat = self.trainable_module(dat.images)
         loss_dat = self.criterion(output_dat, target)
-        result = {'top1_dat': top1(output_dat, target), 'loss_dat': loss_dat.detach(),
-                  'dat_code_change': dat.code_change, 'dat_samples_changed': dat.samples_changed}
-        loss = self.dat_weight * loss_dat
-        output = output_dat
-        if self.clean_weight > 0:
-            output = self.trainable_module(input)
-            loss_clean = self.criterion(output, target)
-            loss = loss + self.clean_weight * loss_clean
-            result.update(top1_clean=top1(output, target), loss_clean=loss_clean.detach())
+        result.update({'top1_dat': top1(output_dat, target), 'loss_dat': loss_dat.detach(),
+                       'dat_code_change': dat.code_change, 'dat_samples_changed': dat.samples_changed})
+        if self.official_bn:
+            loss = loss + self.dat_weight * loss_dat
+        elif self.clean_weight > 0:
+            output, loss_clean = self._clean(input, target, result)
+            loss = self.dat_weight * loss_dat + loss_clean
+        else:
+            output, loss = output_dat, self.dat_weight * loss_dat
         result.update(loss=loss, output=output)
         return result
 
