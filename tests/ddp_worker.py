@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_FILE_PREFIX TRAIN_ARGS...
 
 After the epochs, this rank's model (with any auxiliary BNs) and method state (FGSM-SDI's
-generator) are saved to ``<OUT_FILE_PREFIX>-rank<R>.pt`` so the test can check that the processes agree.
+generator, DAT's VQGAN) are saved to ``<OUT_FILE_PREFIX>-rank<R>.pt`` so the test can check that the processes agree.
 """
 import sys
 
@@ -21,6 +21,8 @@ def main():
     snapshot = {'model': task.unwrapped_model.state_dict()}
     if hasattr(task, 'generator'):
         snapshot['generator'] = task.generator.state_dict()
+    if hasattr(task, 'augment'):
+        snapshot['vqgan'] = task.augment.vqgan.state_dict()
     torch.save(snapshot, f'{prefix}-rank{args.rank}.pt')
     torch.distributed.destroy_process_group()
 

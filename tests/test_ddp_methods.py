@@ -1,4 +1,4 @@
-"""AdvProp and FGSM-SDI under 2-process torchrun (gloo, CPU): the processes must end with the same state."""
+"""AdvProp, FGSM-SDI and DAT under 2-process torchrun (gloo, CPU): the processes must end with the same state."""
 import os
 import signal
 import socket
@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-METHODS = ('advprop', 'fgsm-sdi')
+from timm_adv.vqgan import VQGANConfig, VQModel, save_vqgan
+
+METHODS = ('advprop', 'fgsm-sdi', 'dat')
 
 
 @pytest.fixture(scope='module')
@@ -26,12 +28,17 @@ def ddp_runs(tmp_path_factory, repo_root):
     common = ['--data-dir', str(root / 'data'), '--model', 'test_resnet', '--num-classes', '4', '--img-size', '16',
               '--epochs', '1', '--no-aug', '-b', '4', '--lr', '0.05', '--warmup-epochs', '0', '--workers', '0',
               '--adv-val-samples', '4', '--adv-val-steps', '1', '--log-interval', '100', '--output', str(root / 'out')]
+    torch.manual_seed(0)
+    tiny = VQGANConfig(embed_dim=4, n_embed=32, ddconfig=dict(ch=32, out_ch=3, ch_mult=[1, 1, 1], num_res_blocks=0,
+                                                             attn_resolutions=[], in_channels=3, resolution=16,
+                                                             z_channels=4))
+    method_flags = {'dat': ['--adv-dat-vqgan', save_vqgan(VQModel(tiny), str(root / 'vqgan'))]}
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=repo_root)
     runs = {}
     for method in METHODS:  # two batches per process; FGSM-SDI updates its generator on the first
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(_free_port()),
                os.path.join(repo_root, 'tests', 'ddp_worker.py'), str(root / method), *common,
-               '--adv-method', method, '--experiment', method]
+               '--adv-method', method, '--experiment', method, *method_flags.get(method, [])]
         proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         try:
@@ -68,3 +75,10 @@ def test_fgsm_sdi_processes_share_one_generator(ddp_runs):
     gen0, gen1 = rank0['generator'], rank1['generator']
     _assert_same(gen0, gen1, 'generator')  # rank 0's initialisation broadcast, gradients and BN stats averaged
     assert gen0['stem.1.num_batches_tracked'] >= 1  # it was trained
+
+
+def test_dat_processes_agree_and_share_one_vqgan(ddp_runs):
+    rank0, rank1 = ddp_runs['dat']
+    _assert_same(rank0['model'], rank1['model'], 'dat model')  # each rank attacked its own shard, DDP averaged
+    assert rank0['vqgan'].keys() == rank1['vqgan'].keys()
+    assert all(torch.equal(rank0['vqgan'][k], rank1['vqgan'][k]) for k in rank0['vqgan'])  # frozen, bit-identical
