@@ -77,7 +77,8 @@ def _vqgan_chunk(args: argparse.Namespace, vqgan: nn.Module, input_size, device:
     budget = gb * 2 ** 30 if gb else default_memory_budget(device)
     if budget is None:
         return None
-    per_image = vqgan_activation_bytes(vqgan.config, input_size[-2], input_size[-1], 2 if vqgan.bf16 else 4)
+    # sized as fp32 under bf16 too: autocast keeps GroupNorm and its SiLU in fp32
+    per_image = vqgan_activation_bytes(vqgan.config, input_size[-2], input_size[-1])
     return chunk_for_budget(per_image, budget)
 
 
