@@ -185,6 +185,75 @@ def test_presets_match_published_architectures():
     assert f16.downsample_factor == 16 and f16.n_embed == 1024 and f16.embed_dim == 256
 
 
+def _official_vq_f8_layout():
+    """{key: shape} of the official vq-f8 VQModel (latent-diffusion's model, built as EasyRobust's DAT does), written
+    from the official module code: ResnetBlock norm1/conv1/norm2/conv2 (+ nin_shortcut when the width changes), no
+    timestep projection; AttnBlock norm/q/k/v/proj_out (1x1); Downsample / Upsample conv 3x3; encoder levels of
+    num_res_blocks blocks, decoder levels of num_res_blocks + 1, attention where the running resolution (from 256)
+    is in attn_resolutions; 1x1 quant_conv / post_quant_conv and the codebook."""
+    ch, mult, blocks, z, embed, codes, attn_at = 128, (1, 2, 2, 4), 2, 4, 4, 16384, (32,)
+    keys = {}
+
+    def conv(name, cin, cout, k):
+        keys[f'{name}.weight'], keys[f'{name}.bias'] = (cout, cin, k, k), (cout,)
+
+    def norm(name, c):
+        keys[f'{name}.weight'], keys[f'{name}.bias'] = (c,), (c,)
+
+    def resblock(name, cin, cout):
+        norm(f'{name}.norm1', cin), conv(f'{name}.conv1', cin, cout, 3)
+        norm(f'{name}.norm2', cout), conv(f'{name}.conv2', cout, cout, 3)
+        if cin != cout:
+            conv(f'{name}.nin_shortcut', cin, cout, 1)
+
+    def attn(name, c):
+        norm(f'{name}.norm', c)
+        for part in ('q', 'k', 'v', 'proj_out'):
+            conv(f'{name}.{part}', c, c, 1)
+
+    def middle(prefix, c):
+        resblock(f'{prefix}.mid.block_1', c, c), attn(f'{prefix}.mid.attn_1', c), resblock(f'{prefix}.mid.block_2', c, c)
+
+    conv('encoder.conv_in', 3, ch, 3)
+    res, block_in = 256, ch
+    for i, m in enumerate(mult):
+        for j in range(blocks):
+            resblock(f'encoder.down.{i}.block.{j}', block_in, ch * m)
+            block_in = ch * m
+            if res in attn_at:
+                attn(f'encoder.down.{i}.attn.{j}', block_in)
+        if i != len(mult) - 1:
+            conv(f'encoder.down.{i}.downsample.conv', block_in, block_in, 3)
+            res //= 2
+    middle('encoder', block_in)
+    norm('encoder.norm_out', block_in), conv('encoder.conv_out', block_in, z, 3)
+    block_in, res = ch * mult[-1], 256 // 2 ** (len(mult) - 1)
+    conv('decoder.conv_in', z, block_in, 3)
+    middle('decoder', block_in)
+    for i in reversed(range(len(mult))):
+        for j in range(blocks + 1):
+            resblock(f'decoder.up.{i}.block.{j}', block_in, ch * mult[i])
+            block_in = ch * mult[i]
+            if res in attn_at:
+                attn(f'decoder.up.{i}.attn.{j}', block_in)
+        if i != 0:
+            conv(f'decoder.up.{i}.upsample.conv', block_in, block_in, 3)
+            res *= 2
+    norm('decoder.norm_out', block_in), conv('decoder.conv_out', block_in, 3, 3)
+    keys['quantize.embedding.weight'] = (codes, embed)
+    conv('quant_conv', z, embed, 1), conv('post_quant_conv', embed, z, 1)
+    return keys
+
+
+def test_vq_f8_state_dict_matches_the_official_layout_key_for_key():
+    """Our vq-f8 model (meta device, no weights) has exactly the official checkpoint's keys and shapes."""
+    official = _official_vq_f8_layout()
+    assert len(official) == 299 and sum(torch.Size(s).numel() for s in official.values()) == 67_717_295  # pinned
+    with torch.device('meta'):
+        ours = VQModel(load_vqgan_config('vq-f8')).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == official
+
+
 def test_config_without_double_z_builds_a_vqgan(images):
     # taming's Encoder defaults to double_z=True; a config that omits the key must still encode
     ddconfig = {k: v for k, v in TINY.items() if k != 'double_z'}
