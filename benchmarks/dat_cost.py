@@ -38,6 +38,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.utils import ParseKwargs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -113,6 +114,8 @@ def main(argv=None) -> Dict[str, float]:
     parser.add_argument('--vqgan', required=True, help='preset, folder, file, local-dir: or hf-hub: name')
     parser.add_argument('--random-vqgan', action='store_true', help='preset architecture with random weights')
     parser.add_argument('--model', default='resnet10t')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                        help='timm.create_model keyword arguments, e.g. img_size=32 for a ViT below 224 px')
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--img-size', type=int, default=32)
     parser.add_argument('--num-classes', type=int, default=10)
@@ -144,7 +147,7 @@ def main(argv=None) -> Dict[str, float]:
     vq_ours.chunk_size = args.chunk
     if args.compile:
         compile_vqgan(vq_ours)
-    model = timm.create_model(args.model, num_classes=args.num_classes)
+    model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
     if args.checkpoint:
         model.load_state_dict(checkpoint_state_dict(read_checkpoint(args.checkpoint, '--checkpoint')))
     model.to(device)

@@ -30,12 +30,14 @@ run() {  # one benchmark under a time limit; skipped once the budget is spent, s
 run benchmarks/vqgan_cost.py --vqgan vq-f8 --img-size "$SIZE" --batch-size 4 --memory --budget-gb 20 --device "$DEVICE"
 COMMON=(--vqgan vq-f8 --random-vqgan --img-size "$SIZE" --batch-size "$BATCH" --num-classes 1000
         --repeats "$REPEATS" --warmup "$WARMUP" --device "$DEVICE")
-for model in resnet50 vit_base_patch16_224; do
-    run benchmarks/dat_cost.py "${COMMON[@]}" --model "$model" --no-channels-last --memory
-    run benchmarks/dat_cost.py "${COMMON[@]}" --model "$model" --no-channels-last --bf16
-    run benchmarks/dat_cost.py "${COMMON[@]}" --model "$model" --channels-last
+MODELS=("--model resnet50" "--model vit_base_patch16_224 --model-kwargs img_size=$SIZE")
+for model in "${MODELS[@]}"; do
+    # shellcheck disable=SC2086  # $model is two or four words
+    run benchmarks/dat_cost.py "${COMMON[@]}" $model --no-channels-last --memory
+    run benchmarks/dat_cost.py "${COMMON[@]}" $model --no-channels-last --bf16
+    run benchmarks/dat_cost.py "${COMMON[@]}" $model --channels-last
 done
-for model in resnet50 vit_base_patch16_224; do  # compilation takes minutes: last, inside what is left
-    run benchmarks/dat_cost.py "${COMMON[@]}" --model "$model" --no-channels-last --compile
+for model in "${MODELS[@]}"; do  # compilation takes minutes: last, inside what is left
+    run benchmarks/dat_cost.py "${COMMON[@]}" $model --no-channels-last --compile
 done
 echo "### total $((SECONDS - START)) s"

@@ -213,6 +213,19 @@ def test_defaults_follow_the_official_code(vqgan_dir):
     assert not any(isinstance(m, type(task.augment.vqgan)) for m in task.modules())  # not part of the task/model
 
 
+def test_a_bare_ckpt_runs_with_the_config_flag(vqgan_dir, tmp_path, capsys):
+    """A Lightning-style .ckpt with no config beside it: --adv-dat-vqgan-config names its architecture."""
+    ckpt = str(tmp_path / 'vqgan.ckpt')
+    torch.save({'state_dict': create_vqgan(vqgan_dir).model.state_dict(), 'global_step': 1}, ckpt)
+    args = _args('--adv-dat-vqgan', ckpt, '--adv-dat-vqgan-config', os.path.join(vqgan_dir, 'config.yaml'))
+    task = DATTask.from_args(_model(), nn.CrossEntropyLoss(), args, mean=MEAN, std=STD)
+    assert task.vqgan_identity['weights'] == ckpt and task.vqgan_identity['n_embed'] == 32
+    with pytest.raises(SystemExit):
+        train.main(['--model', 'test_resnet', '--adv-method', 'dat', '--img-size', '32', '--adv-dat-vqgan', ckpt,
+                    '--output', str(tmp_path), '--workers', '0'])
+    assert f"--adv-dat-vqgan '{ckpt}'" in capsys.readouterr().err
+
+
 def test_loss_weights_and_running_stats(vqgan):
     model = _model().train()
     x, y = _normalise(_digits(8)[0]), _digits(8)[1]

@@ -185,7 +185,7 @@ def _resolve_file(path: str, config: Optional[str], checkpoint_path: Optional[st
         folder, _CONFIG_CANDIDATES) or _first_existing(os.path.dirname(folder), _CONFIG_CANDIDATES)
     if config_path is None:
         raise ValueError(f'VQGAN weights {path!r}: no config found beside it ({os.path.basename(stem_yaml)}, '
-                         f'{", ".join(_CONFIG_CANDIDATES)}); pass config= a yaml path or a preset '
+                         f'{", ".join(_CONFIG_CANDIDATES)}); pass config= (train.py: --adv-dat-vqgan-config) a yaml path or a preset '
                          f'({", ".join(list_vqgan_presets())}).')
     return config_path, path
 
