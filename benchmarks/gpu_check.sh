@@ -8,6 +8,8 @@
 #
 #   bash benchmarks/gpu_check.sh              # CUDA, 224 px, batch 32
 #   bash benchmarks/gpu_check.sh --dry-run    # the same commands on CPU at 32 px, batch 2: checks the script works
+#                                             # (about 25 min on a loaded 2-core CPU; the two compiled runs need
+#                                             # more than their 10 min there and time out, as the budget intends)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
