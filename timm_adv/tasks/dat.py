@@ -4,11 +4,12 @@ Each step trains on the clean batch and on its discrete adversarial version (see
 :class:`~timm_adv.augment.DiscreteAdversarialAugment`): ``loss = w_clean * CE(f(x)) + w_dat *
 CE(f(x_dat))``, one backward. The official code (EasyRobust ``examples/imageclassification/imagenet/
 dat``) runs the two forwards separately, so each batch normalises with its own BN statistics; so
-does this task. Defaults follow the official code (see ``shared/methods.md``):
+does this task. Defaults follow the official code:
 
 * attack: one L2 step of 0.1 within eps 0.1 at the reconstruction, random start on the eps sphere
-  with probability 0.8 per batch, the model in train mode (batch statistics; running statistics
-  are left alone: ``--adv-bn-mode train``, where the official attack updates them);
+  with probability 0.8 per batch, the model in train mode, in fp32 inside the training autocast
+  (batch statistics; running statistics are left alone: ``--adv-bn-mode train``; the official step
+  updates them four times per step, reproduced by ``--adv-dat-official-bn``);
 * ``w_clean = w_dat = 1``; soft targets from mixup / cutmix go to the attack and both losses.
 
 The VQGAN (``--adv-dat-vqgan``: a preset, a folder or file, ``hf-hub:`` or ``local-dir:``) is built
