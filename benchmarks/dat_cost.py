@@ -20,6 +20,9 @@ Each step is split into VQGAN / attack / training time. For ``ours``, the augmen
 ``reference`` its sections are timed inline. ``ideal`` = 2 plain steps + 1 attack pass + 2 VQGAN
 passes at our settings.
 
+Images per second of each step are printed too, and with ``--memory`` the peak memory of one ``ours``
+and one ``reference`` step (CUDA: ``max_memory_allocated``; CPU: torch's profiler, slow at 224 px).
+
     python benchmarks/dat_cost.py --vqgan output/vqgan/bundled_mnist --real-images --model resnet10t --batch-size 64
     python benchmarks/dat_cost.py --vqgan vq-f8 --random-vqgan --img-size 224 --model resnet50 --batch-size 32 --bf16
 """
@@ -35,6 +38,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.utils import ParseKwargs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -43,7 +47,7 @@ from timm_adv.augment import DiscreteAdversarialAugment, compile_vqgan  # noqa: 
 from timm_adv.data import BundledMnist  # noqa: E402
 from timm_adv.tasks import DATTask, StandardTask  # noqa: E402
 from timm_adv.utils import checkpoint_state_dict, read_checkpoint  # noqa: E402
-from timm_adv.vqgan import create_vqgan  # noqa: E402
+from timm_adv.vqgan import create_vqgan, peak_memory_bytes  # noqa: E402
 from common import interleaved_median_times, sync  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
@@ -110,6 +114,8 @@ def main(argv=None) -> Dict[str, float]:
     parser.add_argument('--vqgan', required=True, help='preset, folder, file, local-dir: or hf-hub: name')
     parser.add_argument('--random-vqgan', action='store_true', help='preset architecture with random weights')
     parser.add_argument('--model', default='resnet10t')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                        help='timm.create_model keyword arguments, e.g. img_size=32 for a ViT below 224 px')
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--img-size', type=int, default=32)
     parser.add_argument('--num-classes', type=int, default=10)
@@ -118,14 +124,19 @@ def main(argv=None) -> Dict[str, float]:
                              'share of samples whose codes the attack changes depends on the images')
     parser.add_argument('--checkpoint', default=None, help='train.py checkpoint of the model (a trained model)')
     parser.add_argument('--bf16', action='store_true', help='ours: VQGAN under bf16 autocast')
-    parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=True,
-                        help='ours: VQGAN in channels_last (default: on, as --adv-dat-vqgan-channels-last)')
+    parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
+                        help='ours: VQGAN in channels_last (default: as --adv-dat-vqgan-channels-last, on for CPU, '
+                             'off for CUDA)')
     parser.add_argument('--compile', action='store_true', help='ours: torch.compile the VQGAN encoder / decoder')
+    parser.add_argument('--chunk', type=int, default=None, help='ours: images per VQGAN pass (default: whole batch)')
+    parser.add_argument('--memory', action='store_true', help='peak memory of one ours and one reference step')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=7)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.channels_last is None:
+        args.channels_last = device.type == 'cpu'
 
     def vqgan(bf16=False, channels_last=False):
         torch.manual_seed(0)  # the same random weights for every copy with --random-vqgan
@@ -133,9 +144,10 @@ def main(argv=None) -> Dict[str, float]:
                             **({'pretrained': False} if args.random_vqgan else {}))
 
     vq_ours, vq_ref = vqgan(args.bf16, args.channels_last), vqgan()
+    vq_ours.chunk_size = args.chunk
     if args.compile:
         compile_vqgan(vq_ours)
-    model = timm.create_model(args.model, num_classes=args.num_classes)
+    model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
     if args.checkpoint:
         model.load_state_dict(checkpoint_state_dict(read_checkpoint(args.checkpoint, '--checkpoint')))
     model.to(device)
@@ -201,7 +213,7 @@ def main(argv=None) -> Dict[str, float]:
     print(f'{args.model} batch {args.batch_size} img {args.img_size} on {device}, torch {torch.__version__}, '
           f'{torch.get_num_threads()} threads; VQGAN {args.vqgan}{" (random weights)" if args.random_vqgan else ""} '
           f'f={vq_ours.downsample_factor}; ours: bf16={args.bf16} channels_last={args.channels_last} '
-          f'compile={args.compile}; {"bundled digits" if args.real_images else "uniform noise"}, '
+          f'compile={args.compile} chunk={args.chunk}; {"bundled digits" if args.real_images else "uniform noise"}, '
           f'{"model " + args.checkpoint if args.checkpoint else "untrained model"}; '
           f'median of {args.repeats} interleaved rounds')
     print('| variant | ms | / plain step |')
@@ -217,6 +229,17 @@ def main(argv=None) -> Dict[str, float]:
               f'{split.get("attack", 0) / plain:.2f} | {split.get("training", 0) / plain:.2f} |')
     print(f'| ideal (2 plain + 1 attack pass + 2 VQGAN passes ours) | {ideal / plain:.2f} | '
           f'{2 * t["VQGAN pass ours"] / plain:.2f} | {t["attack pass"] / plain:.2f} | 2.00 |')
+    print('\n| step | images / s |')
+    print('|---|---|')
+    for name in ('plain step', 'ours step', 'reference step'):
+        print(f'| {name} | {args.batch_size / t[name]:.1f} |')
+    if args.memory:
+        peaks = {'ours': peak_memory_bytes(step('ours'), device),
+                 'reference': peak_memory_bytes(lambda: reference_step(
+                     models['reference'], vq_ref, optimizers['reference'], x, y, normalizer, 0.1, 0.1, 0.8,
+                     _Sections(device)), device)}
+        print('| peak memory of one step (GiB) | ' + ' | '.join(f'{k} {v / 2 ** 30:.2f}' for k, v in peaks.items())
+              + ' |')
     result = {
         'ours_over_plain': t['ours step'] / plain, 'reference_over_plain': t['reference step'] / plain,
         'ours_over_ideal': t['ours step'] / ideal, 'reference_over_ours': t['reference step'] / t['ours step'],

@@ -11,6 +11,12 @@ resized to ``--img-size``) in both precisions: max / mean pixel error and the fr
 
     python benchmarks/vqgan_cost.py --vqgan output/vqgan/bundled_mnist --model resnet10t --batch-size 64
     python benchmarks/vqgan_cost.py --vqgan vq-f8 --img-size 224 --batch-size 1 --macs-only
+
+``--memory`` prints, instead of timings, the peak memory per image of an encode and of a decode in fp32
+and bf16 (CUDA: ``max_memory_allocated``; CPU: allocations replayed from torch's profiler), next to the
+estimate ``--adv-dat-vqgan-chunk 0`` sizes chunks with, and the chunk that fits ``--budget-gb``:
+
+    python benchmarks/vqgan_cost.py --vqgan vq-f8 --img-size 224 --batch-size 2 --memory --budget-gb 20
 """
 import argparse
 import os
@@ -22,9 +28,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from timm_adv.data import BundledMnist, spread_subset  # noqa: E402
-from timm_adv.vqgan import VQGAN_PRESETS, VQModel, compare_precision, create_vqgan  # noqa: E402
+from timm_adv.vqgan import (VQGAN_PRESETS, VQModel, chunk_for_budget, compare_precision, create_vqgan,  # noqa: E402
+                            peak_memory_bytes, vqgan_activation_bytes)
 from timm_adv.vqgan.fit import SquareImages  # noqa: E402
-from method_cost import _time_steps  # noqa: E402  (the median-of-N timing of the method table)
+from common import median_time  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 def _gmacs(fn) -> float:
@@ -53,6 +60,31 @@ def model_macs(model_name: str, num_classes: int, img_size: int) -> float:
         return _gmacs(lambda: model(torch.empty(1, 3, img_size, img_size)))
 
 
+def memory_table(vq, batch: int, img_size: int, budget_gb: float, device: torch.device) -> None:
+    """Peak bytes per image of encode and decode, fp32 and bf16, against the estimate that sizes DAT's chunks.
+
+    Per image is the difference between a batch of ``batch`` and a batch of 1, divided by ``batch - 1``: what
+    does not grow with the batch (bf16 copies of the weights) is left out.
+    """
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, img_size, img_size, device=device)
+    codes = vq.encode(x)
+    estimate = vqgan_activation_bytes(vq.config, img_size, img_size)  # fp32-sized, as --adv-dat-vqgan-chunk 0
+    print(f'| precision | encode MB/image | decode MB/image | chunk within {budget_gb:g} GB |')
+    print('|---|---|---|---|')
+    print(f'| estimate (fp32-sized; DAT\'s automatic chunk) | {estimate["encode"] / 2 ** 20:.0f} | '
+          f'{estimate["decode"] / 2 ** 20:.0f} | {chunk_for_budget(estimate, budget_gb * 2 ** 30)} |')
+    for bf16 in (False, True):
+        vq.bf16 = bf16
+        measured = {}
+        for name, fn, inputs in (('encode', vq.encode, x), ('decode', vq.decode, codes)):
+            one = peak_memory_bytes(lambda: fn(inputs[:1]), device)
+            measured[name] = (peak_memory_bytes(lambda: fn(inputs), device) - one) / (batch - 1)
+        print(f'| {"bf16" if bf16 else "fp32"} measured | {measured["encode"] / 2 ** 20:.0f} | '
+              f'{measured["decode"] / 2 ** 20:.0f} | {chunk_for_budget(measured, budget_gb * 2 ** 30)} |')
+    vq.bf16 = False
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--vqgan', default='output/vqgan/bundled_mnist',
@@ -67,6 +99,8 @@ def main():
     parser.add_argument('--precision-images', type=int, default=500,
                         help='bundled/mnist validation images for the bf16 check (0: skip)')
     parser.add_argument('--macs-only', action='store_true', help='count MACs, time nothing')
+    parser.add_argument('--memory', action='store_true', help='peak memory per image of encode / decode, no timing')
+    parser.add_argument('--budget-gb', type=float, default=20.0, help='with --memory: the budget to size a chunk for')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -89,6 +123,11 @@ def main():
           f'{(enc + quant + dec) / plain_macs:.1f} forwards)')
     if args.macs_only:
         return
+    if args.memory:
+        if args.batch_size < 2:
+            parser.error('--memory needs --batch-size >= 2 (per image = batch minus one image).')
+        memory_table(vq, args.batch_size, args.img_size, args.budget_gb, device)
+        return
 
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=args.num_classes).to(device).train()
@@ -101,14 +140,14 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    plain = _time_steps(plain_step, args.steps, args.warmup, device)
+    plain = median_time(plain_step, args.steps, args.warmup, device)
     print(f'plain training step: {plain * 1e3:.1f} ms')
     print('| reconstruction | ms | / plain step | DAT (2 per step) / plain step |')
     print('|---|---|---|---|')
     for bf16, channels_last in ((False, False), (True, False), (False, True), (True, True)):
         vq.bf16 = bf16
         vq.set_channels_last(channels_last)
-        seconds = _time_steps(lambda: vq.reconstruct(x), args.steps, args.warmup, device)
+        seconds = median_time(lambda: vq.reconstruct(x), args.steps, args.warmup, device)
         name = ' + '.join(n for n, on in (('bf16', bf16), ('channels_last', channels_last)) if on) or 'fp32'
         print(f'| {name} | {seconds * 1e3:.1f} | {seconds / plain:.2f} | {2 * seconds / plain:.2f} |')
     vq.bf16 = False

@@ -2,9 +2,9 @@
 
     torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_FILE_PREFIX TRAIN_ARGS...
 
-After the epochs, this rank's model (with any auxiliary BNs), method state (FGSM-SDI's generator) and
-feature bank (``contrastive`` / ``ssat``: embedded sharded across the ranks) are saved to
-``<OUT_FILE_PREFIX>-rank<R>.pt`` so the test can check that the processes agree.
+After the epochs, this rank's model (with any auxiliary BNs), method state (FGSM-SDI's generator,
+DAT's VQGAN) and feature bank (``contrastive`` / ``ssat``: embedded sharded across the ranks) are saved
+to ``<OUT_FILE_PREFIX>-rank<R>.pt`` so the test can check that the processes agree.
 """
 import sys
 
@@ -25,6 +25,8 @@ def main():
     if hasattr(task, 'feature_bank'):  # a collective call: every rank embeds its shard
         bank = task.feature_bank()
         snapshot.update(bank_features=bank.features, bank_labels=bank.labels)
+    if hasattr(task, 'augment'):
+        snapshot['vqgan'] = task.augment.vqgan.state_dict()
     torch.save(snapshot, f'{prefix}-rank{args.rank}.pt')
     torch.distributed.destroy_process_group()
 

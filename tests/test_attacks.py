@@ -203,6 +203,45 @@ def test_amp_bfloat16_cpu():
     assert (x_adv - x).abs().max() <= 8 / 255 + 1e-5
 
 
+def _record_dtypes(model):
+    """Forward-output and output-gradient dtypes of every conv / linear while the attack runs."""
+    seen = {'forward': set(), 'grad': set()}
+
+    def hook(module, args, output):
+        seen['forward'].add(output.dtype)
+        if output.requires_grad:
+            output.register_hook(lambda g: seen['grad'].add(g.dtype))
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.register_forward_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_attack_precision_under_autocast(autocast):
+    """Inside a training autocast the attack runs in fp32 (as the official DAT / PGD-AT codes), or in the
+    autocast dtype when asked; the same holds for the AdvBN and FGSM-SDI paths through the core."""
+    from timm_adv.attacks import FeatureStatsAttack, input_gradient
+    model = _model('test_resnet').eval()
+    seen = _record_dtypes(model)
+    x, y = _batch(4)
+    want = torch.bfloat16 if autocast else torch.float32
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        PGDAttack(8 / 255, steps=1, autocast=autocast)(model, x, y)
+    assert seen == {'forward': {want}, 'grad': {want}}
+    seen['forward'].clear(), seen['grad'].clear()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        input_gradient(model, x, torch.zeros_like(x), y, PixelNormalizer(None, None), autocast=autocast)
+    assert seen == {'forward': {want}, 'grad': {want}}
+    head = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))
+    head(x)
+    seen = _record_dtypes(head)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        feature = x.to(torch.bfloat16)  # a feature made under the training autocast
+        FeatureStatsAttack(steps=1, autocast=autocast).perturb(head, head, feature, y)
+    assert seen == {'forward': {want}, 'grad': {want}}
+
+
 def test_fgsm_is_one_step_of_eps():
     model = _model().eval()
     x, y = _batch()

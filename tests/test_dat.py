@@ -110,6 +110,52 @@ def test_attack_leaves_vqgan_and_model_gradients_alone(vqgan):
     assert all(not p.requires_grad and p.grad is None for p in vqgan.parameters())
 
 
+def _official_l2_attack(model, x_rec, soft_target, noise, eps=0.1, step=0.1):
+    """The official DAT attack (one L2 step, no best-of selection), written from its description: optional random
+    start ``x + eps * n / (||n|| + 1e-10)`` clamped to [0, 1], the normalised gradient of the mean soft-target CE
+    at that point, then ``renorm`` of the difference to eps and a clamp to [0, 1]."""
+    x = x_rec if noise is None else (x_rec + eps * noise / (noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-10))
+    x = x.clamp(0, 1).detach().requires_grad_(True)
+    loss = torch.sum(-soft_target * F.log_softmax(model(_normalise(x)), dim=-1), dim=-1).mean()
+    grad, = torch.autograd.grad(loss, x)
+    x = x.detach() + step * grad / (grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-10)
+    diff = (x - x_rec).renorm(p=2, dim=0, maxnorm=eps)
+    return (x_rec + diff).clamp(0, 1)
+
+
+@pytest.mark.parametrize('start', [True, False])
+def test_dat_example_equals_an_independent_official_attack(vqgan, start):
+    model = _model().train()
+    x_pix, y = _digits(8)
+    soft = F.one_hot(y, 10).float() * 0.9 + 0.01
+    augment = DiscreteAdversarialAugment(vqgan, _attack(start_prob=1.0 if start else 0.0))
+    torch.manual_seed(11)
+    out = augment.generate(model, _normalise(x_pix), soft)
+    x_rec = vqgan.reconstruct(x_pix)
+    torch.manual_seed(11)  # the same normal noise for the start
+    x_adv = _official_l2_attack(model, x_rec, soft, torch.randn_like(x_rec) if start else None)
+    expected = vqgan.reconstruct(x_adv)
+    assert torch.equal(vqgan.encode(_pixels(out.images).clamp(0, 1)), vqgan.encode(expected))
+    assert torch.allclose(_pixels(out.images), expected, atol=1e-5)
+
+
+def test_dat_step_reads_nothing_back_but_the_decode_count(vqgan, monkeypatch):
+    """No .item() / bool() / float() of a tensor in a DAT step (each a device sync on GPU); the one sync left is
+    the count of samples to decode again."""
+    model = _model().train()
+    x_pix, y = _digits(8)
+    task = DATTask(model, nn.CrossEntropyLoss(), DiscreteAdversarialAugment(vqgan, _attack(start_prob=1.0)),
+                   verbose=False)
+    reads = []
+    for name in ('__bool__', 'item', '__float__', '__int__', 'tolist'):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _n=name, _o=original: reads.append(_n) or _o(t, *a))
+    out = task(_normalise(x_pix), y)
+    assert reads == []
+    monkeypatch.undo()
+    assert out['dat_samples_changed'] > 0
+
+
 @pytest.fixture(scope='module')
 def digit_classifier():
     """A softmax-regression digit classifier (normalised input): trained, confident, cheap."""
@@ -167,6 +213,19 @@ def test_defaults_follow_the_official_code(vqgan_dir):
     assert not any(isinstance(m, type(task.augment.vqgan)) for m in task.modules())  # not part of the task/model
 
 
+def test_a_bare_ckpt_runs_with_the_config_flag(vqgan_dir, tmp_path, capsys):
+    """A Lightning-style .ckpt with no config beside it: --adv-dat-vqgan-config names its architecture."""
+    ckpt = str(tmp_path / 'vqgan.ckpt')
+    torch.save({'state_dict': create_vqgan(vqgan_dir).model.state_dict(), 'global_step': 1}, ckpt)
+    args = _args('--adv-dat-vqgan', ckpt, '--adv-dat-vqgan-config', os.path.join(vqgan_dir, 'config.yaml'))
+    task = DATTask.from_args(_model(), nn.CrossEntropyLoss(), args, mean=MEAN, std=STD)
+    assert task.vqgan_identity['weights'] == ckpt and task.vqgan_identity['n_embed'] == 32
+    with pytest.raises(SystemExit):
+        train.main(['--model', 'test_resnet', '--adv-method', 'dat', '--img-size', '32', '--adv-dat-vqgan', ckpt,
+                    '--output', str(tmp_path), '--workers', '0'])
+    assert f"--adv-dat-vqgan '{ckpt}'" in capsys.readouterr().err
+
+
 def test_loss_weights_and_running_stats(vqgan):
     model = _model().train()
     x, y = _normalise(_digits(8)[0]), _digits(8)[1]
@@ -179,6 +238,27 @@ def test_loss_weights_and_running_stats(vqgan):
     assert bn.num_batches_tracked.item() - before == 2  # the two training forwards, never the attack
     with pytest.raises(ValueError, match='--adv-dat-weight'):
         DATTask(model, nn.CrossEntropyLoss(), task.augment, dat_weight=0.0)
+
+
+def test_official_bn_updates_in_the_official_order(vqgan_dir):
+    """--adv-dat-official-bn: clean, attack, the attack's final forward, DAT; four BN updates, the DAT batch last."""
+    args = _args('--adv-dat-vqgan', vqgan_dir, '--adv-dat-official-bn')
+    model = _model().train()
+    task = DATTask.from_args(model, nn.CrossEntropyLoss(), args, mean=MEAN, std=STD)
+    assert task.attack.bn_mode == 'train_update'
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.momentum = None  # cumulative average: running_mean = mean of the batch means it saw
+    bn.reset_running_stats()
+    inputs = []
+    model.register_forward_pre_hook(lambda m, a: inputs.append((a[0].detach().clone(), torch.is_grad_enabled())))
+    batch_means = []
+    bn.register_forward_pre_hook(lambda m, a: batch_means.append(a[0].detach().mean((0, 2, 3))))
+    x, y = _normalise(_digits(8)[0]), _digits(8)[1]
+    task(x, y)['loss'].backward()
+    assert bn.num_batches_tracked.item() == 4 and len(inputs) == 4
+    assert torch.equal(inputs[0][0], x) and inputs[0][1]           # clean first, in the training graph
+    assert inputs[1][1] and not inputs[2][1] and inputs[3][1]      # attack, final forward (no grad), DAT
+    assert torch.allclose(bn.running_mean, torch.stack(batch_means).mean(0), atol=1e-5)
 
 
 def test_aux_bn_routes_dat_examples_through_auxiliary_bns(vqgan_dir):
@@ -208,6 +288,11 @@ def test_aux_bn_routes_dat_examples_through_auxiliary_bns(vqgan_dir):
     (['--adv-dat-vqgan', 'VQ', '--adv-dat-start-prob', '1.5'], '--adv-dat-start-prob must be in'),
     (['--adv-dat-vqgan', '/nonexistent/vqgan'], "--adv-dat-vqgan '/nonexistent/vqgan'"),
     (['--adv-dat-vqgan', 'VQ', '--img-size', '30'], 'downsamples by 4, which does not divide the input size 30x30'),
+    (['--adv-dat-vqgan', 'VQ', '--adv-attack-amp'], '--adv-attack-amp runs the attack under the --amp autocast, but '
+                                                     '--amp is off'),
+    (['--adv-dat-vqgan', 'VQ', '--adv-dat-official-bn', '--adv-bn-mode', 'train'],
+     '--adv-dat-official-bn runs the attack in --adv-bn-mode train_update'),
+    (['--adv-method', 'none', '--amp', '--adv-attack-amp'], '--adv-attack-amp does nothing with --adv-method none'),
     (['--adv-method', 'pgd', '--adv-dat-aux-bn'], '--adv-dat-aux-bn/--no-adv-dat-aux-bn does nothing with --adv-method pgd; it applies to dat'),
 ])
 def test_bad_input_fails_before_any_work(argv, message, vqgan_dir, tmp_path, capsys):
@@ -236,7 +321,7 @@ def digit_folder(tmp_path_factory):
 
 def _train_argv(data, vqgan_dir, out, experiment, epochs, *extra):
     return ['--data-dir', str(data), '--model', 'test_resnet', '--num-classes', '10', '--img-size', '32',
-            '--adv-method', 'dat', '--adv-dat-vqgan', vqgan_dir, '--adv-dat-aux-bn', '--epochs', str(epochs),
+            '--adv-method', 'dat', '--adv-dat-vqgan', vqgan_dir, '--epochs', str(epochs),
             '--sched', 'step', '--decay-epochs', '100', '--warmup-epochs', '0', '--no-aug', '-b', '20', '--opt', 'adamw',
             '--lr', '1e-2',
             '--smoothing', '0', '--workers', '0', '--seed', '3', '--adv-val-samples', '20', '--adv-val-steps', '2',
@@ -244,6 +329,7 @@ def _train_argv(data, vqgan_dir, out, experiment, epochs, *extra):
 
 
 def test_train_learns_resumes_exactly_and_exports_plain(digit_folder, vqgan_dir, tmp_path):
+    """Default DAT (the official settings, no auxiliary BNs) through train.py: learns, resumes bit-exactly."""
     train.main(_train_argv(digit_folder, vqgan_dir, tmp_path, 'full', 2))
     with open(tmp_path / 'full' / 'summary.csv') as f:
         first, last = list(csv.DictReader(f))
@@ -259,8 +345,7 @@ def test_train_learns_resumes_exactly_and_exports_plain(digit_folder, vqgan_dir,
     for key in ('state_dict',):
         for k, v in full[key].items():
             assert torch.equal(v, resumed[key][k]), k
-    for k, v in full['task_state']['aux_bn'].items():
-        assert torch.equal(v, resumed['task_state']['aux_bn'][k]), k
+    assert not full['task_state']['aux_bn'] and full['task_state']['vqgan'] == resumed['task_state']['vqgan']
     assert not any('aux_bn' in k or 'vqgan' in k or 'quantize' in k for k in full['state_dict'])
 
     from timm_adv.hub import export_checkpoint, render_model_card

@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from timm_adv.vqgan import VQGANConfig, VQModel, save_vqgan
+
 # per method: its flags (the kNN methods' bank holds the 16 training images, so k is small)
 METHODS = {
     'advprop': [],
@@ -21,6 +23,7 @@ METHODS = {
     'advbn': ['--initial-checkpoint', ''],  # filled with a plain checkpoint of the same model
     'contrastive': ['--adv-knn-k', '3', '--adv-contrastive-hflip', '0'],
     'ssat': ['--adv-knn-k', '3', '--adv-ssat-guides', '2', '--adv-steps', '1'],
+    'dat': [],  # the tiny VQGAN's path is added by the fixture
 }
 
 
@@ -38,6 +41,11 @@ def ddp_run(tmp_path_factory, repo_root):
     common = ['--data-dir', str(root / 'data'), '--model', 'test_resnet', '--num-classes', '4', '--img-size', '16',
               '--epochs', '1', '--no-aug', '-b', '4', '--lr', '0.05', '--warmup-epochs', '0', '--workers', '0',
               '--adv-val-samples', '4', '--adv-val-steps', '1', '--log-interval', '100', '--output', str(root / 'out')]
+    torch.manual_seed(0)
+    tiny = VQGANConfig(embed_dim=4, n_embed=32, ddconfig=dict(ch=32, out_ch=3, ch_mult=[1, 1, 1], num_res_blocks=0,
+                                                             attn_resolutions=[], in_channels=3, resolution=16,
+                                                             z_channels=4))
+    method_flags = {'dat': ['--adv-dat-vqgan', save_vqgan(VQModel(tiny), str(root / 'vqgan'))]}
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=repo_root)
     runs = {}
 
@@ -53,7 +61,7 @@ def ddp_run(tmp_path_factory, repo_root):
         # two batches per process; FGSM-SDI updates its generator on the first
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(_free_port()),
                os.path.join(repo_root, 'tests', 'ddp_worker.py'), str(root / method), *common,
-               '--adv-method', method, '--experiment', method, *extra]
+               '--adv-method', method, '--experiment', method, *extra, *method_flags.get(method, [])]
         proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         try:
@@ -123,3 +131,10 @@ def test_dual_bns_convert_to_sync_bn():
     dual = dual_bn_layers(model)
     assert len(dual) == n and all(isinstance(m.main_bn, torch.nn.SyncBatchNorm) and
                                   isinstance(m.aux_bn[0], torch.nn.SyncBatchNorm) for m in dual)
+
+
+def test_dat_processes_agree_and_share_one_vqgan(ddp_run):
+    rank0, rank1 = ddp_run('dat')
+    _assert_same(rank0['model'], rank1['model'], 'dat model')  # each rank attacked its own shard, DDP averaged
+    assert rank0['vqgan'].keys() == rank1['vqgan'].keys()
+    assert all(torch.equal(rank0['vqgan'][k], rank1['vqgan'][k]) for k in rank0['vqgan'])  # frozen, bit-identical

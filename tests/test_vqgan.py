@@ -109,17 +109,58 @@ def test_weights_that_do_not_fit_the_config_fail_naming_both(saved, tmp_path):
         create_vqgan(str(tmp_path / 'cut.ckpt'), config=os.path.join(saved, 'config.yaml'))
 
 
-def test_pickled_objects_need_explicit_trust(saved, images, tmp_path):
+class LightningCallback:
+    """Stands for the ``pytorch_lightning`` objects a Lightning ``.ckpt`` pickles beside the weights."""
+    restored = False
+
+    def __setstate__(self, state):
+        LightningCallback.restored = True
+
+
+class RunsCode:
+    def __reduce__(self):
+        return os.system, ('true',)
+
+
+def test_training_objects_load_inert_and_code_needs_explicit_trust(saved, images, tmp_path):
+    """A Lightning checkpoint loads without unsafe_pickle (its objects never built); code-running pickles refuse."""
     state = create_vqgan(saved).model.state_dict()
-    torch.save({'state_dict': state, 'hparams': argparse.Namespace(lr=1.0)}, tmp_path / 'pl.ckpt')
     config = os.path.join(saved, 'config.yaml')
+    torch.save({'state_dict': state, 'hparams': argparse.Namespace(lr=1.0), 'callbacks': {'cb': LightningCallback()}},
+               tmp_path / 'pl.ckpt')
+    vq = create_vqgan(str(tmp_path / 'pl.ckpt'), config=config)
+    assert not LightningCallback.restored
+    assert torch.equal(vq.reconstruct(images), create_vqgan(saved).reconstruct(images))
+    torch.save({'state_dict': state, 'x': RunsCode()}, tmp_path / 'code.ckpt')
     with pytest.raises(ValueError, match='unsafe_pickle=True'):
-        create_vqgan(str(tmp_path / 'pl.ckpt'), config=config)
-    vq = create_vqgan(str(tmp_path / 'pl.ckpt'), config=config, unsafe_pickle=True)
+        create_vqgan(str(tmp_path / 'code.ckpt'), config=config)
+
+
+def test_preset_reads_its_cache_folder_and_says_what_goes_where(saved, images, tmp_path, monkeypatch, capsys):
+    from timm_adv.vqgan import VQGAN_PRESETS, preset_folder
+    from timm_adv.vqgan.__main__ import main
+    monkeypatch.setenv('TIMM_ADV_HOME', str(tmp_path / 'home'))
+    tiny = dict(params=create_vqgan(saved).config.params(), weights='https://example.org/tiny.zip',
+                files=('model.safetensors', 'model.ckpt'))
+    monkeypatch.setitem(VQGAN_PRESETS, 'tiny-f2', tiny)
+    folder = tmp_path / 'home' / 'vqgan' / 'tiny-f2'
+    assert preset_folder('tiny-f2') == str(folder)
+    with pytest.raises(ValueError) as e:
+        create_vqgan('tiny-f2')
+    message = str(e.value)
+    assert str(folder) in message and 'https://example.org/tiny.zip' in message
+    assert f'python -m timm_adv.vqgan convert <file.ckpt> --config tiny-f2' in message
+    assert '--adv-dat-vqgan-config tiny-f2' in message
+    torch.save({'state_dict': create_vqgan(saved).model.state_dict()}, tmp_path / 'download.ckpt')
+    main(['convert', str(tmp_path / 'download.ckpt'), '--config', 'tiny-f2'])  # --out: the preset's folder
+    assert sorted(os.listdir(folder)) == ['config.yaml', 'model.safetensors']
+    vq = create_vqgan('tiny-f2')
+    assert vq.weights == str(folder / 'model.safetensors')
     assert torch.equal(vq.reconstruct(images), create_vqgan(saved).reconstruct(images))
 
 
-def test_bad_sources_fail_clearly(tmp_path, saved):
+def test_bad_sources_fail_clearly(tmp_path, saved, monkeypatch):
+    monkeypatch.setenv('TIMM_ADV_HOME', str(tmp_path))  # no vq-f8 weights in its cache folder
     with pytest.raises(ValueError, match='Unknown VQGAN'):
         create_vqgan('vq-f9')
     with pytest.raises(ValueError, match='ommer-lab.com'):
@@ -142,6 +183,75 @@ def test_presets_match_published_architectures():
     assert len(f8.model.encoder.down[3].attn) == 2 and len(f8.model.encoder.down[2].attn) == 0  # attention at 32 px
     f16 = load_vqgan_config('vqgan_imagenet_f16_1024')
     assert f16.downsample_factor == 16 and f16.n_embed == 1024 and f16.embed_dim == 256
+
+
+def _official_vq_f8_layout():
+    """{key: shape} of the official vq-f8 VQModel (latent-diffusion's model, built as EasyRobust's DAT does), written
+    from the official module code: ResnetBlock norm1/conv1/norm2/conv2 (+ nin_shortcut when the width changes), no
+    timestep projection; AttnBlock norm/q/k/v/proj_out (1x1); Downsample / Upsample conv 3x3; encoder levels of
+    num_res_blocks blocks, decoder levels of num_res_blocks + 1, attention where the running resolution (from 256)
+    is in attn_resolutions; 1x1 quant_conv / post_quant_conv and the codebook."""
+    ch, mult, blocks, z, embed, codes, attn_at = 128, (1, 2, 2, 4), 2, 4, 4, 16384, (32,)
+    keys = {}
+
+    def conv(name, cin, cout, k):
+        keys[f'{name}.weight'], keys[f'{name}.bias'] = (cout, cin, k, k), (cout,)
+
+    def norm(name, c):
+        keys[f'{name}.weight'], keys[f'{name}.bias'] = (c,), (c,)
+
+    def resblock(name, cin, cout):
+        norm(f'{name}.norm1', cin), conv(f'{name}.conv1', cin, cout, 3)
+        norm(f'{name}.norm2', cout), conv(f'{name}.conv2', cout, cout, 3)
+        if cin != cout:
+            conv(f'{name}.nin_shortcut', cin, cout, 1)
+
+    def attn(name, c):
+        norm(f'{name}.norm', c)
+        for part in ('q', 'k', 'v', 'proj_out'):
+            conv(f'{name}.{part}', c, c, 1)
+
+    def middle(prefix, c):
+        resblock(f'{prefix}.mid.block_1', c, c), attn(f'{prefix}.mid.attn_1', c), resblock(f'{prefix}.mid.block_2', c, c)
+
+    conv('encoder.conv_in', 3, ch, 3)
+    res, block_in = 256, ch
+    for i, m in enumerate(mult):
+        for j in range(blocks):
+            resblock(f'encoder.down.{i}.block.{j}', block_in, ch * m)
+            block_in = ch * m
+            if res in attn_at:
+                attn(f'encoder.down.{i}.attn.{j}', block_in)
+        if i != len(mult) - 1:
+            conv(f'encoder.down.{i}.downsample.conv', block_in, block_in, 3)
+            res //= 2
+    middle('encoder', block_in)
+    norm('encoder.norm_out', block_in), conv('encoder.conv_out', block_in, z, 3)
+    block_in, res = ch * mult[-1], 256 // 2 ** (len(mult) - 1)
+    conv('decoder.conv_in', z, block_in, 3)
+    middle('decoder', block_in)
+    for i in reversed(range(len(mult))):
+        for j in range(blocks + 1):
+            resblock(f'decoder.up.{i}.block.{j}', block_in, ch * mult[i])
+            block_in = ch * mult[i]
+            if res in attn_at:
+                attn(f'decoder.up.{i}.attn.{j}', block_in)
+        if i != 0:
+            conv(f'decoder.up.{i}.upsample.conv', block_in, block_in, 3)
+            res *= 2
+    norm('decoder.norm_out', block_in), conv('decoder.conv_out', block_in, 3, 3)
+    keys['quantize.embedding.weight'] = (codes, embed)
+    conv('quant_conv', z, embed, 1), conv('post_quant_conv', embed, z, 1)
+    return keys
+
+
+def test_vq_f8_state_dict_matches_the_official_layout_key_for_key():
+    """Our vq-f8 model (meta device, no weights) has exactly the official checkpoint's keys and shapes."""
+    official = _official_vq_f8_layout()
+    assert len(official) == 299 and sum(torch.Size(s).numel() for s in official.values()) == 67_717_295  # pinned
+    with torch.device('meta'):
+        ours = VQModel(load_vqgan_config('vq-f8')).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == official
 
 
 def test_config_without_double_z_builds_a_vqgan(images):
@@ -178,6 +288,66 @@ def test_bf16_channels_last_and_describe(saved, images):
     desc = bf.describe()
     assert desc['bf16'] and desc['downsample_factor'] == 2 and desc['config']['n_embed'] == 64
     assert yaml.safe_load(yaml.safe_dump(desc)) == desc  # plain types: fits a checkpoint's task state
+
+
+def test_quantiser_in_fp32_under_bf16_and_channels_last_reaches_the_output(saved, images):
+    """Under a bf16 autocast (the VQGAN's own or the training's) codebook distances stay fp32; with channels_last
+    every encoder / decoder layer runs in it and the decoded images come out in it."""
+    vq = create_vqgan(saved, bf16=True, channels_last=True)
+    seen = {'quantize': set(), 'conv_in': set()}
+    vq.model.quantize.register_forward_pre_hook(lambda m, a: seen['quantize'].add(a[0].dtype))
+    for name in ('encoder', 'decoder'):
+        conv = getattr(vq.model, name).conv_out
+        conv.register_forward_pre_hook(lambda m, a: seen['conv_in'].add(a[0].is_contiguous(
+            memory_format=torch.channels_last)))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = vq.reconstruct(images)
+    assert seen == {'quantize': {torch.float32}, 'conv_in': {True}}
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    vq.set_channels_last(False)
+    assert vq.reconstruct(images).is_contiguous()
+
+
+def test_chunked_passes_equal_the_whole_batch_and_bound_memory(saved):
+    from timm_adv.vqgan import chunk_for_budget, peak_memory_bytes, vqgan_activation_bytes
+    torch.manual_seed(2)
+    x = torch.rand(6, 3, 32, 32)
+    whole = create_vqgan(saved)
+    codes, rec = whole.encode(x), whole.reconstruct(x)
+    chunked = create_vqgan(saved, chunk_size=4)
+    chunked.static_batch = True  # the last chunk of 2 padded to 4, as a compiled VQGAN runs it
+    assert torch.equal(chunked.encode(x), codes) and torch.allclose(chunked.reconstruct(x), rec, atol=1e-5)
+    est = vqgan_activation_bytes(whole.config, 32, 32)
+    cpu = torch.device('cpu')
+    by_chunk = {n: create_vqgan(saved, chunk_size=n) for n in (1, 6)}
+    measured = {n: peak_memory_bytes(lambda: vq.encode(x), cpu) for n, vq in by_chunk.items()}
+    assert measured[1] < measured[6] / 2  # the encoder's kept activations scale with the chunk
+    per_image = peak_memory_bytes(lambda: whole.encode(x), cpu) / 6
+    assert 0.5 < est['encode'] / per_image < 2.0, (est, per_image)
+    assert chunk_for_budget(est, 10.5 * max(est.values())) == 10 and chunk_for_budget(est, 1) == 1
+
+
+def test_compiled_vqgan_compiles_once_whatever_the_batch(saved):
+    """DAT decodes a different number of samples each step: after the first batch nothing recompiles."""
+    from timm_adv.augment import compile_vqgan
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(tuple(t.shape[0] for t in example_inputs if torch.is_tensor(t) and t.ndim == 4))
+        return gm.forward
+    torch._dynamo.reset()
+    vq = compile_vqgan(create_vqgan(saved), backend=counting_backend)
+    torch.manual_seed(3)
+    x = torch.rand(4, 3, 16, 16)
+    reference = create_vqgan(saved)
+    codes = vq.encode(x)
+    vq.decode(codes)
+    warm = len(graphs)
+    for n in (1, 3, 4, 2):
+        assert torch.equal(vq.encode(x[:n]), reference.encode(x[:n]))
+        assert torch.allclose(vq.decode(codes[:n]), reference.decode(codes[:n]), atol=1e-5)
+    assert warm >= 2 and len(graphs) == warm and vq.chunk_size == 4
+    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------- fit

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .bn_mode import attack_bn_mode, check_bn_mode
 from .frozen import frozen_parameters
-from .pgd import LossFn, _cross_entropy, ascent_step, project
+from .pgd import LossFn, _cross_entropy, ascent_step, attack_precision, project
 
 __all__ = ['channel_mean', 'perturb_feature_stats', 'FeatureStatsAttack']
 
@@ -50,6 +50,7 @@ class FeatureStatsAttack:
         relu: Apply ReLU to the perturbed feature (the cut feature came out of a ReLU).
         bn_mode: BN behaviour of the network during the attack, one of ``BN_MODES`` (paper: ``eval``).
         loss_fn: Per-sample loss ``(logits, target) -> [B]``; cross-entropy (hard or soft targets) by default.
+        autocast: Run under the surrounding (training) autocast instead of fp32 (see :func:`.attack_precision`).
 
     Example:
         >>> attack = FeatureStatsAttack(eps=1.1, steps=6, step_size=0.2, relu=True)
@@ -58,7 +59,7 @@ class FeatureStatsAttack:
     """
 
     def __init__(self, eps: float = 1.1, steps: int = 6, step_size: float = 0.2, relu: bool = False,
-                 bn_mode: str = 'eval', loss_fn: Optional[LossFn] = None):
+                 bn_mode: str = 'eval', loss_fn: Optional[LossFn] = None, autocast: bool = False):
         if not eps > 0:
             raise ValueError(f'--adv-advbn-eps must be > 0, got {eps} (the paper uses 1.1).')
         if int(steps) != steps or steps < 1:
@@ -71,6 +72,7 @@ class FeatureStatsAttack:
         self.relu = bool(relu)
         self.bn_mode = check_bn_mode(bn_mode)
         self.loss_fn = loss_fn or _cross_entropy
+        self.autocast = bool(autocast)
 
     def perturb(
             self,
@@ -87,11 +89,13 @@ class FeatureStatsAttack:
             feature: The clean cut feature ``[N, C, H, W]`` (detached here: the attack moves a, b only).
             target: Labels or soft targets.
         """
-        feature = feature.detach()
+        # a feature made under the training autocast is low precision: the fp32 attack lifts it
+        feature = feature.detach() if self.autocast else feature.detach().float()
         mean = channel_mean(feature)
         delta_a = torch.zeros_like(mean)
         delta_b = torch.zeros_like(mean)
-        with attack_bn_mode(model, self.bn_mode), frozen_parameters(model), torch.enable_grad():
+        with attack_bn_mode(model, self.bn_mode), frozen_parameters(model), torch.enable_grad(), \
+                attack_precision(feature.device.type, self.autocast):
             for _ in range(self.steps):
                 delta_a.requires_grad_(True)
                 delta_b.requires_grad_(True)

@@ -13,7 +13,12 @@ Conventions:
       ``.grad`` is never touched, weight-gradient kernels are skipped, and DDP wrappers are bypassed
       so no all-reduce fires.
     * BN behaviour during the attack is an explicit argument (see :mod:`.bn_mode`).
+    * Precision is decided here, for every method (:func:`attack_precision`): attack passes run in fp32
+      even inside a training autocast, as the official codes of DAT and PGD-AT do; under fp16 autocast no
+      loss scaler guards the input gradient, which can underflow. ``autocast=True`` keeps the training
+      autocast (faster, ``--adv-attack-amp``).
 """
+from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
@@ -27,7 +32,7 @@ from .normalize import PixelNormalizer
 
 __all__ = [
     'NORMS', 'TARGETINGS', 'LossFn', 'unwrap_ddp', 'per_sample_norm', 'random_init', 'project',
-    'ascent_step', 'input_gradient', 'select_target', 'hard_labels', 'PGDAttack',
+    'ascent_step', 'input_gradient', 'select_target', 'hard_labels', 'attack_precision', 'PGDAttack',
 ]
 
 NORMS = ('linf', 'l2')
@@ -40,6 +45,18 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def unwrap_ddp(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper: attack passes must not trigger gradient sync."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def attack_precision(device_type: str, autocast: bool = False):
+    """The context every attack pass runs in: autocast off (fp32 with fp32 weights) unless ``autocast``.
+
+    Example:
+        >>> with torch.autocast('cuda', dtype=torch.float16), attack_precision('cuda'):
+        ...     logits = model(x)   # fp32
+    """
+    if autocast or not torch.amp.is_autocast_available(device_type):
+        return nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def per_sample_norm(t: torch.Tensor, p: float = 2) -> torch.Tensor:
@@ -124,20 +141,23 @@ def input_gradient(
         normalizer: PixelNormalizer,
         loss_fn: LossFn = _cross_entropy,
         targeted: bool = False,
+        autocast: bool = False,
 ):
     """Gradient of the attack objective w.r.t. ``delta`` only, plus the logits it saw.
 
     The objective is the summed per-sample loss (so each sample's gradient is independent of the
-    batch size), negated for targeted attacks so that ascent moves toward the target class.
+    batch size), negated for targeted attacks so that ascent moves toward the target class. The
+    forward and backward run in fp32 unless ``autocast`` (see :func:`attack_precision`).
 
     Returns:
         ``(grad, logits)`` with ``grad`` shaped like ``delta`` and ``logits`` detached.
     """
     delta = delta.detach().requires_grad_(True)
-    logits = model(normalizer.from_pixel(x_pix + delta))
-    loss = loss_fn(logits, target).sum()
-    if targeted:
-        loss = -loss
+    with attack_precision(x_pix.device.type, autocast):
+        logits = model(normalizer.from_pixel(x_pix + delta))
+        loss = loss_fn(logits, target).sum()
+        if targeted:
+            loss = -loss
     grad, = torch.autograd.grad(loss, delta)
     return grad, logits.detach()
 
@@ -164,6 +184,8 @@ class PGDAttack:
         restarts: Independent random restarts; the strongest per sample is kept.
         clamp: Keep adversarial images in [0, 1].
         num_classes: Class count, lets ``targeted='random'`` draw targets without a clean forward.
+        autocast: Run the attack under the surrounding (training) autocast instead of fp32 (see
+            :func:`attack_precision`).
 
     Example:
         >>> attack = PGDAttack(eps=8 / 255, steps=10, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
@@ -187,6 +209,7 @@ class PGDAttack:
             num_classes: Optional[int] = None,
             start_prob: float = 1.0,
             start_on_sphere: bool = False,
+            autocast: bool = False,
     ):
         if not eps > 0:
             raise ValueError(f'eps must be > 0, got {eps} (--adv-eps / --eps, e.g. 8/255).')
@@ -218,6 +241,7 @@ class PGDAttack:
         self.restarts = int(restarts)
         self.clamp = clamp
         self.num_classes = num_classes
+        self.autocast = bool(autocast)
 
     def perturb(
             self,
@@ -239,7 +263,8 @@ class PGDAttack:
         model = unwrap_ddp(model)
         x_pix = x_pix.detach()
         targeted = attack_target is not None or self.targeted is not None
-        with attack_bn_mode(model, self.bn_mode), frozen_parameters(model), torch.enable_grad():
+        with attack_bn_mode(model, self.bn_mode), frozen_parameters(model), torch.enable_grad(), \
+                attack_precision(x_pix.device.type, self.autocast):
             best_delta, best_score = None, None
             goal = attack_target
             if goal is None and self.targeted is not None:
@@ -253,8 +278,8 @@ class PGDAttack:
                     delta = torch.zeros_like(x_pix)
                 delta = project(delta, x_pix, self.eps, self.norm, self.clamp)
                 for _ in range(self.steps):
-                    grad, _ = input_gradient(
-                        model, x_pix, delta, goal if targeted else target, self.normalizer, self.loss_fn, targeted)
+                    grad, _ = input_gradient(model, x_pix, delta, goal if targeted else target, self.normalizer,
+                                             self.loss_fn, targeted, self.autocast)
                     delta = project(ascent_step(delta, grad, self.step_size, self.norm), x_pix, self.eps, self.norm,
                                     self.clamp)
                 if self.restarts == 1:
@@ -305,7 +330,7 @@ class PGDAttack:
     def __repr__(self) -> str:
         return (f'PGDAttack(eps={self.eps:.5g}, steps={self.steps}, step_size={self.step_size:.5g}, '
                 f'norm={self.norm}, random_start={self._start_repr()}, targeted={self.targeted}, '
-                f'bn_mode={self.bn_mode}, restarts={self.restarts})')
+                f'bn_mode={self.bn_mode}, restarts={self.restarts}{", autocast" if self.autocast else ""})')
 
     def _start_repr(self) -> str:
         if not self.random_start or (not self.start_on_sphere and self.start_prob == 1.0):

@@ -38,10 +38,12 @@ class DiscreteAdversarialBatch(NamedTuple):
         code_change: Fraction of code positions where ``x_dat``'s codes differ from the clean image's
             (``[]`` tensor); the reconstruction alone moves some, since a VQGAN is not idempotent.
         samples_changed: Fraction of samples with at least one such code, i.e. decoded twice (``[]`` tensor).
+        attacked: The attack's result ``x_rec + delta`` in pixels, before the second reconstruction.
     """
     images: torch.Tensor
     code_change: torch.Tensor
     samples_changed: torch.Tensor
+    attacked: torch.Tensor
 
 
 def check_vqgan_input_size(vqgan: nn.Module, input_size, flag: str = '--adv-dat-vqgan') -> None:
@@ -58,18 +60,26 @@ def check_vqgan_input_size(vqgan: nn.Module, input_size, flag: str = '--adv-dat-
             f'(--img-size / --input-size); use a multiple of {factor} or a VQGAN with a smaller factor.')
 
 
-def compile_vqgan(vqgan: nn.Module) -> nn.Module:
-    """Compiles the encoder and decoder of a :class:`~timm_adv.vqgan.VQGANDiscretizer` in place.
+def compile_vqgan(vqgan: nn.Module, **compile_kwargs) -> nn.Module:
+    """Compiles the encoder and decoder of a :class:`~timm_adv.vqgan.VQGANDiscretizer` in place, once.
 
     GroupNorm + SiLU at full resolution are memory-bound and fuse well (1.3x to 2.7x per pass on a
-    2-core CPU in ``benchmarks/dat_cost.py`` runs), at the price of minutes of compilation. Call it after loading the weights: compiled
-    submodules prefix their ``state_dict`` keys.
+    2-core CPU in ``benchmarks/dat_cost.py`` runs), at the price of minutes of compilation. DAT decodes
+    only the samples whose codes changed, a different count each step: the VQGAN is switched to
+    ``static_batch`` (every pass padded to its chunk size) so that one graph serves every step. Call it
+    after loading the weights: compiled submodules prefix their ``state_dict`` keys.
+
+    Args:
+        vqgan: The discretiser.
+        **compile_kwargs: Passed to ``torch.compile`` (e.g. ``backend``); shapes are static.
 
     Example:
         >>> vqgan = compile_vqgan(create_vqgan('vq-f8', checkpoint_path='model.ckpt'))
     """
-    vqgan.model.encoder = torch.compile(vqgan.model.encoder)
-    vqgan.model.decoder = torch.compile(vqgan.model.decoder)
+    compile_kwargs.setdefault('dynamic', False)
+    vqgan.model.encoder = torch.compile(vqgan.model.encoder, **compile_kwargs)
+    vqgan.model.decoder = torch.compile(vqgan.model.decoder, **compile_kwargs)
+    vqgan.static_batch = True
     return vqgan
 
 
@@ -115,26 +125,28 @@ class DiscreteAdversarialAugment:
             target: Class indices or soft targets (mixup / cutmix).
         """
         x = x.detach()
+        # clamped here, so the VQGAN's own range checks (host syncs) are skipped
         x_pix = self.normalizer.to_pixel(x).float().clamp(0.0, 1.0)
         with self._vqgan_context(x):
-            codes = self.vqgan.encode(x_pix)
-            x_rec = self.vqgan.decode(codes).float()
-        delta = self.attack.perturb(model, x_rec, target)
+            codes = self.vqgan.encode(x_pix, check_range=False)
+            x_rec = self.vqgan.decode(codes, check_range=False).float()
+        # re-clamped: (x_rec + delta) can exceed [0, 1] by a rounding error after the attack's projection
+        attacked = (x_rec + self.attack.perturb(model, x_rec, target)).clamp(0.0, 1.0)
         with self._vqgan_context(x):
-            # re-clamped: (x_rec + delta) can exceed [0, 1] by a rounding error after the attack's projection
-            adv_codes = self.vqgan.encode((x_rec + delta).clamp(0.0, 1.0))
+            adv_codes = self.vqgan.encode(attacked, check_range=False)
             diff = adv_codes != codes
             changed = diff.flatten(1).any(dim=1)
-            if bool(changed.all()):
-                x_dat = self.vqgan.decode(adv_codes).float()
+            index = changed.nonzero().squeeze(1)  # the step's one host sync: how many samples to decode
+            if index.numel() == changed.numel():
+                x_dat = self.vqgan.decode(adv_codes, check_range=False).float()
             else:
                 x_dat = x_rec.clone()
-                if bool(changed.any()):
-                    x_dat[changed] = self.vqgan.decode(adv_codes[changed]).float()
+                if index.numel():
+                    x_dat.index_copy_(0, index, self.vqgan.decode(adv_codes[index], check_range=False).float())
         images = self.normalizer.from_pixel(x_dat).to(dtype=x.dtype)
         if x.is_contiguous(memory_format=torch.channels_last):
             images = images.contiguous(memory_format=torch.channels_last)
-        return DiscreteAdversarialBatch(images, diff.float().mean(), changed.float().mean())
+        return DiscreteAdversarialBatch(images, diff.float().mean(), changed.float().mean(), attacked)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Discrete adversarial images, in the same space, shape and dtype as ``x``, detached."""

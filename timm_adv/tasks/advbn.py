@@ -159,7 +159,8 @@ class AdvBNTask(AuxBNStateMixin, AdversarialTask):
         attack = FeatureStatsAttack(
             eps=getattr(args, 'adv_advbn_eps', 1.1), steps=getattr(args, 'adv_advbn_steps', 6),
             step_size=getattr(args, 'adv_advbn_step_size', 0.2), relu=get_advbn(model).relu,
-            bn_mode=getattr(args, 'adv_bn_mode', None) or cls.default_bn_mode)
+            bn_mode=getattr(args, 'adv_bn_mode', None) or cls.default_bn_mode,
+            autocast=getattr(args, 'adv_attack_amp', False))
         return cls(model, criterion, attack, freeze_front=getattr(args, 'adv_advbn_freeze_front', True),
                    export_bn=getattr(args, 'adv_advbn_export_bn', 'clean'), device=device)
 

@@ -151,6 +151,7 @@ class AdversarialTask(ClassificationTask):
             mean=mean,
             std=std,
             num_classes=getattr(args, 'num_classes', None),
+            autocast=getattr(args, 'adv_attack_amp', False),
             **kwargs,
         )
 

@@ -4,11 +4,12 @@ Each step trains on the clean batch and on its discrete adversarial version (see
 :class:`~timm_adv.augment.DiscreteAdversarialAugment`): ``loss = w_clean * CE(f(x)) + w_dat *
 CE(f(x_dat))``, one backward. The official code (EasyRobust ``examples/imageclassification/imagenet/
 dat``) runs the two forwards separately, so each batch normalises with its own BN statistics; so
-does this task. Defaults follow the official code (see ``shared/methods.md``):
+does this task. Defaults follow the official code:
 
 * attack: one L2 step of 0.1 within eps 0.1 at the reconstruction, random start on the eps sphere
-  with probability 0.8 per batch, the model in train mode (batch statistics; running statistics
-  are left alone: ``--adv-bn-mode train``, where the official attack updates them);
+  with probability 0.8 per batch, the model in train mode, in fp32 inside the training autocast
+  (batch statistics; running statistics are left alone: ``--adv-bn-mode train``; the official step
+  updates them four times per step, reproduced by ``--adv-dat-official-bn``);
 * ``w_clean = w_dat = 1``; soft targets from mixup / cutmix go to the attack and both losses.
 
 The VQGAN (``--adv-dat-vqgan``: a preset, a folder or file, ``hf-hub:`` or ``local-dir:``) is built
@@ -42,9 +43,10 @@ _logger = logging.getLogger(__name__)
 #: ``--adv-dat-*`` flags and their defaults, the official behaviour (channels_last only changes speed, and the
 #: result up to float rounding); also used for namespaces built without the DAT flags.
 DAT_FLAG_DEFAULTS: Dict[str, Any] = dict(
-    adv_dat_vqgan=None, adv_dat_start_prob=0.8, adv_dat_start_on_sphere=True, adv_dat_clean_weight=1.0,
-    adv_dat_weight=1.0, adv_dat_aux_bn=False, adv_dat_vqgan_bf16=False, adv_dat_vqgan_channels_last=True,
-    adv_dat_vqgan_compile=False,
+    adv_dat_vqgan=None, adv_dat_vqgan_config=None, adv_dat_start_prob=0.8, adv_dat_start_on_sphere=True,
+    adv_dat_clean_weight=1.0, adv_dat_weight=1.0, adv_dat_aux_bn=False, adv_dat_vqgan_bf16=False,
+    adv_dat_vqgan_channels_last=None, adv_dat_vqgan_compile=False, adv_dat_vqgan_chunk=0,
+    adv_dat_vqgan_memory_gb=None, adv_dat_official_bn=False,
 )
 _VQGAN_HELP = '<preset | folder | file | hf-hub:org/name | local-dir:folder>'
 
@@ -55,15 +57,31 @@ def _dat_setting(args: argparse.Namespace, dest: str):
 
 
 @functools.lru_cache(maxsize=1)
-def _load_vqgan(spec: str, bf16: bool, channels_last: bool, compile: bool) -> nn.Module:
+def _load_vqgan(spec: str, config: Optional[str], bf16: bool, compile: bool) -> nn.Module:
     # prepare_model checks it before any data is read and from_args uses it: load the weights once;
     # imported here so that other methods never import taming
     from timm_adv.vqgan import create_vqgan
     try:
-        vqgan = create_vqgan(spec, bf16=bf16, channels_last=channels_last)
+        vqgan = create_vqgan(spec, config=config, bf16=bf16)
     except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f'--adv-dat-vqgan {spec!r}: {e}') from None
+        flags = f'--adv-dat-vqgan {spec!r}' + (f' --adv-dat-vqgan-config {config!r}' if config else '')
+        raise ValueError(f'{flags}: {e}') from None
     return compile_vqgan(vqgan) if compile else vqgan
+
+
+def _vqgan_chunk(args: argparse.Namespace, vqgan: nn.Module, input_size, device: torch.device) -> Optional[int]:
+    """``--adv-dat-vqgan-chunk``, or (0) the chunk whose estimated activations fit the memory budget."""
+    from timm_adv.vqgan.memory import chunk_for_budget, default_memory_budget, vqgan_activation_bytes
+    chunk = _dat_setting(args, 'adv_dat_vqgan_chunk')
+    if chunk:
+        return int(chunk)
+    gb = _dat_setting(args, 'adv_dat_vqgan_memory_gb')
+    budget = gb * 2 ** 30 if gb else default_memory_budget(device)
+    if budget is None:
+        return None
+    # sized as fp32 under bf16 too: autocast keeps GroupNorm and its SiLU in fp32
+    per_image = vqgan_activation_bytes(vqgan.config, input_size[-2], input_size[-1])
+    return chunk_for_budget(per_image, budget)
 
 
 def _vqgan_identity(vqgan: nn.Module) -> Dict[str, Any]:
@@ -88,6 +106,8 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
         clean_weight: Weight of the clean loss (0 trains on the DAT batch only).
         dat_weight: Weight of the DAT loss.
         aux_bn: Route the DAT examples (attack and loss) through the auxiliary BNs.
+        official_bn: Update BN running statistics as the official code does (see :meth:`forward`); the attack
+            must then run in ``train_update`` BN mode.
 
     Example:
         >>> attack = create_attack(0.1, steps=1, step_size=0.1, norm='l2', bn_mode='train', start_prob=0.8,
@@ -107,6 +127,7 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
             clean_weight: float = 1.0,
             dat_weight: float = 1.0,
             aux_bn: bool = False,
+            official_bn: bool = False,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
@@ -118,21 +139,32 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
         if aux_bn and not dual_bn_layers(self.unwrapped_model):
             raise ValueError('DATTask(aux_bn=True) needs a model with auxiliary BNs; convert it with '
                              'DATTask.prepare_model (or timm_adv.layers.convert_dual_bn) first.')
+        if official_bn and (aux_bn or augment.attack.bn_mode != 'train_update' or not clean_weight > 0):
+            raise ValueError('--adv-dat-official-bn reproduces the official BN updates: it needs the attack in '
+                             '--adv-bn-mode train_update, a clean loss (--adv-dat-clean-weight > 0) and no '
+                             '--adv-dat-aux-bn.')
         self.augment = augment
+        self.official_bn = official_bn
         self.clean_weight = float(clean_weight)
         self.dat_weight = float(dat_weight)
         self.aux_bn = aux_bn
         self.vqgan_identity = _vqgan_identity(augment.vqgan)
         if verbose:
             _logger.info(f'DAT: VQGAN {self.vqgan_identity.get("source", "?")} (f={self.vqgan_identity.get("downsample_factor")}, '
-                         f'{self.vqgan_identity.get("n_embed")} codes), attack {augment.attack!r}, loss '
+                         f'{self.vqgan_identity.get("n_embed")} codes, channels_last {self.vqgan_identity.get("channels_last")}, '
+                         f'chunk {self.vqgan_identity.get("chunk_size") or "whole batch"}), attack {augment.attack!r}, loss '
                          f'{clean_weight:g} * CE(clean) + {dat_weight:g} * CE(DAT){", DAT through auxiliary BNs" if aux_bn else ""}.')
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
         d = DAT_FLAG_DEFAULTS
         group.add_argument('--adv-dat-vqgan', default=d['adv_dat_vqgan'], metavar='VQGAN',
-                           help=f'dat: the VQGAN discretiser, {_VQGAN_HELP} (required by --adv-method dat)')
+                           help=f'dat: the VQGAN discretiser, {_VQGAN_HELP} (required by --adv-method dat); a preset '
+                                f'(vq-f8) reads its weights from $TIMM_ADV_HOME/vqgan/<preset>/ (default '
+                                f'~/.cache/timm_adv/vqgan/<preset>/)')
+        group.add_argument('--adv-dat-vqgan-config', default=d['adv_dat_vqgan_config'], metavar='CONFIG',
+                           help='dat: architecture of a bare weights file given to --adv-dat-vqgan (a .ckpt without a '
+                                'config beside it): a preset (vq-f8) or a taming / latent-diffusion yaml')
         group.add_argument('--adv-dat-start-prob', type=float, default=d['adv_dat_start_prob'], metavar='P',
                            help='dat: probability (one draw per batch) of the random start (default: 0.8)')
         group.add_argument('--adv-dat-start-on-sphere', action=argparse.BooleanOptionalAction,
@@ -147,18 +179,35 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
                            default=d['adv_dat_aux_bn'],
                            help='dat: route the DAT examples through auxiliary BatchNorms (AdvProp-style), dropped '
                                 'at export (default: off)')
+        group.add_argument('--adv-dat-official-bn', action=argparse.BooleanOptionalAction,
+                           default=d['adv_dat_official_bn'],
+                           help='dat: update BatchNorm running statistics as the official code: clean forward, attack '
+                                'forward, the attack\'s final forward, DAT forward (4 updates, the DAT batch last; one '
+                                'more forward, and the clean graph is held while the VQGAN runs); default: DAT then '
+                                'clean, 2 updates, running statistics untouched by the attack')
         group.add_argument('--adv-dat-vqgan-bf16', action=argparse.BooleanOptionalAction,
                            default=d['adv_dat_vqgan_bf16'],
                            help='dat: run the VQGAN encoder/decoder under bf16 autocast; fast on GPUs and CPUs with '
                                 'bf16 units, slow elsewhere (default: fp32, as the official code)')
         group.add_argument('--adv-dat-vqgan-channels-last', action=argparse.BooleanOptionalAction,
                            default=d['adv_dat_vqgan_channels_last'],
-                           help='dat: run the VQGAN in channels_last memory format; on CPU 1.8x faster for a tiny VQGAN, '
-                                'no gain measured for the digits one (benchmarks/dat_cost.py) (default: on)')
+                           help='dat: run the VQGAN in channels_last memory format; on CPU 1.8x faster for a tiny VQGAN '
+                                '(benchmarks/dat_cost.py); on CUDA its GroupNorms may convert formats and no GPU '
+                                'measurement says it helps (default: on for CPU, off for CUDA)')
         group.add_argument('--adv-dat-vqgan-compile', action=argparse.BooleanOptionalAction,
                            default=d['adv_dat_vqgan_compile'],
-                           help='dat: torch.compile the VQGAN encoder and decoder: faster passes after minutes of '
-                                'compilation (again for each new batch shape), worth it for long runs (default: off)')
+                           help='dat: torch.compile the VQGAN encoder and decoder once (every pass padded to the chunk '
+                                'size, so the varying count of re-decoded samples does not recompile): faster passes '
+                                'after minutes of compilation, worth it for long runs (default: off)')
+        group.add_argument('--adv-dat-vqgan-chunk', type=bounded_type('--adv-dat-vqgan-chunk', int, 0),
+                           default=d['adv_dat_vqgan_chunk'], metavar='N',
+                           help='dat: images per VQGAN encoder / decoder pass (its activations take about 0.2 GB per '
+                                '224 px image in fp32); 0 picks the largest chunk within --adv-dat-vqgan-memory-gb '
+                                '(default: 0)')
+        group.add_argument('--adv-dat-vqgan-memory-gb', type=bounded_type('--adv-dat-vqgan-memory-gb', float, 0),
+                           default=d['adv_dat_vqgan_memory_gb'], metavar='GB',
+                           help='dat: memory budget of the VQGAN passes for the automatic chunk (default: a quarter '
+                                'of the GPU; on CPU the whole batch at once)')
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
@@ -170,6 +219,12 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
             raise ValueError(f'--adv-dat-start-prob must be in [0, 1], got {prob}.')
         if not _dat_setting(args, 'adv_dat_weight') > 0:
             raise ValueError('--adv-dat-weight must be > 0 (--adv-method none trains without DAT examples).')
+        if _dat_setting(args, 'adv_dat_vqgan_chunk') and _dat_setting(args, 'adv_dat_vqgan_memory_gb'):
+            raise ValueError('--adv-dat-vqgan-memory-gb sets the automatic chunk, which --adv-dat-vqgan-chunk N '
+                             'replaces: drop one of them.')
+        if _dat_setting(args, 'adv_dat_official_bn') and getattr(args, 'adv_bn_mode', None) not in (None, 'train_update'):
+            raise ValueError(f'--adv-dat-official-bn runs the attack in --adv-bn-mode train_update (as the official '
+                             f'code), not {args.adv_bn_mode}: drop one of them.')
 
     @classmethod
     def prepare_model(cls, model: nn.Module, args: Optional[argparse.Namespace] = None) -> nn.Module:
@@ -188,24 +243,40 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
         return model
 
     @classmethod
-    def create_vqgan(cls, args: argparse.Namespace, device: Optional[torch.device] = None) -> nn.Module:
-        """The frozen VQGAN named by ``--adv-dat-vqgan`` (loaded once per process), errors naming the flag."""
+    def create_vqgan(cls, args: argparse.Namespace, device: Optional[torch.device] = None,
+                     input_size=None) -> nn.Module:
+        """The frozen VQGAN named by ``--adv-dat-vqgan`` (loaded once per process), errors naming the flag.
+
+        With ``device`` it is moved there in the memory format measured faster on that device (unless
+        ``--adv-dat-vqgan-channels-last`` says otherwise); with ``input_size`` its chunk is set too.
+        """
         cls.check_args(args)
-        vqgan = _load_vqgan(args.adv_dat_vqgan, _dat_setting(args, 'adv_dat_vqgan_bf16'),
-                            _dat_setting(args, 'adv_dat_vqgan_channels_last'), _dat_setting(args, 'adv_dat_vqgan_compile'))
-        return vqgan.to(device) if device is not None else vqgan
+        vqgan = _load_vqgan(args.adv_dat_vqgan, _dat_setting(args, 'adv_dat_vqgan_config'),
+                            _dat_setting(args, 'adv_dat_vqgan_bf16'), _dat_setting(args, 'adv_dat_vqgan_compile'))
+        if device is None:
+            return vqgan
+        device = torch.device(device)
+        channels_last = _dat_setting(args, 'adv_dat_vqgan_channels_last')
+        vqgan.set_channels_last(device.type == 'cpu' if channels_last is None else channels_last)
+        if input_size is not None:
+            vqgan.chunk_size = _vqgan_chunk(args, vqgan, input_size, device)
+        return vqgan.to(device)
 
     @classmethod
     def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'DATTask':
-        vqgan = cls.create_vqgan(args, device)
-        check_vqgan_input_size(vqgan, resolve_data_config(vars(args), model=model)['input_size'])
+        input_size = resolve_data_config(vars(args), model=model)['input_size']
+        vqgan = cls.create_vqgan(args, device or torch.device('cpu'), input_size)
+        check_vqgan_input_size(vqgan, input_size)
+        official_bn = _dat_setting(args, 'adv_dat_official_bn')
         attack = cls.attack_from_args(
             args, mean, std, start_prob=_dat_setting(args, 'adv_dat_start_prob'),
             start_on_sphere=_dat_setting(args, 'adv_dat_start_on_sphere'))
+        if official_bn and getattr(args, 'adv_bn_mode', None) is None:
+            attack.bn_mode = 'train_update'
         return cls(model, criterion, DiscreteAdversarialAugment(vqgan, attack),
                    clean_weight=_dat_setting(args, 'adv_dat_clean_weight'),
                    dat_weight=_dat_setting(args, 'adv_dat_weight'),
-                   aux_bn=_dat_setting(args, 'adv_dat_aux_bn'), device=device)
+                   aux_bn=_dat_setting(args, 'adv_dat_aux_bn'), official_bn=official_bn, device=device)
 
     def ideal_cost(self) -> Dict[str, float]:
         cost = super().ideal_cost()
@@ -216,21 +287,36 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
     def _dat_route(self):
         return dual_bn_route(self.unwrapped_model, 'aux') if self.aux_bn else contextlib.nullcontext()
 
+    def _clean(self, input: torch.Tensor, target: torch.Tensor, result: Dict[str, torch.Tensor]):
+        output = self.trainable_module(input)
+        loss_clean = self.criterion(output, target)
+        result.update(top1_clean=top1(output, target), loss_clean=loss_clean.detach())
+        return output, self.clean_weight * loss_clean
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        # the DAT batch first: no training graph is held while the VQGAN runs
+        """One DAT step. By default the DAT batch goes first, so no training graph is held while the VQGAN
+        runs, and BN running statistics are updated by the DAT then the clean forward. With ``official_bn``
+        the official order: clean forward, the attack (``train_update``), the official attack's final
+        forward at ``x_rec + delta`` (no gradient; it only updates BN statistics), DAT forward."""
+        result: Dict[str, torch.Tensor] = {}
+        if self.official_bn:
+            output, loss = self._clean(input, target, result)
         with self._dat_route():
             dat = self.augment.generate(self.trainable_module, input, target)
+            if self.official_bn:
+                with torch.no_grad():
+                    self.trainable_module(self.augment.normalizer.from_pixel(dat.attacked).to(input.dtype))
             output_dat = self.trainable_module(dat.images)
         loss_dat = self.criterion(output_dat, target)
-        result = {'top1_dat': top1(output_dat, target), 'loss_dat': loss_dat.detach(),
-                  'dat_code_change': dat.code_change, 'dat_samples_changed': dat.samples_changed}
-        loss = self.dat_weight * loss_dat
-        output = output_dat
-        if self.clean_weight > 0:
-            output = self.trainable_module(input)
-            loss_clean = self.criterion(output, target)
-            loss = loss + self.clean_weight * loss_clean
-            result.update(top1_clean=top1(output, target), loss_clean=loss_clean.detach())
+        result.update({'top1_dat': top1(output_dat, target), 'loss_dat': loss_dat.detach(),
+                       'dat_code_change': dat.code_change, 'dat_samples_changed': dat.samples_changed})
+        if self.official_bn:
+            loss = loss + self.dat_weight * loss_dat
+        elif self.clean_weight > 0:
+            output, loss_clean = self._clean(input, target, result)
+            loss = self.dat_weight * loss_dat + loss_clean
+        else:
+            output, loss = output_dat, self.dat_weight * loss_dat
         result.update(loss=loss, output=output)
         return result
 

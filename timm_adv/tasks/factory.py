@@ -36,6 +36,10 @@ def add_adv_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--adv-bn-mode', choices=BN_MODES, default=None,
                        help='BN behaviour while the training attack runs: eval statistics, batch statistics with '
                             'frozen running stats (train), or updated stats (train_update) (default: per method)')
+    group.add_argument('--adv-attack-amp', action='store_true', default=False,
+                       help='run the training attack under the --amp autocast instead of fp32: faster, but under '
+                            'fp16 no loss scaler guards its input gradient (prefer --amp-dtype bfloat16); the '
+                            'official codes of DAT and PGD-AT attack in fp32 (default: fp32)')
     group.add_argument('--adv-val-steps', type=bounded_type('--adv-val-steps', int, 1), default=10, metavar='K',
                        help='PGD steps of the per-epoch robust validation (default: 10)')
     group.add_argument('--adv-val-eps', type=eps_type('--adv-val-eps'), default=None, metavar='EPS',
@@ -95,6 +99,12 @@ def check_adv_args(args: argparse.Namespace, explicit: Optional[Mapping[str, str
         own = f' {args.adv_method} has {method.arg_hints[dest]} instead.' if dest in method.arg_hints else ''
         raise ValueError(f'{flag} does nothing with --adv-method {args.adv_method}; it applies to '
                          f'{", ".join(users)}{hint}.{own} Drop it, or pick one of those methods.')
+    if 'adv_attack_amp' in explicit and not method.uses_args:  # the methods without a training attack
+        raise ValueError(f'--adv-attack-amp does nothing with --adv-method {args.adv_method} (no training attack); '
+                         f'drop it.')
+    if getattr(args, 'adv_attack_amp', False) and not getattr(args, 'amp', False):
+        raise ValueError('--adv-attack-amp runs the attack under the --amp autocast, but --amp is off: add --amp or '
+                         'drop --adv-attack-amp.')
     if args.adv_val_samples == 0:
         for dest in ('adv_val_steps', 'adv_val_eps'):
             if dest in explicit:

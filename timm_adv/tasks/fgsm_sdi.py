@@ -204,7 +204,7 @@ class FGSMSDITask(AdversarialTask):
         attack = self.attack
         attacked = self.attack_model
         with attack_bn_mode(attacked, attack.bn_mode), frozen_parameters(attacked), torch.enable_grad():
-            grad, _ = input_gradient(attacked, x_pix, delta0, target, attack.normalizer)
+            grad, _ = input_gradient(attacked, x_pix, delta0, target, attack.normalizer, autocast=attack.autocast)
         # The official code clips the FGSM step alpha * sign(grad) to the eps ball before adding it.
         step = min(attack.step_size, attack.eps)
         delta = project(ascent_step(delta0, grad, step), x_pix, attack.eps, clamp=attack.clamp)
@@ -255,7 +255,8 @@ class FGSMSDITask(AdversarialTask):
         x_pix = attack.normalizer.to_pixel(x)
         attacked = self.attack_model
         with attack_bn_mode(attacked, attack.bn_mode), frozen_parameters(attacked), torch.enable_grad():
-            grad, _ = input_gradient(attacked, x_pix, torch.zeros_like(x_pix), target, attack.normalizer)
+            grad, _ = input_gradient(attacked, x_pix, torch.zeros_like(x_pix), target, attack.normalizer,
+                                     autocast=attack.autocast)
         grad_sign = grad.sign()
         if self.batches_seen % self.generator_every == 0:
             self.generator_step(x, x_pix, grad_sign, target)

@@ -6,5 +6,8 @@
 """
 from .config import VQGAN_PRESETS, VQGANConfig, list_vqgan_presets, load_vqgan_config
 from .discretizer import VQGANDiscretizer, compare_precision
-from .factory import CONFIG_FILE, WEIGHTS_FILE, create_vqgan, load_vqgan_weights, save_vqgan
+from .factory import (
+    CONFIG_FILE, WEIGHTS_FILE, create_vqgan, load_vqgan_weights, preset_folder, save_vqgan, vqgan_home,
+)
+from .memory import chunk_for_budget, default_memory_budget, peak_memory_bytes, vqgan_activation_bytes
 from .model import VQModel

@@ -98,12 +98,13 @@ def _ddconfig(ch_mult, attn_resolutions, z_channels, resolution=256):
                 ch_mult=list(ch_mult), num_res_blocks=2, attn_resolutions=list(attn_resolutions), dropout=0.0)
 
 
-#: Published VQGANs, their architecture and where the weights are. Weights are never downloaded here:
-#: fetch the file once, then ``create_vqgan('<preset>', checkpoint_path='model.ckpt')``.
+#: Published VQGANs, their architecture, where the weights are published and the file names accepted in the
+#: preset's cache folder (``timm_adv.vqgan.preset_folder``). Weights are never downloaded here.
 VQGAN_PRESETS: Dict[str, Dict[str, Any]] = {
     'vq-f8': dict(
         params=dict(embed_dim=4, n_embed=16384, ddconfig=_ddconfig([1, 2, 2, 4], [32], z_channels=4)),
         description='latent-diffusion first-stage VQ model, OpenImages, f=8, 16384 codes; the model DAT uses',
+        files=('model.safetensors', 'model.ckpt', 'vqgan_openimages_f8_16384.ckpt'),
         weights='https://ommer-lab.com/files/latent-diffusion/vq-f8.zip (model.ckpt; config: latent-diffusion '
                 'models/first_stage_models/vq-f8/config.yaml). EasyRobust mirrors the same weights as '
                 'http://alisec-competition.oss-cn-shanghai.aliyuncs.com/xiaofeng/easy_robust/pretrained_models/'
@@ -111,11 +112,13 @@ VQGAN_PRESETS: Dict[str, Dict[str, Any]] = {
     'vqgan_imagenet_f16_1024': dict(
         params=dict(embed_dim=256, n_embed=1024, ddconfig=_ddconfig([1, 1, 2, 2, 4], [16], z_channels=256)),
         description='taming-transformers VQGAN, ImageNet, f=16, 1024 codes',
+        files=('model.safetensors', 'last.ckpt'),
         weights='https://heibox.uni-heidelberg.de/d/8088892a516d4e3baf92/ (ckpts/last.ckpt, configs/model.yaml), '
                 'linked from the taming-transformers README'),
     'vqgan_imagenet_f16_16384': dict(
         params=dict(embed_dim=256, n_embed=16384, ddconfig=_ddconfig([1, 1, 2, 2, 4], [16], z_channels=256)),
         description='taming-transformers VQGAN, ImageNet, f=16, 16384 codes',
+        files=('model.safetensors', 'last.ckpt'),
         weights='https://heibox.uni-heidelberg.de/d/a7530b09fed84f80a887/ (ckpts/last.ckpt, configs/model.yaml), '
                 'linked from the taming-transformers README'),
 }

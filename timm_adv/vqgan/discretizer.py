@@ -1,6 +1,6 @@
 """A frozen VQGAN that maps images in [0, 1] to discrete codes and back (what DAT trains on)."""
 import contextlib
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -18,13 +18,20 @@ class VQGANDiscretizer(nn.Module):
     module stays in eval mode even inside a model switched to ``train()``. The quantiser (nearest
     codebook vector) always runs in fp32: in bf16 the distances to 16384 codes tie and flip indices.
 
+    Encoder and decoder run on at most ``chunk_size`` images at a time: taming's encoder keeps every
+    block's output until it ends (about 0.2 GB per 224 px image for vq-f8 in fp32, see
+    :func:`~timm_adv.vqgan.vqgan_activation_bytes`), so a whole training batch can exceed GPU memory. With
+    ``static_batch`` (set by ``compile_vqgan``) every pass is padded to ``chunk_size`` images, the first
+    batch's size when unset, so that a compiled VQGAN sees one shape and compiles once.
+
     Args:
         model: The network (weights already loaded).
         source: What it was created from (preset, path, ``hf-hub:``/``local-dir:`` name).
         weights: Weights file it was loaded from, if any.
         weights_sha256: That file's SHA-256, to tell two VQGANs apart in checkpoints and model cards.
         bf16: Run encoder and decoder under bf16 autocast.
-        channels_last: Run encoder and decoder in channels_last memory format.
+        channels_last: Run encoder and decoder in channels_last memory format (decoded images come out in it).
+        chunk_size: Images per encoder / decoder pass; None runs the whole batch at once.
 
     Example:
         >>> vq = create_vqgan('/work/artifacts/vqgan_mnist')
@@ -33,7 +40,8 @@ class VQGANDiscretizer(nn.Module):
     """
 
     def __init__(self, model: VQModel, source: str = '', weights: Optional[str] = None,
-                 weights_sha256: Optional[str] = None, bf16: bool = False, channels_last: bool = False):
+                 weights_sha256: Optional[str] = None, bf16: bool = False, channels_last: bool = False,
+                 chunk_size: Optional[int] = None):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.config = model.config
@@ -44,6 +52,10 @@ class VQGANDiscretizer(nn.Module):
         self.bf16 = bool(bf16)
         self.channels_last = False
         self.set_channels_last(channels_last)
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f'VQGAN chunk_size must be >= 1 or None (whole batch), got {chunk_size}.')
+        self.chunk_size = chunk_size
+        self.static_batch = False
 
     def train(self, mode: bool = True) -> 'VQGANDiscretizer':
         """Stays in eval mode: the VQGAN is frozen whatever the surrounding model does."""
@@ -62,10 +74,14 @@ class VQGANDiscretizer(nn.Module):
         """Identity of this VQGAN in plain types (for a checkpoint's task state or a model card)."""
         return dict(source=self.source, weights=self.weights, weights_sha256=self.weights_sha256,
                     config=self.config.params(), downsample_factor=self.downsample_factor, n_embed=self.n_embed,
-                    embed_dim=self.config.embed_dim, bf16=self.bf16, channels_last=self.channels_last)
+                    embed_dim=self.config.embed_dim, bf16=self.bf16, channels_last=self.channels_last,
+                    chunk_size=self.chunk_size)
 
-    def check_images(self, x: torch.Tensor) -> None:
-        """Raises ValueError unless ``x`` is a float batch (B, C, H, W) in [0, 1] with H, W multiples of the factor."""
+    def check_images(self, x: torch.Tensor, check_range: bool = True) -> None:
+        """Raises ValueError unless ``x`` is a float batch (B, C, H, W) in [0, 1] with H, W multiples of the factor.
+
+        The range check reads the values back to the host (a device sync); ``check_range=False`` skips it.
+        """
         in_ch = self.config.ddconfig['in_channels']
         if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != in_ch or not x.is_floating_point():
             raise ValueError(f'VQGAN input must be a float tensor (B, {in_ch}, H, W), got '
@@ -75,6 +91,8 @@ class VQGANDiscretizer(nn.Module):
             raise ValueError(f'VQGAN input is {x.shape[2]}x{x.shape[3]} px; this VQGAN downsamples by {f}, so height '
                              f'and width must be multiples of {f} (set the image size, e.g. --img-size / '
                              f'--input-size, to one).')
+        if not check_range:
+            return
         lo, hi = torch.aminmax(x.detach())
         lo, hi = float(lo), float(hi)
         if not (lo >= 0.0 and hi <= 1.0):
@@ -89,31 +107,51 @@ class VQGANDiscretizer(nn.Module):
     def _format(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def _in_chunks(self, net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``net`` over ``x`` in chunks of ``chunk_size`` images (padded to it with ``static_batch``)."""
+        if self.static_batch and self.chunk_size is None:
+            self.chunk_size = x.shape[0]  # the first batch fixes the one shape a compiled VQGAN sees
+        size = self.chunk_size or x.shape[0]
+        outputs = []
+        for part in x.split(size):
+            n = part.shape[0]
+            if self.static_batch and n < size:
+                part = torch.cat([part, part.new_zeros((size - n, *part.shape[1:]))])
+            outputs.append(net(self._format(part))[:n])
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         with self._autocast(x.device):
-            h = self.model.encode_latent(self._format(x.float() * 2 - 1))
+            h = self._in_chunks(self.model.encode_latent, x.float() * 2 - 1)
         return self.model.codes(h)
 
     def _decode(self, indices: torch.Tensor) -> torch.Tensor:
-        z_q = self._format(self.model.codes_to_latent(indices))
+        z_q = self.model.codes_to_latent(indices)
         with self._autocast(z_q.device):
-            y = self.model.decode_latent(z_q)
-        return ((y.float().clamp(-1.0, 1.0) + 1.0) / 2.0).contiguous()
+            y = self._in_chunks(self.model.decode_latent, z_q)
+        images = (y.float().clamp(-1.0, 1.0) + 1.0) / 2.0
+        return images.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Code indices (B, H / f, W / f), int64, of images ``x`` (B, C, H, W) in [0, 1]."""
-        self.check_images(x)
+    def encode(self, x: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+        """Code indices (B, H / f, W / f), int64, of images ``x`` (B, C, H, W) in [0, 1].
+
+        ``check_range=False`` skips the [0, 1] check and its device sync (for inputs clamped already).
+        """
+        self.check_images(x, check_range)
         return self._encode(x)
 
     @torch.no_grad()
-    def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, h * f, w * f) in [0, 1] from code indices (B, h, w)."""
+    def decode(self, indices: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+        """Images (B, C, h * f, w * f) in [0, 1] from code indices (B, h, w).
+
+        ``check_range=False`` skips the codebook-range check and its device sync (for codes from ``encode``).
+        """
         if not torch.is_tensor(indices) or indices.ndim != 3 or indices.dtype != torch.long:
             raise ValueError(f'VQGAN codes must be an int64 tensor (B, h, w), got '
                              f'{tuple(indices.shape) if torch.is_tensor(indices) else type(indices).__name__}'
                              f'{" " + str(indices.dtype) if torch.is_tensor(indices) else ""}.')
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.n_embed):
+        if check_range and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.n_embed):
             raise ValueError(f'VQGAN codes must lie in [0, {self.n_embed}), got [{int(indices.min())}, '
                              f'{int(indices.max())}].')
         return self._decode(indices)

@@ -6,12 +6,22 @@ Folder layouts understood (the first match wins):
 - taming-transformers' downloads: ``configs/model.yaml`` + ``checkpoints/last.ckpt``;
 - latent-diffusion's: ``config.yaml`` + ``model.ckpt``.
 
-Weights are read with safetensors or ``torch.load(weights_only=True)``; the loss / discriminator
-keys of training checkpoints are dropped, and every other key must be present with its config's
-shape: a checkpoint that does not fit its config fails naming both files.
+A preset name (``vq-f8``) reads its published weights from one place, the preset's cache folder
+``$TIMM_ADV_HOME/vqgan/<preset>/`` (default ``~/.cache/timm_adv/vqgan/<preset>/``): the downloaded
+``.ckpt`` copied there, or the folder ``python -m timm_adv.vqgan convert <file> --config <preset>`` writes.
+Nothing is downloaded.
+
+Weights are read with safetensors or ``torch.load(weights_only=True)``. Lightning checkpoints (taming,
+latent-diffusion, EasyRobust's copy) also pickle training objects beside the weights (e.g. a
+``pytorch_lightning`` ``ModelCheckpoint`` callback), which weights-only loading refuses: those classes are
+read as inert placeholders, never imported or run, so such a file loads without ``unsafe_pickle`` and
+without Lightning installed. The loss / discriminator keys of training checkpoints are dropped, and every
+other key must be present with its config's shape: a checkpoint that does not fit its config fails
+naming both files.
 """
 import logging
 import os
+import pickle
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
@@ -24,9 +34,10 @@ from .config import VQGAN_PRESETS, list_vqgan_presets, load_vqgan_config
 from .discretizer import VQGANDiscretizer
 from .model import VQModel
 
-_logger = logging.getLogger(__name__)
+__all__ = ['create_vqgan', 'save_vqgan', 'load_vqgan_weights', 'vqgan_home', 'preset_folder', 'CONFIG_FILE',
+           'WEIGHTS_FILE']
 
-__all__ = ['create_vqgan', 'save_vqgan', 'load_vqgan_weights', 'CONFIG_FILE', 'WEIGHTS_FILE']
+_logger = logging.getLogger(__name__)
 
 CONFIG_FILE = 'config.yaml'
 WEIGHTS_FILE = 'model.safetensors'
@@ -45,6 +56,63 @@ def _first_existing(folder: str, names) -> Optional[str]:
     return None
 
 
+def vqgan_home() -> str:
+    """Root of the preset cache: ``$TIMM_ADV_HOME/vqgan``, by default ``~/.cache/timm_adv/vqgan``."""
+    home = os.environ.get('TIMM_ADV_HOME') or os.path.join(os.path.expanduser('~'), '.cache', 'timm_adv')
+    return os.path.join(home, 'vqgan')
+
+
+def preset_folder(name: str) -> str:
+    """Where the weights of preset ``name`` go (see the module docstring).
+
+    Example:
+        >>> preset_folder('vq-f8')
+        '/home/me/.cache/timm_adv/vqgan/vq-f8'
+    """
+    return os.path.join(vqgan_home(), name)
+
+
+def _preset_weights(name: str) -> str:
+    folder = preset_folder(name)
+    preset = VQGAN_PRESETS[name]
+    found = _first_existing(folder, preset['files'])
+    if found is None:
+        raise ValueError(
+            f'VQGAN preset {name!r} needs its published weights in {folder} ({" or ".join(preset["files"])}); nothing '
+            f'is downloaded. Get {preset["weights"]}, then either copy the .ckpt there as '
+            f'{os.path.join(folder, preset["files"][1])}, or convert it once to safetensors with `python -m '
+            f'timm_adv.vqgan convert <file.ckpt> --config {name}` (writes that folder; no --unsafe-pickle needed). '
+            f'TIMM_ADV_HOME moves the cache; a file elsewhere works as --adv-dat-vqgan <file.ckpt> '
+            f'--adv-dat-vqgan-config {name}.')
+    return found
+
+
+class _Inert:
+    """Stands in for a training object pickled beside the weights; built from nothing, never run."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _load_checkpoint(path: str):
+    """``torch.load(weights_only=True)``, with pickled training classes read as :class:`_Inert`.
+
+    The weights-only unpickler still refuses the modules that can run code (``os``, ``subprocess``, ...).
+    """
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if not foreign:
+            raise
+    _logger.info(f'VQGAN weights {path}: training objects {", ".join(foreign)} read as inert placeholders.')
+    with torch.serialization.safe_globals([(_Inert, name) for name in foreign]):
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
 def _read_weights(path: str, unsafe_pickle: bool) -> Dict[str, torch.Tensor]:
     if path.endswith('.safetensors'):
         from safetensors.torch import load_file
@@ -58,12 +126,12 @@ def _read_weights(path: str, unsafe_pickle: bool) -> Dict[str, torch.Tensor]:
                         f'runs any code the file holds; use it only for a file you trust, then re-save it as '
                         f'safetensors (python -m timm_adv.vqgan convert).')
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=not unsafe_pickle)
+        checkpoint = torch.load(path, map_location='cpu', weights_only=False) if unsafe_pickle else \
+            _load_checkpoint(path)
     except Exception as e:
         hint = '' if unsafe_pickle else (
-            ' Lightning checkpoints may pickle training objects that weights_only loading refuses: if you trust '
-            'the file, pass unsafe_pickle=True once and re-save it with save_vqgan (safetensors), or run '
-            '`python -m timm_adv.vqgan convert`.')
+            ' It pickles objects that weights-only loading refuses: if you trust the file, pass unsafe_pickle=True '
+            '(--unsafe-pickle of `python -m timm_adv.vqgan convert`) once and use the safetensors folder it writes.')
         raise ValueError(f'VQGAN weights {path!r}: cannot read this checkpoint ({type(e).__name__}: '
                          f'{str(e).splitlines()[0][:200]}).{hint}') from None
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get('state_dict'), Mapping):
@@ -121,7 +189,7 @@ def _resolve_file(path: str, config: Optional[str], checkpoint_path: Optional[st
         folder, _CONFIG_CANDIDATES) or _first_existing(os.path.dirname(folder), _CONFIG_CANDIDATES)
     if config_path is None:
         raise ValueError(f'VQGAN weights {path!r}: no config found beside it ({os.path.basename(stem_yaml)}, '
-                         f'{", ".join(_CONFIG_CANDIDATES)}); pass config= a yaml path or a preset '
+                         f'{", ".join(_CONFIG_CANDIDATES)}); pass config= (train.py: --adv-dat-vqgan-config) a yaml path or a preset '
                          f'({", ".join(list_vqgan_presets())}).')
     return config_path, path
 
@@ -139,7 +207,8 @@ def _hub_folder(repo: str) -> str:
 
 def create_vqgan(name_or_path: str, device: Optional[Union[str, torch.device]] = None, *,
                  config: Optional[str] = None, checkpoint_path: Optional[str] = None, pretrained: bool = True,
-                 bf16: bool = False, channels_last: bool = False, unsafe_pickle: bool = False) -> VQGANDiscretizer:
+                 bf16: bool = False, channels_last: bool = False, unsafe_pickle: bool = False,
+                 chunk_size: Optional[int] = None) -> VQGANDiscretizer:
     """Creates a frozen ``VQGANDiscretizer``.
 
     Args:
@@ -149,12 +218,14 @@ def create_vqgan(name_or_path: str, device: Optional[Union[str, torch.device]] =
         device: Where to put it (default CPU).
         config: Config yaml or preset name overriding the one found next to the weights.
         checkpoint_path: Weights for a preset or a yaml.
-        pretrained: With a preset and no ``checkpoint_path``: False builds random weights (benchmarks);
-            True raises, naming where the preset's weights are published.
+        pretrained: With a preset and no ``checkpoint_path``: True reads the weights from the preset's cache
+            folder (:func:`preset_folder`; missing weights raise, saying which file goes where); False builds
+            random weights (benchmarks).
         bf16: Encoder/decoder under bf16 autocast (quantiser stays fp32).
         channels_last: Encoder/decoder in channels_last memory format.
-        unsafe_pickle: Allow ``torch.load(weights_only=False)`` for trusted Lightning checkpoints that
-            hold pickled training objects.
+        unsafe_pickle: Allow ``torch.load(weights_only=False)`` for trusted checkpoints whose pickled
+            objects weights-only loading refuses even as placeholders.
+        chunk_size: Images per encoder / decoder pass (None: the whole batch).
 
     Raises:
         ValueError: Unknown name, missing files, unreadable weights, weights that do not fit the config.
@@ -175,9 +246,7 @@ def create_vqgan(name_or_path: str, device: Optional[Union[str, torch.device]] =
     elif name_or_path in VQGAN_PRESETS:
         config_path, weights = config or name_or_path, checkpoint_path
         if weights is None and pretrained:
-            raise ValueError(f'VQGAN preset {name_or_path!r} has no weights here (nothing is downloaded). Get them '
-                             f'from {VQGAN_PRESETS[name_or_path]["weights"]}; then pass checkpoint_path=, or '
-                             f'pretrained=False for random weights.')
+            weights = _preset_weights(name_or_path)
     elif os.path.isdir(name_or_path):
         config_path, weights = _resolve_folder(name_or_path, config)
     elif os.path.isfile(name_or_path):
@@ -188,7 +257,7 @@ def create_vqgan(name_or_path: str, device: Optional[Union[str, torch.device]] =
     model = VQModel(load_vqgan_config(config_path))
     sha = load_vqgan_weights(model, weights, unsafe_pickle) if weights else None
     vq = VQGANDiscretizer(model, source=source, weights=os.path.abspath(weights) if weights else None,
-                          weights_sha256=sha, bf16=bf16, channels_last=channels_last)
+                          weights_sha256=sha, bf16=bf16, channels_last=channels_last, chunk_size=chunk_size)
     return vq.to(device) if device is not None else vq
 
 
