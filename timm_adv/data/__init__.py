@@ -6,4 +6,4 @@ from .recipes import (DATASET_RECIPES, DatasetRecipe, RecipeItem, apply_bundled_
 from .subset import TransformSubset, spread_subset
 from .batch_augment import ViewAugment
 from .bank_loader import create_bank_loader
-from .loaders import TrainLoaders, create_train_loaders, is_iterable_dataset
+from .loaders import TrainLoaders, create_train_loaders, is_iterable_dataset, set_loader_epoch

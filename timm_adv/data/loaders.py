@@ -10,7 +10,7 @@ from .bundled import is_bundled
 from .dataset_factory import create_dataset
 from .subset import spread_subset
 
-__all__ = ['TrainLoaders', 'create_train_loaders', 'is_iterable_dataset']
+__all__ = ['TrainLoaders', 'create_train_loaders', 'is_iterable_dataset', 'set_loader_epoch']
 
 _ITERABLE_PREFIXES = ('tfds/', 'wds/', 'hfids/')
 
@@ -18,6 +18,25 @@ _ITERABLE_PREFIXES = ('tfds/', 'wds/', 'hfids/')
 def is_iterable_dataset(name: Optional[str]) -> bool:
     """True for timm's streaming datasets (``tfds/``, ``wds/``, ``hfids/``), which take ``num_samples``/``repeats``."""
     return bool(name) and name.lower().startswith(_ITERABLE_PREFIXES)
+
+
+def set_loader_epoch(loader: Any, epoch: int) -> None:
+    """Tells a loader's dataset and (batch) sampler which epoch starts, as timm's train.py does.
+
+    Streaming datasets (tfds, wds, hfids) reshuffle from it, the scheduled batch sampler of
+    ``--train-img-sizes`` reorders and advances ``--train-size-schedule progressive`` with it, and the
+    DDP sampler reshuffles; a batch sampler that takes the epoch passes it on itself.
+
+    Example:
+        >>> for epoch in range(num_epochs):
+        ...     set_loader_epoch(loader_train, epoch)
+    """
+    if hasattr(loader.dataset, 'set_epoch'):
+        loader.dataset.set_epoch(epoch)
+    if hasattr(loader.batch_sampler, 'set_epoch'):
+        loader.batch_sampler.set_epoch(epoch)
+    elif hasattr(loader.sampler, 'set_epoch'):
+        loader.sampler.set_epoch(epoch)
 
 
 @dataclass
