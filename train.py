@@ -46,7 +46,8 @@ from timm_adv.tasks.distill import create_teacher, prepare_kd_model
 from timm_adv.tasks.arg_types import bounded_type
 from timm_adv.utils import (CheckpointError, check_compile_args, check_layer_decay, check_state_dict_matches,
                             check_timm_args, checkpoint_state_dict, create_wandb_logger, explicit_args,
-                            read_checkpoint, split_config_keys, sync_lookahead)
+                            ReplayCheckpointSaver, gather_rng_states, read_checkpoint, set_rng_state,
+                            split_config_keys, sync_lookahead)
 
 _logger = logging.getLogger('train')
 
@@ -318,12 +319,16 @@ def _apply_recipe(args, explicit) -> None:
         _logger.info(format_recipe(resolve_dataset_name(args), applied))
 
 
-def _epoch_seed(args, epoch: int) -> None:
-    # Every epoch after the first starts from a seed derived from (seed, epoch, rank): a resumed run
-    # replays the same shuffles, augmentations and random starts as an uninterrupted one. The first
-    # epoch runs on the start-up seed, as in timm, so it matches timm's run draw for draw.
-    if epoch > 0:
-        utils.random_seed(args.seed + 10007 * (epoch + 1), args.rank)
+def _resume_rng_state(args, resume_ckpt):
+    # this process's random state saved with the checkpoint (timm_adv.utils.rng): --resume replays the run
+    states = (resume_ckpt.get('saver') or {}).get('rng_states') if isinstance(resume_ckpt, dict) else None
+    if states is None:
+        return None
+    if len(states) != args.world_size:
+        _logger.warning(f'--resume: the checkpoint holds the random state of {len(states)} processes, this run has '
+                        f'{args.world_size}; it continues on fresh random streams (no exact replay).')
+        return None
+    return states[args.rank]
 
 
 def _check_paths(args) -> None:
@@ -566,6 +571,7 @@ def setup(args):
     criterion = create_train_criterion(args, loaders.mixup_active, loaders.num_aug_splits).to(device)
     task, start_epoch = create_train_task(args, model, criterion, data_config, device, optimizer, loss_scaler,
                                           resume_ckpt, teacher)
+    resume_rng = _resume_rng_state(args, resume_ckpt)
     del resume_ckpt
     compile_task(args, task)
     setup_distributed(args, task, device)
@@ -577,7 +583,7 @@ def setup(args):
         loader_train=loaders.train, loader_eval=loaders.eval, loader_robust=loaders.robust,
         mixup_fn=loaders.mixup_fn, batch_size_reference=loaders.batch_size_reference,
         lr_scheduler=lr_scheduler, num_epochs=num_epochs, start_epoch=start_epoch, output_dir=output_dir,
-        data_config=data_config, val_attack=val_attack, overfit_guard=overfit_guard,
+        data_config=data_config, val_attack=val_attack, overfit_guard=overfit_guard, resume_rng=resume_rng,
     )
 
 
@@ -720,7 +726,7 @@ def _create_saver(args, state):
     output_dir, task = state['output_dir'], state['task']
     os.makedirs(output_dir, exist_ok=True)
     _write_atomic(os.path.join(output_dir, 'args.yaml'), yaml.safe_dump(args.__dict__, default_flow_style=False))
-    saver = utils.CheckpointSaver(
+    saver = ReplayCheckpointSaver(
         model=unwrap_ddp(task.get_eval_model()), optimizer=state['optimizer'], args=args,
         amp_scaler=state['loss_scaler'], checkpoint_dir=output_dir, recovery_dir=output_dir,
         decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist, task=task)
@@ -762,8 +768,9 @@ def train(args, state) -> dict:
     saver, wandb_logger = _create_saver(args, state) if utils.is_primary(args) else (None, None)
 
     eval_metrics = {}
+    if state['resume_rng'] is not None:
+        set_rng_state(state['resume_rng'])  # where the killed run stood after saving this checkpoint
     for epoch in range(state['start_epoch'], num_epochs):
-        _epoch_seed(args, epoch)
         loader_train = state['loader_train']
         set_loader_epoch(loader_train, epoch)
         task.on_epoch_start(epoch)
@@ -778,6 +785,7 @@ def train(args, state) -> dict:
             state['lr_scheduler'].step(epoch + 1, None)
             continue
         eval_metrics = _evaluate(args, state, epoch)
+        rng_states = gather_rng_states(args.distributed)
         if utils.is_primary(args):
             _logger.info('Eval: epoch {}  {}'.format(epoch, '  '.join(f'{k}: {v:.4f}' for k, v in eval_metrics.items())))
             lrs = [g['lr'] for g in optimizer.param_groups]
@@ -786,7 +794,9 @@ def train(args, state) -> dict:
                                  write_header=epoch == 0 or not os.path.exists(summary))
             if wandb_logger is not None:
                 wandb_logger.log_epoch(epoch, train_metrics, eval_metrics, lr=sum(lrs) / len(lrs), step_cost=step_cost)
+            saver.rng_states = rng_states
             saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
+            saver.rng_states = None  # recovery checkpoints are saved mid-epoch
         if state['overfit_guard'] is not None and state['overfit_guard'].act(task, optimizer):
             break
         state['lr_scheduler'].step(epoch + 1, eval_metrics.get(args.eval_metric))

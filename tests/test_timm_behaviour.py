@@ -138,3 +138,19 @@ def test_validate_without_checkpoint_evaluates_the_pretrained_weights(tmp_path, 
         return base.state_dict()
     assert all(torch.equal(v, weights[k]) for k, v in weights_of().items())
     assert not torch.equal(weights_of('--no-pretrained')['fc.weight'], weights['fc.weight'])  # said explicitly
+
+
+def test_random_state_round_trips_through_a_weights_only_checkpoint():
+    import io
+    import random
+
+    import numpy as np
+    from timm_adv.utils import get_rng_state, set_rng_state
+
+    buffer = io.BytesIO()
+    torch.save({'saver': {'rng_states': [get_rng_state()]}}, buffer)
+    first = random.random(), float(np.random.rand()), torch.rand(3)
+    buffer.seek(0)
+    set_rng_state(torch.load(buffer, weights_only=True)['saver']['rng_states'][0])
+    again = random.random(), float(np.random.rand()), torch.rand(3)
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])

@@ -107,8 +107,8 @@ def create_train_loaders(
     Every augmentation flag goes to timm's ``create_loader`` as in timm's train.py: random erasing
     (``--reprob --remode --recount --resplit``), colour / grayscale / blur, AutoAugment, repeated
     augmentation, AugMix splits (``--aug-splits``, through ``AugMixDataset``), scheduled input sizes
-    (``--train-img-sizes`` ...), mixup / cutmix. Workers are created afresh each epoch so that the
-    per-epoch seed also drives the workers (unless ``--use-multi-epochs-loader``).
+    (``--train-img-sizes`` ...), mixup / cutmix. Workers are created afresh each epoch, seeded from the
+    main process's random state, which checkpoints keep (unless ``--use-multi-epochs-loader``).
 
     Args:
         args: Parsed ``train.py`` arguments (``args.num_classes`` resolved).
@@ -134,7 +134,7 @@ def create_train_loaders(
         mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
         pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
         img_dtype=model_dtype or torch.float32, worker_seeding=args.worker_seeding,
-        persistent_workers=False,  # fresh workers each epoch, seeded from the per-epoch seed
+        persistent_workers=False,  # fresh workers each epoch, seeded from the checkpointed random state
     )
     scheduled = args.train_img_sizes is not None
     loader_train = create_loader(
