@@ -591,8 +591,8 @@ def test_report_table_holds_independently_computed_numbers(tmp_path, digit_folde
     import validate
     from timm.data import create_dataset
     from timm_adv.evaluation import CorruptedDataset
-    validate.main(['--model', 'test_resnet', '--data-dir', str(digit_folder), *FOLDER_FLAGS, '-b', '8', '--seed', '3',
-                   '--corruptions-generated', '--corruptions', 'fog', '--severities', '3', '--report-dir',
+    validate.main(['--model', 'test_resnet', '--no-pretrained', '--data-dir', str(digit_folder), *FOLDER_FLAGS,
+                   '-b', '8', '--seed', '3', '--corruptions-generated', '--corruptions', 'fog', '--severities', '3', '--report-dir',
                    str(tmp_path), '--no-plots'])
     rows = {}
     for line in (tmp_path / 'robustness.md').read_text().splitlines():

@@ -170,7 +170,7 @@ def test_naflex_loader_clean_accuracy(capsys):
                    '--naflex-loader', '--naflex-max-seq-len', '16')
     assert results['samples'] == 16 and 0 <= results['top1'] <= 100
     with pytest.raises(SystemExit):
-        _run('--model', 'test_resnet', '--naflex-loader')
+        _run('--model', 'test_resnet', '--no-pretrained', '--naflex-loader')
     assert 'only NaFlex models take' in capsys.readouterr().err
 
 
