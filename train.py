@@ -29,7 +29,7 @@ import yaml
 from timm import utils
 from timm.data import resolve_data_config
 from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
-from timm.models import create_model, safe_model_name
+from timm.models import create_model, load_checkpoint, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
@@ -37,19 +37,20 @@ from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm_adv.attacks import create_attack, unwrap_ddp
 from timm_adv.data import (DEFAULT_DATASET, UnreadableImageError, apply_bundled_defaults, apply_dataset_recipe,
                            create_train_loaders, default_workers, format_recipe, is_bundled, is_fine_tuning,
-                           is_iterable_dataset, resolve_dataset_name, unreadable_image_message)
+                           is_iterable_dataset, resolve_dataset_name, set_loader_epoch, unreadable_image_message)
 from timm_adv.evaluation import (add_overfit_guard_args, check_overfit_guard_args, create_overfit_guard, evaluate_accuracy,
                                  evaluate_robust_accuracy)
 from timm_adv.loss import create_train_criterion
 from timm_adv.models import load_mae_weights, resolve_mae_weights, warn_mae_normalisation
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
-from timm_adv.tasks.distill import prepare_kd_model
+from timm_adv.tasks.distill import create_teacher, prepare_kd_model
 from timm_adv.tasks.arg_types import bounded_type
 from timm_adv.utils import (CheckpointError, CheckpointWriteError, Preempted, PreemptionHandler, RecoverySaver,
                             ResumableBatches, check_compile_args, check_layer_decay, check_state_dict_matches,
                             check_timm_args, check_writable, checkpoint_position, checkpoint_state_dict,
-                            create_wandb_logger, explicit_args, read_checkpoint, resolve_auto_resume, save_recovery,
-                            scrub, split_config_keys)
+                            create_wandb_logger, explicit_args, gather_rng_states, read_checkpoint,
+                            resolve_auto_resume, save_recovery, scrub, set_rng_state, split_config_keys,
+                            start_epoch_rng, sync_lookahead)
 
 _logger = logging.getLogger('train')
 
@@ -327,10 +328,16 @@ def _apply_recipe(args, explicit) -> None:
         _logger.info(format_recipe(resolve_dataset_name(args), applied, fine_tuning=is_fine_tuning(args)))
 
 
-def _epoch_seed(args, epoch: int) -> None:
-    # Every epoch starts from a seed derived from (seed, epoch, rank): a resumed run replays the
-    # same shuffles, augmentations and random starts as an uninterrupted one.
-    utils.random_seed(args.seed + 10007 * (epoch + 1), args.rank)
+def _resume_rng_state(args, resume_ckpt):
+    # this process's random state saved with the checkpoint (timm_adv.utils.rng): --resume replays the run
+    states = (resume_ckpt.get('saver') or {}).get('rng_states') if isinstance(resume_ckpt, dict) else None
+    if states is None:
+        return None
+    if len(states) != args.world_size:
+        _logger.warning(f'--resume: the checkpoint holds the random state of {len(states)} processes, this run has '
+                        f'{args.world_size}; it continues on fresh random streams (no exact replay).')
+        return None
+    return states[args.rank]
 
 
 def _check_paths(args) -> None:
@@ -401,6 +408,9 @@ def setup_device(args):
             importlib.import_module(module)
         except ImportError as e:
             raise ValueError(f'--device-modules {module}: cannot import it ({e}); install the backend package.') from e
+    if torch.cuda.is_available():  # timm's train.py speed defaults
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     device = torch.device(utils.init_distributed_device(args))
     if args.distributed:
         _logger.info(f'Training in distributed mode, process {args.rank}/{args.world_size}, device {device}.')
@@ -413,16 +423,18 @@ def setup_device(args):
 
 
 def create_train_model(args, mae_weights, device, model_dtype=None):
-    """Model phase: the timm model with the method's changes, on its device; returns ``(model, data_config)``."""
+    """Model phase: the timm model with the method's changes, on its device; returns ``(model, data_config,
+    teacher)``, the teacher (``--kd-model-name``, in ``--model-dtype``, else None) built and loaded once."""
     mae_flag = mae_weights.flag if mae_weights is not None else ''
     factory_kwargs = {}
     if args.pretrained_path and mae_flag != '--pretrained-path':
         factory_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
-    checkpoint_path = (args.initial_checkpoint if mae_flag != '--initial-checkpoint' else '') or None
+    mae_first = mae_flag in ('--pretrained', '--pretrained-path')  # MAE weights first, the initial checkpoint over them
+    checkpoint_path = (args.initial_checkpoint if mae_weights is None else '') or None
     try:
         model = create_model(
             args.model,
-            pretrained=args.pretrained and mae_flag not in ('--pretrained', '--pretrained-path'),
+            pretrained=args.pretrained and not mae_first,
             in_chans=args.in_chans or 3,
             num_classes=args.num_classes,
             drop_rate=args.drop,
@@ -443,9 +455,14 @@ def create_train_model(args, mae_weights, device, model_dtype=None):
                               f'({" ".join(str(e).split())[:240]}...). Give weights of the same --model and '
                               f'--num-classes.') from None
     if args.num_classes is None:
+        if model.num_classes == 0:  # timm's .mae tags carry num_classes=0: CE would run on pooled features
+            raise ValueError(f'--model {args.model} is built without a classifier (num_classes 0 in its pretrained '
+                             f'config); give --num-classes N, the number of classes of your dataset.')
         args.num_classes = model.num_classes
     if mae_weights is not None:
         load_mae_weights(model, mae_weights, model_name=args.model)
+        if mae_first and args.initial_checkpoint:
+            load_checkpoint(model, args.initial_checkpoint)
     _init_head(model, args)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
@@ -453,7 +470,8 @@ def create_train_model(args, mae_weights, device, model_dtype=None):
     if utils.is_primary(args):
         warn_mae_normalisation(mae_weights, data_config['mean'], args.model)
 
-    model = prepare_kd_model(get_method(args.adv_method).prepare_model(model, args), args)  # + KD projection
+    teacher = create_teacher(args, model, device, model_dtype) if args.kd_model_name else None
+    model = prepare_kd_model(get_method(args.adv_method).prepare_model(model, args), args, teacher)  # + KD projection
     if args.split_bn:  # AugMix: BN statistics per split (clean, augmented...)
         model = convert_splitbn_model(model, args.aug_splits)
     if args.distributed and args.sync_bn:
@@ -463,7 +481,7 @@ def create_train_model(args, mae_weights, device, model_dtype=None):
         model.to(memory_format=torch.channels_last)
     if args.torchscript:
         model = torch.jit.script(model)
-    return model, data_config
+    return model, data_config, teacher
 
 
 def create_train_optimizer(args, model, batch_size_reference: float):
@@ -482,12 +500,13 @@ def create_train_optimizer(args, model, batch_size_reference: float):
     return optimizer
 
 
-def create_train_task(args, model, criterion, data_config, device, optimizer, loss_scaler, resume_ckpt):
+def create_train_task(args, model, criterion, data_config, device, optimizer, loss_scaler, resume_ckpt, teacher=None):
     """Task phase: the method's task, its EMA, and the resumed state; returns ``(task, start_epoch)``.
 
     The task is final here (compiled, if ever, after this phase and before DDP wrapping, as in timm).
     """
-    task = create_task(model, criterion, args, mean=data_config['mean'], std=data_config['std'], device=device)
+    task = create_task(model, criterion, args, mean=data_config['mean'], std=data_config['std'], device=device,
+                       teacher=teacher)
     task.to(device)
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
@@ -565,7 +584,7 @@ def setup(args):
     args.dataset = _dataset_name(args)
     apply_bundled_defaults(args)
 
-    model, data_config = create_train_model(args, mae_weights, device, model_dtype)
+    model, data_config, teacher = create_train_model(args, mae_weights, device, model_dtype)
     loaders = create_train_loaders(args, data_config, device, model_dtype)
     optimizer = create_train_optimizer(args, model, loaders.batch_size_reference)
     amp_autocast, loss_scaler = _amp_setup(args, device)
@@ -573,7 +592,8 @@ def setup(args):
 
     criterion = create_train_criterion(args, loaders.mixup_active, loaders.num_aug_splits).to(device)
     task, start_epoch = create_train_task(args, model, criterion, data_config, device, optimizer, loss_scaler,
-                                          resume_ckpt)
+                                          resume_ckpt, teacher)
+    resume_rng = _resume_rng_state(args, resume_ckpt)
     del resume_ckpt
     if position is not None and args.start_epoch is None:
         start_epoch = position['epoch']
@@ -589,6 +609,7 @@ def setup(args):
         mixup_fn=loaders.mixup_fn, batch_size_reference=loaders.batch_size_reference,
         lr_scheduler=lr_scheduler, num_epochs=num_epochs, start_epoch=start_epoch, output_dir=output_dir,
         data_config=data_config, val_attack=val_attack, overfit_guard=overfit_guard, resume_position=position,
+        resume_rng=resume_rng,
     )
 
 
@@ -602,7 +623,7 @@ def _batch_loss_scale(args, batch_size: int, batch_size_reference: float) -> flo
 
 def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=None, amp_autocast=nullcontext,
                     loss_scaler=None, mixup_fn=None, saver=None, output_dir=None, batch_size_reference=None,
-                    preemption=None, position=None):
+                    preemption=None, position=None, epoch_rng=None):
     """One epoch of ``task`` training; returns the averaged loss and every scalar metric the task reported,
     and the step cost (``update_s``: seconds per optimizer update, ``sample_ms``: milliseconds per sample).
 
@@ -614,7 +635,10 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
     ``--variable-batch-loss-scale`` act here as in timm's loop.
 
     ``position`` (from a recovery checkpoint) continues the epoch at its next batch; after each update
-    a signal caught by ``preemption`` writes a recovery checkpoint and raises :class:`Preempted`.
+    a signal caught by ``preemption`` writes a recovery checkpoint and raises :class:`Preempted`. As in timm, a second-order optimizer
+    (``--opt adahessian``) gets ``create_graph``, a lookahead optimizer syncs its slow weights at the
+    end of the epoch, before validation and saving (``timm_adv.utils.sync_lookahead``), and under DDP
+    the returned metrics (and the logged loss) are averaged over the processes.
     """
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if not args.no_prefetcher and getattr(loader, 'mixup_enabled', None) is not None:
@@ -632,9 +656,10 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
     num_updates = epoch * updates_per_epoch + (position['batches'] // accum_steps if position else 0)
     update_samples = 0
     epoch_samples = 0
+    second_order = getattr(optimizer, 'is_second_order', False)
     end = time.time()
     optimizer.zero_grad(set_to_none=True)
-    batches = ResumableBatches(loader, position, args.rank)
+    batches = ResumableBatches(loader, position, args.rank, epoch_rng)
     for batch_idx, (input, target) in batches:
         need_update = batch_idx == num_batches - 1 or (batch_idx + 1) % accum_steps == 0
         update_idx = batch_idx // accum_steps
@@ -654,9 +679,9 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
             if loss_scaler is not None:
                 loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                             parameters=task.get_clip_parameters(exclude_head='agc' in args.clip_mode),
-                            need_update=need_update)
+                            create_graph=second_order, need_update=need_update)
             else:
-                loss.backward()
+                loss.backward(create_graph=second_order)
                 if need_update:
                     if args.clip_grad is not None:
                         utils.dispatch_clip_grad(task.get_clip_parameters(exclude_head='agc' in args.clip_mode),
@@ -675,20 +700,22 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
         optimizer.zero_grad(set_to_none=True)
         num_updates += 1
         task.update_ema(step=num_updates)
-        if lr_scheduler is not None:
-            lr_scheduler.step_update(num_updates=num_updates, metric=meters['loss'].avg)
         if args.synchronize_step and device.type == 'cuda':
             torch.cuda.synchronize()
         update_time.update(time.time() - end)
         end = time.time()
 
-        if utils.is_primary(args) and (update_idx % args.log_interval == 0 or batch_idx == num_batches - 1):
-            lr = max(g['lr'] for g in optimizer.param_groups)  # the schedule's lr; layer decay scales it down
+        log_now = update_idx % args.log_interval == 0 or batch_idx == num_batches - 1
+        if log_now:
+            loss_now, loss_avg = _reduce_mean(args, device, meters['loss'].val, meters['loss'].avg)
+        if utils.is_primary(args) and log_now:
+            # the lr this update used (the scheduler steps after the log, as in timm)
+            lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)  # timm's lr column
             extras = '  '.join(f'{k}: {m.avg:.4g}' for k, m in meters.items() if k != 'loss')
             _logger.info(
                 f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
                 f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
-                f'Loss: {meters["loss"].val:#.3g} ({meters["loss"].avg:#.3g})  {extras}  '
+                f'Loss: {loss_now:#.3g} ({loss_avg:#.3g})  {extras}  '
                 f'Time: {update_time.val:.3f}s, {update_samples / update_time.val:>7.2f}/s  LR: {lr:.3e}')
             if args.save_images and output_dir:
                 torchvision.utils.save_image(input, os.path.join(output_dir, f'train-batch-{batch_idx}.jpg'),
@@ -698,10 +725,20 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
             save_recovery(saver, epoch, batches, args.distributed, accum_steps)
         if stop:
             raise Preempted(stop)
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates, metric=meters['loss'].avg)
         update_samples = 0
-    metrics = OrderedDict((k, m.avg) for k, m in meters.items())
+    sync_lookahead(optimizer)
+    metrics = OrderedDict(zip(meters, _reduce_mean(args, device, *(m.avg for m in meters.values()))))
     step_cost = OrderedDict(update_s=update_time.avg, sample_ms=1000 * update_time.sum / max(epoch_samples, 1))
     return metrics, step_cost
+
+
+def _reduce_mean(args, device, *values: float):
+    # each process keeps its own running averages; timm logs and returns their mean over processes
+    if not args.distributed or not values:
+        return values
+    return tuple(utils.reduce_tensor(torch.tensor(values, device=device, dtype=torch.float64), args.world_size).tolist())
 
 
 def validate_epoch(task, loader_eval, loader_robust, val_attack, args, device, amp_autocast=nullcontext, ema=False):
@@ -739,16 +776,24 @@ def _create_saver(args, state):
 
 
 def _evaluate(args, state, epoch: int) -> dict:
-    """Clean and robust validation (and EMA's), plus the overfitting guard's columns."""
+    """Clean and robust validation, plus the overfitting guard's columns.
+
+    With ``--model-ema`` (EMA validated, i.e. not ``--model-ema-force-cpu``) the EMA's metrics replace the
+    model's, as in timm: they fill ``summary.csv``, choose ``model_best`` and drive a plateau schedule.
+    The guard watches the trained model, whose catastrophic overfitting it acts on.
+    """
     task, device, amp_autocast = state['task'], state['device'], state['amp_autocast']
     eval_metrics = validate_epoch(task, state['loader_eval'], state['loader_robust'], state['val_attack'], args,
                                   device, amp_autocast=amp_autocast)
-    if task.has_ema() and not args.model_ema_force_cpu:
-        ema_metrics = validate_epoch(task, state['loader_eval'], state['loader_robust'], state['val_attack'],
-                                     args, device, amp_autocast=amp_autocast, ema=True)
-        eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
+    guard_metrics = {}
     if state['overfit_guard'] is not None:
-        eval_metrics.update(state['overfit_guard'].check(epoch, task, state['optimizer'], eval_metrics.get('pgd_top1')))
+        guard_metrics = state['overfit_guard'].check(epoch, task, state['optimizer'], eval_metrics.get('pgd_top1'))
+    if task.has_ema() and not args.model_ema_force_cpu:
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            utils.distribute_bn(task.get_trainable_module(ema=True), args.world_size, args.dist_bn == 'reduce')
+        eval_metrics = validate_epoch(task, state['loader_eval'], state['loader_robust'], state['val_attack'],
+                                      args, device, amp_autocast=amp_autocast, ema=True)
+    eval_metrics.update(guard_metrics)
     return eval_metrics
 
 
@@ -759,20 +804,19 @@ def train(args, state) -> dict:
     saver, wandb_logger = _create_saver(args, state) if utils.is_primary(args) else (None, None)
 
     eval_metrics = {}
+    if state['resume_rng'] is not None:
+        set_rng_state(state['resume_rng'])  # where the killed run stood after saving this checkpoint
     for epoch in range(state['start_epoch'], num_epochs):
-        _epoch_seed(args, epoch)
+        position = state['resume_position'] if epoch == state['start_epoch'] else None
+        epoch_rng = start_epoch_rng(position, args.rank)  # a recovery point: where its epoch started
         loader_train = state['loader_train']
-        if args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
-            loader_train.sampler.set_epoch(epoch)
+        set_loader_epoch(loader_train, epoch)
         task.on_epoch_start(epoch)
-        start = time.time()
         train_metrics, step_cost = train_one_epoch(
             epoch, task, loader_train, optimizer, args, device, lr_scheduler=state['lr_scheduler'],
             amp_autocast=state['amp_autocast'], loss_scaler=state['loss_scaler'], mixup_fn=state['mixup_fn'],
             saver=saver, output_dir=output_dir, batch_size_reference=state['batch_size_reference'],
-            preemption=state.get('preemption'),
-            position=state['resume_position'] if epoch == state['start_epoch'] else None)
-        train_metrics['epoch_time'] = time.time() - start
+            preemption=state.get('preemption'), position=position, epoch_rng=epoch_rng)
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
         if (epoch + 1) % args.val_interval != 0 and epoch + 1 != num_epochs:
@@ -780,6 +824,7 @@ def train(args, state) -> dict:
             state['lr_scheduler'].step(epoch + 1, None)
             continue
         eval_metrics = _evaluate(args, state, epoch)
+        rng_states = gather_rng_states(args.distributed)
         if utils.is_primary(args):
             _logger.info('Eval: epoch {}  {}'.format(epoch, '  '.join(f'{k}: {v:.4f}' for k, v in eval_metrics.items())))
             lrs = [g['lr'] for g in optimizer.param_groups]
@@ -788,7 +833,9 @@ def train(args, state) -> dict:
                                  write_header=epoch == 0 or not os.path.exists(summary))
             if wandb_logger is not None:
                 wandb_logger.log_epoch(epoch, train_metrics, eval_metrics, lr=sum(lrs) / len(lrs), step_cost=step_cost)
+            saver.rng_states = rng_states
             saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
+            saver.rng_states = None  # recovery checkpoints are saved mid-epoch
         stop = state['preemption'].requested() if state.get('preemption') is not None else 0
         if stop:  # signalled during validation: last.pth.tar is the recovery point
             raise Preempted(stop)

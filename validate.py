@@ -67,7 +67,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--model', '-m', metavar='NAME', default='resnet10t',
                         help='model architecture, hf-hub:org/name or local-dir:/path (default: resnet10t); bulk '
                              'mode: a wildcard over pretrained models (\'resnet*\'), all, or a file of model names')
-    parser.add_argument('--pretrained', dest='pretrained', action='store_true', help='use pre-trained model')
+    parser.add_argument('--pretrained', dest='pretrained', action='store_true',
+                        help='use pre-trained model (the default without --checkpoint, as in timm)')
+    parser.add_argument('--no-pretrained', action='store_true', default=False,
+                        help='evaluate the randomly initialised model (without --checkpoint timm-adv, like timm, '
+                             'loads the pretrained weights; timm has no way to skip them)')
     parser.add_argument('--checkpoint', default='', type=str, metavar='PATH',
                         help='path to latest checkpoint (default: none); a folder evaluates each *.pth.tar / *.pth in it')
     parser.add_argument('--use-ema', dest='use_ema', action='store_true', help='use ema version of weights if present')
@@ -321,6 +325,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.step_size = parse_eps(args.step_size, '--step-size')
     except ValueError as e:
         parser.error(str(e))
+    if args.no_pretrained and (args.pretrained or args.checkpoint):
+        parser.error('--no-pretrained evaluates random weights; drop it, or drop --pretrained / --checkpoint.')
     if args.steps < 1:
         parser.error(f'--steps must be >= 1, got {args.steps}.')
     if args.restarts < 1:
@@ -396,8 +402,8 @@ def create_eval_model(args, device: torch.device):
     subset, dtype cast, script / compile / DataParallel as asked), the timm model inside it, its data
     config, and the crop (1.0 under test-time pooling, like timm).
     """
-    # a hub or folder model without --checkpoint is only meaningful with its own weights
-    pretrained = args.pretrained or (args.model.startswith(('hf-hub:', 'local-dir:')) and not args.checkpoint)
+    # as timm's validate.py: without --checkpoint the model's own (pretrained) weights are evaluated
+    pretrained = args.pretrained or not (args.checkpoint or args.no_pretrained)
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
     torch.manual_seed(args.seed)  # reproducible even for a model left at its random initialisation
     if args.knn:
@@ -710,7 +716,8 @@ def validate_bulk(args, models) -> list:
     try:
         for name, checkpoint in models:
             run_args = copy.copy(args)  # validate() fills dataset and bank defaults per model
-            run_args.model, run_args.checkpoint, run_args.pretrained = name, checkpoint, not checkpoint
+            run_args.model, run_args.checkpoint = name, checkpoint
+            run_args.pretrained = not (checkpoint or args.no_pretrained)
             if args.report_dir:
                 tag = os.path.basename(checkpoint) if checkpoint else name
                 run_args.report_dir = os.path.join(args.report_dir, re.sub(r'[^\w.-]+', '_', tag))

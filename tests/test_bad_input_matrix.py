@@ -1,7 +1,6 @@
 """Bad input, every method: each registered method (a new one joins automatically) x each bad input ends at
 start-up in one line naming the flag: no traceback, no run folder, every input file unchanged."""
 import logging
-import os
 
 import pytest
 import timm

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from timm.models import save_for_hf
+from timm.task import DistillationTeacher
 
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task
 from timm_adv.utils import explicit_args
@@ -344,3 +345,24 @@ def test_advprop_feature_distillation_pulls_both_halves_to_the_clean_teacher(wid
         t_feat = reference.forward_head(reference.forward_features(_teacher_input(x, reference)), pre_logits=True)
         kd = F.mse_loss(getattr(student, KD_PROJECTION_KEY)(features[-1]), torch.cat([t_feat, t_feat]))
     assert torch.allclose(result['kd_loss'], kd, atol=1e-5)
+
+
+def test_teacher_built_once_in_the_model_dtype(image_folder, wide_teacher_dir, tmp_path, monkeypatch):
+    import train
+    from timm_adv.tasks import distill
+    built = []
+
+    def counting(*a, **k):
+        built.append(DistillationTeacher(*a, **k))
+        return built[-1]
+
+    monkeypatch.setattr(distill, 'DistillationTeacher', counting)
+    args, _ = train.parse_args([
+        '--data-dir', str(image_folder), '--model', 'test_resnet', '--num-classes', str(NUM_CLASSES), '--img-size',
+        '32', '-b', '8', '--warmup-epochs', '0', '--workers', '0', '--no-aug', '--epochs', '1', '--adv-val-samples',
+        '0', '--model-dtype', 'bfloat16', '--output', str(tmp_path), '--adv-method', 'pgd', '--adv-eps', '0.1',
+        '--adv-steps', '1', '--kd-model-name', f'local-dir:{wide_teacher_dir}', '--kd-distill-type', 'feature'])
+    state = train.setup(args)
+    assert len(built) == 1 and state['task'].teacher is built[0]  # feature dims read from the task's teacher
+    assert {p.dtype for p in built[0].parameters()} == {torch.bfloat16}
+    assert train.train(args, state)['loss'] > 0  # a bf16 student distils from the bf16 teacher

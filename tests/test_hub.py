@@ -488,8 +488,8 @@ def test_validate_passes_subset_amp_and_channels_last_to_every_evaluation(monkey
 
     monkeypatch.setattr(validate, 'evaluate_autoattack', fake_autoattack)
     monkeypatch.setattr(validate, 'evaluate_generated_corruptions', fake_corruptions)
-    common = ['--model', 'test_resnet', '--data-dir', str(digit_folder), *FOLDER_FLAGS, '--num-samples', '12',
-              '--autoattack', 'custom',
+    common = ['--model', 'test_resnet', '--no-pretrained', '--data-dir', str(digit_folder), *FOLDER_FLAGS,
+              '--num-samples', '12', '--autoattack', 'custom',
               '--aa-attacks', 'apgd-ce', '--aa-samples', '4', '--corruptions-generated', '--corruptions', 'fog',
               '--severities', '1']
     results = validate.main([*common, '--aa-subset', 'first', '--amp', '--channels-last'])
@@ -591,8 +591,8 @@ def test_report_table_holds_independently_computed_numbers(tmp_path, digit_folde
     import validate
     from timm.data import create_dataset
     from timm_adv.evaluation import CorruptedDataset
-    validate.main(['--model', 'test_resnet', '--data-dir', str(digit_folder), *FOLDER_FLAGS, '-b', '8', '--seed', '3',
-                   '--corruptions-generated', '--corruptions', 'fog', '--severities', '3', '--report-dir',
+    validate.main(['--model', 'test_resnet', '--no-pretrained', '--data-dir', str(digit_folder), *FOLDER_FLAGS,
+                   '-b', '8', '--seed', '3', '--corruptions-generated', '--corruptions', 'fog', '--severities', '3', '--report-dir',
                    str(tmp_path), '--no-plots'])
     rows = {}
     for line in (tmp_path / 'robustness.md').read_text().splitlines():

@@ -292,16 +292,16 @@ def test_export_feature_model_with_bank_and_validate_knn(stage1, digits_dir, tmp
     assert 'kNN' in card and BANK_FILE in card and 'num_classes=0' in card
 
     common = ['--data-dir', str(digits_dir), '--img-size', '32', '--crop-pct', '1.0', '--num-samples', '100', '--knn-k', '20', '-b', '50', '--workers', '0', '--attack', 'pgd', '--eps', '0.1',
-              '--steps', '2', '--attack-samples', '30']
+              '--steps', '4', '--attack-samples', '30']
     from_hub = validate.main(['--model', f'local-dir:{out}', '--knn', *common])
     from_ckpt = validate.main(['--model', 'test_resnet', '--checkpoint', str(run / 'last.pth.tar'), '--knn',
                                '--knn-bank-split', 'train', '--knn-bank-samples', '200', *common])
     # the exported bank is the training subset of the run: the same kNN either way
     assert from_hub['top1'] == from_ckpt['top1'] == pytest.approx(metrics['top1'], abs=1.0)
-    assert {'pgd2_top1', 'knn_guided2_top1', 'knn_worst2_top1'} <= set(from_hub)
-    assert from_hub['knn_guided2_top1'] < from_hub['attack_subset_top1']
+    assert {'pgd4_top1', 'knn_guided4_top1', 'knn_worst4_top1'} <= set(from_hub)
+    assert from_hub['knn_guided4_top1'] < from_hub['attack_subset_top1']
     # the robust figure: per sample, robust only if neither attack succeeded
-    assert from_hub['knn_worst2_top1'] <= min(from_hub['pgd2_top1'], from_hub['knn_guided2_top1'])
+    assert from_hub['knn_worst4_top1'] <= min(from_hub['pgd4_top1'], from_hub['knn_guided4_top1'])
 
 
 @pytest.mark.parametrize('argv,message', [
@@ -317,7 +317,7 @@ def test_export_feature_model_with_bank_and_validate_knn(stage1, digits_dir, tmp
 ])
 def test_validate_knn_bad_input(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        validate.main(['--model', 'test_resnet', '--num-samples', '10', '--workers', '0', *argv])
+        validate.main(['--model', 'test_resnet', '--no-pretrained', '--num-samples', '10', '--workers', '0', *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -325,7 +325,8 @@ def test_validate_knn_bank_of_another_feature_size(tmp_path, capsys):
     path = str(tmp_path / 'bank.safetensors')
     save_feature_bank(FeatureBank(torch.randn(100, 7), torch.arange(100) % 10), path)
     with pytest.raises(SystemExit) as e:
-        validate.main(['--model', 'test_resnet', '--knn', '--knn-bank', path, '--num-samples', '10', '--workers', '0'])
+        validate.main(['--model', 'test_resnet', '--no-pretrained', '--knn', '--knn-bank', path, '--num-samples', '10',
+                       '--workers', '0'])
     assert e.value.code == 2 and '7-d features' in capsys.readouterr().err
 
 

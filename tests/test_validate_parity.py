@@ -166,11 +166,11 @@ def test_model_dtype_runs_attacks_in_bfloat16(checkpoint):
 
 
 def test_naflex_loader_clean_accuracy(capsys):
-    results = _run('--model', 'naflexvit_base_patch16_gap', '--model-kwargs', 'depth=1', 'embed_dim=32', 'num_heads=2',
+    results = _run('--model', 'naflexvit_base_patch16_gap', '--no-pretrained', '--model-kwargs', 'depth=1', 'embed_dim=32', 'num_heads=2',
                    '--naflex-loader', '--naflex-max-seq-len', '16')
     assert results['samples'] == 16 and 0 <= results['top1'] <= 100
     with pytest.raises(SystemExit):
-        _run('--model', 'test_resnet', '--naflex-loader')
+        _run('--model', 'test_resnet', '--no-pretrained', '--naflex-loader')
     assert 'only NaFlex models take' in capsys.readouterr().err
 
 

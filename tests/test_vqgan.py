@@ -149,7 +149,7 @@ def test_preset_reads_its_cache_folder_and_says_what_goes_where(saved, images, t
         create_vqgan('tiny-f2')
     message = str(e.value)
     assert str(folder) in message and 'https://example.org/tiny.zip' in message
-    assert f'python -m timm_adv.vqgan convert <file.ckpt> --config tiny-f2' in message
+    assert 'python -m timm_adv.vqgan convert <file.ckpt> --config tiny-f2' in message
     assert '--adv-dat-vqgan-config tiny-f2' in message
     torch.save({'state_dict': create_vqgan(saved).model.state_dict()}, tmp_path / 'download.ckpt')
     main(['convert', str(tmp_path / 'download.ckpt'), '--config', 'tiny-f2'])  # --out: the preset's folder

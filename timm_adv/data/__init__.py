@@ -6,5 +6,5 @@ from .recipes import (DATASET_RECIPES, FINE_TUNING_METHODS, DatasetRecipe, Recip
 from .subset import TransformSubset, spread_subset
 from .batch_augment import ViewAugment
 from .bank_loader import create_bank_loader
-from .loaders import TrainLoaders, create_train_loaders, is_iterable_dataset
+from .loaders import TrainLoaders, create_train_loaders, is_iterable_dataset, set_loader_epoch
 from .unreadable import UnreadableImageError, check_unreadable_images, unreadable_image_message

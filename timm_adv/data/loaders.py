@@ -14,7 +14,7 @@ from .unreadable import check_unreadable_images
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ['TrainLoaders', 'create_train_loaders', 'is_iterable_dataset']
+__all__ = ['TrainLoaders', 'create_train_loaders', 'is_iterable_dataset', 'set_loader_epoch']
 
 _ITERABLE_PREFIXES = ('tfds/', 'wds/', 'hfids/')
 
@@ -22,6 +22,25 @@ _ITERABLE_PREFIXES = ('tfds/', 'wds/', 'hfids/')
 def is_iterable_dataset(name: Optional[str]) -> bool:
     """True for timm's streaming datasets (``tfds/``, ``wds/``, ``hfids/``), which take ``num_samples``/``repeats``."""
     return bool(name) and name.lower().startswith(_ITERABLE_PREFIXES)
+
+
+def set_loader_epoch(loader: Any, epoch: int) -> None:
+    """Tells a loader's dataset and (batch) sampler which epoch starts, as timm's train.py does.
+
+    Streaming datasets (tfds, wds, hfids) reshuffle from it, the scheduled batch sampler of
+    ``--train-img-sizes`` reorders and advances ``--train-size-schedule progressive`` with it, and the
+    DDP sampler reshuffles; a batch sampler that takes the epoch passes it on itself.
+
+    Example:
+        >>> for epoch in range(num_epochs):
+        ...     set_loader_epoch(loader_train, epoch)
+    """
+    if hasattr(loader.dataset, 'set_epoch'):
+        loader.dataset.set_epoch(epoch)
+    if hasattr(loader.batch_sampler, 'set_epoch'):
+        loader.batch_sampler.set_epoch(epoch)
+    elif hasattr(loader.sampler, 'set_epoch'):
+        loader.sampler.set_epoch(epoch)
 
 
 @dataclass
@@ -99,8 +118,8 @@ def create_train_loaders(
     Every augmentation flag goes to timm's ``create_loader`` as in timm's train.py: random erasing
     (``--reprob --remode --recount --resplit``), colour / grayscale / blur, AutoAugment, repeated
     augmentation, AugMix splits (``--aug-splits``, through ``AugMixDataset``), scheduled input sizes
-    (``--train-img-sizes`` ...), mixup / cutmix. Workers are created afresh each epoch so that the
-    per-epoch seed also drives the workers (unless ``--use-multi-epochs-loader``).
+    (``--train-img-sizes`` ...), mixup / cutmix. Workers are created afresh each epoch, seeded from the
+    main process's random state, which checkpoints keep (unless ``--use-multi-epochs-loader``).
 
     Args:
         args: Parsed ``train.py`` arguments (``args.num_classes`` resolved).
@@ -126,7 +145,7 @@ def create_train_loaders(
         mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
         pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
         img_dtype=model_dtype or torch.float32, worker_seeding=args.worker_seeding,
-        persistent_workers=False,  # fresh workers each epoch, seeded from the per-epoch seed
+        persistent_workers=False,  # fresh workers each epoch, seeded from the checkpointed random state
     )
     scheduled = args.train_img_sizes is not None
     loader_train = create_loader(

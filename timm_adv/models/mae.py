@@ -79,7 +79,14 @@ def is_mae_checkpoint(checkpoint: Any) -> bool:
 
 
 def is_mae_tag(model_name: str) -> bool:
-    """True for timm's MAE encoder tags on ViTs (``vit_base_patch16_224.mae``)."""
+    """True for timm's MAE encoder tags on ViTs, by name or on the Hub.
+
+    Example:
+        >>> is_mae_tag('vit_base_patch16_224.mae'), is_mae_tag('hf-hub:timm/vit_base_patch16_224.mae')
+        (True, True)
+    """
+    if model_name.startswith('hf-hub:timm/'):  # timm's own Hub copies of its tags
+        model_name = model_name[len('hf-hub:timm/'):]
     arch, tag = split_model_name_tag(model_name)
     return arch.startswith('vit_') and tag == 'mae'
 
@@ -88,9 +95,11 @@ def resolve_mae_weights(model_name: str, pretrained: bool = False, pretrained_pa
                         initial_checkpoint: Optional[str] = None) -> Optional[MAEWeights]:
     """Finds MAE weights among train.py's loading flags, reading (and so checking) the files once.
 
-    ``--initial-checkpoint`` wins over ``--pretrained-path``, which wins over a ``.mae`` tag, as
-    in timm where the initial checkpoint is loaded last. Returns None when no MAE weights are
-    named: the caller loads as timm does.
+    An MAE ``--initial-checkpoint`` is the MAE weights; otherwise an MAE ``--pretrained-path``, else a
+    ``.mae`` tag (``hf-hub:timm/`` too) with ``--pretrained``. As in timm, where the initial checkpoint
+    is loaded last, the caller loads these first and an ordinary ``--initial-checkpoint`` over them
+    (whole: encoder, ``fc_norm`` and head). Returns None when no MAE weights are named: the caller
+    loads as timm does.
 
     Raises:
         CheckpointError: A named file is missing or unreadable.

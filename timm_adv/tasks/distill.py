@@ -140,11 +140,13 @@ def create_teacher(
         args: argparse.Namespace,
         student: nn.Module,
         device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
 ) -> DistillationTeacher:
     """The frozen teacher named by ``--kd-model-name`` (weights from ``--kd-pretrained-path`` when given).
 
     timm creates it with ``pretrained=True``: ``local-dir:`` and cached ``hf-hub:`` names load offline;
-    a file goes through timm's loader (safetensors, or ``torch.load(weights_only=True)``).
+    a file goes through timm's loader (safetensors, or ``torch.load(weights_only=True)``). ``dtype`` is the
+    student's ``--model-dtype``, as timm's train.py gives its distillation tasks.
 
     Example:
         >>> teacher = create_teacher(args, model)  # args.kd_model_name = 'local-dir:output/export/teacher'
@@ -152,7 +154,8 @@ def create_teacher(
     try:
         teacher = DistillationTeacher(args.kd_model_name, num_classes=student.num_classes,
                                       in_chans=getattr(student, 'in_chans', 3),
-                                      pretrained_path=getattr(args, 'kd_pretrained_path', None), device=device)
+                                      pretrained_path=getattr(args, 'kd_pretrained_path', None), device=device,
+                                      dtype=dtype)
     except (OSError, RuntimeError) as e:  # a missing file, or one weights_only loading refuses (pickled code)
         path = getattr(args, 'kd_pretrained_path', None)
         source = f'--kd-pretrained-path {path!r}' if path else f'--kd-model-name {args.kd_model_name}'
@@ -167,15 +170,20 @@ def _feature_dim(model: nn.Module) -> int:
     return getattr(model, 'head_hidden_size', None) or model.num_features  # timm's FeatureDistillationTask rule
 
 
-def prepare_kd_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def prepare_kd_model(model: nn.Module, args: argparse.Namespace,
+                     teacher: Optional[DistillationTeacher] = None) -> nn.Module:
     """Checks the student for ``--kd-distill-type`` and adds feature distillation's projection to it.
 
     Called before the optimiser exists, so the projection (``nn.Linear`` student dim -> teacher dim, only
     when they differ, as in timm) trains with the student under the same optimiser; checkpoints keep it
-    in ``task_state`` and :meth:`DistillationMixin.export_model` removes it.
+    in ``task_state`` and :meth:`DistillationMixin.export_model` removes it. The teacher's feature dim is
+    read from ``teacher`` (pass the one the task will use, so it is built and loaded once) or, without
+    it, from a teacher built here.
 
     Example:
-        >>> model = prepare_kd_model(get_method(args.adv_method).prepare_model(model, args), args)
+        >>> teacher = create_teacher(args, model, device, dtype)
+        >>> model = prepare_kd_model(get_method(args.adv_method).prepare_model(model, args), args, teacher)
+        >>> task = create_task(model, criterion, args, mean=mean, std=std, device=device, teacher=teacher)
     """
     kind = getattr(args, 'kd_distill_type', 'logit') if getattr(args, 'kd_model_name', None) else 'logit'
     if kind == 'token' and not (hasattr(model, 'head_dist') and hasattr(model, 'set_distilled_training')):
@@ -190,15 +198,15 @@ def prepare_kd_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
                          f'student\'s classifier; {type(model).__name__} has no single classifier module '
                          f'(get_classifier()). Use --kd-distill-type logit.')
     student_dim = args.kd_student_feature_dim or _feature_dim(model)
-    teacher_dim = args.kd_teacher_feature_dim or _feature_dim(create_teacher(args, model).model)
+    teacher_dim = args.kd_teacher_feature_dim or _feature_dim((teacher or create_teacher(args, model)).model)
     if student_dim != teacher_dim:
         device = next(model.parameters()).device
         setattr(model, KD_PROJECTION_KEY, nn.Linear(student_dim, teacher_dim, device=device))
     return model
 
 
-def _norm_buffer(values: Sequence[float], device) -> torch.Tensor:
-    return torch.tensor(tuple(values), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+def _norm_buffer(values: Sequence[float], device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(tuple(values), dtype=dtype, device=device).view(1, -1, 1, 1)
 
 
 class DistillationMixin:
@@ -229,9 +237,9 @@ class DistillationMixin:
     ) -> None:
         """Attaches ``teacher``; ``mean`` / ``std`` are the student's input normalisation (the loader's)."""
         self.teacher = teacher.requires_grad_(False).eval()
-        device = teacher.mean_kd.device
-        self.register_buffer('student_mean', _norm_buffer(mean, device), persistent=False)
-        self.register_buffer('student_std', _norm_buffer(std, device), persistent=False)
+        device, dtype = teacher.mean_kd.device, teacher.mean_kd.dtype  # re-normalise in the teacher's dtype
+        self.register_buffer('student_mean', _norm_buffer(mean, device, dtype), persistent=False)
+        self.register_buffer('student_std', _norm_buffer(std, device, dtype), persistent=False)
         self.temperature = temperature
         self.task_loss_weight, self.distill_loss_weight = resolve_kd_weights(distill_loss_weight, task_loss_weight)
         self.distill_type = distill_type
@@ -248,10 +256,14 @@ class DistillationMixin:
             self._kd_calls.append(value)
 
     @classmethod
-    def from_args(cls, model, criterion, args, mean=None, std=None, device=None):
+    def from_args(cls, model, criterion, args, mean=None, std=None, device=None, teacher=None):
+        """The method's task with ``teacher`` (or one built from the ``--kd-*`` flags in ``--model-dtype``)."""
         task = super().from_args(model, criterion, args, mean=mean, std=std, device=device)
         cfg = getattr(model, 'pretrained_cfg', None) or {}
-        task.set_teacher(create_teacher(args, model, device), mean=mean or cfg['mean'], std=std or cfg['std'],
+        if teacher is None:
+            dtype = getattr(torch, args.model_dtype) if getattr(args, 'model_dtype', None) else None
+            teacher = create_teacher(args, model, device, dtype)
+        task.set_teacher(teacher, mean=mean or cfg['mean'], std=std or cfg['std'],
                          temperature=args.kd_temperature, distill_loss_weight=args.distill_loss_weight,
                          task_loss_weight=args.task_loss_weight, distill_type=args.kd_distill_type,
                          token_distill_type=args.kd_token_distill_type)

@@ -44,8 +44,9 @@ def add_adv_args(parser: argparse.ArgumentParser) -> None:
                        help='PGD steps of the per-epoch robust validation (default: 10)')
     group.add_argument('--adv-val-eps', type=eps_type('--adv-val-eps'), default=None, metavar='EPS',
                        help='eps of the per-epoch robust validation (default: training eps, or 8/255)')
-    group.add_argument('--adv-val-samples', type=int, default=500, metavar='N',
-                       help='size of the fixed validation subset attacked each epoch; 0 disables (default: 500)')
+    group.add_argument('--adv-val-samples', type=int, default=None, metavar='N',
+                       help='size of the fixed validation subset attacked each epoch; 0 disables (default: 500 '
+                            'with an adversarial method, 0 with --adv-method none, i.e. timm\'s validation only)')
     for name in list_methods():
         get_method(name).add_args(group)
     add_kd_args(parser)
@@ -80,12 +81,16 @@ def check_adv_args(args: argparse.Namespace, explicit: Optional[Mapping[str, str
             A method flag set for a method that does not read it is an error: the common attack flags
             the task class does not list in ``uses_args``, and the flags other methods' ``add_args`` create.
 
+    An unset ``--adv-val-samples`` is resolved here: 500 with an adversarial method, 0 with ``none``.
+
     Example:
         >>> check_adv_args(args, explicit_args(parser, argv))
         ValueError: --adv-clean-weight does nothing with --adv-method advprop; it applies to pgd, fgsm-rs. ...
     """
     method = get_method(args.adv_method)
     explicit = explicit or {}
+    if args.adv_val_samples is None:  # plain training validates as timm's train.py does, adding no attack
+        args.adv_val_samples = 0 if args.adv_method == 'none' else 500
     method.check_args(args)
     check_kd_args(args, explicit)
     if args.adv_val_samples < 0:
@@ -122,8 +127,12 @@ def create_task(
         mean=None,
         std=None,
         device: Optional[torch.device] = None,
+        teacher=None,
 ):
     """Creates the task registered under ``args.adv_method``; with ``--kd-model-name``, with that teacher.
+
+    ``teacher`` (a :class:`~timm.task.DistillationTeacher` from
+    :func:`~timm_adv.tasks.distill.create_teacher`) is used as is; without it the task builds its own.
 
     Example:
         >>> model = get_method(args.adv_method).prepare_model(model, args)
@@ -131,5 +140,6 @@ def create_task(
     """
     method = get_method(args.adv_method)
     if getattr(args, 'kd_model_name', None):
-        method = distilled_method(method)
+        return distilled_method(method).from_args(model, criterion, args, mean=mean, std=std, device=device,
+                                                  teacher=teacher)
     return method.from_args(model, criterion, args, mean=mean, std=std, device=device)

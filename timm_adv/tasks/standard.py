@@ -14,7 +14,10 @@ __all__ = ['StandardTask', 'PGDTrainingTask']
 
 @register_method('none')
 class StandardTask(AdversarialTask):
-    """Plain timm classification training (no attack), the baseline every method is compared to."""
+    """Plain timm classification training (no attack), the baseline every method is compared to.
+
+    It reports the loss only, like timm's classification task, so ``summary.csv`` has timm's columns.
+    """
 
     uses_args = ()
 
@@ -25,7 +28,7 @@ class StandardTask(AdversarialTask):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         output = self.trainable_module(input)
         loss = self.criterion(output, target)
-        return {'loss': loss, 'output': output, 'top1': top1(output, target)}
+        return {'loss': loss, 'output': output}
 
 
 @register_method('pgd')

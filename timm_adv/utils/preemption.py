@@ -24,19 +24,19 @@ Example:
 import glob
 import logging
 import os
-import random
 import signal
 import threading
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from timm.utils import CheckpointSaver
 from timm.utils.checkpoint_saver import load_checkpoint_metadata
 
+from .rng import ReplayCheckpointSaver, get_rng_state, set_rng_state
+
 __all__ = ['PREEMPT_SIGNALS', 'Preempted', 'PreemptionHandler', 'CheckpointWriteError', 'RecoverySaver',
-           'ResumableBatches', 'save_recovery', 'checkpoint_position', 'find_resume_checkpoint', 'resolve_auto_resume']
+           'ResumableBatches', 'start_epoch_rng', 'save_recovery', 'checkpoint_position', 'find_resume_checkpoint',
+           'resolve_auto_resume']
 
 _logger = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, folder gone read-only); the previous ones are intact."""
 
 
-class RecoverySaver(CheckpointSaver):
-    """timm's ``CheckpointSaver`` whose recovery checkpoints also hold the position in the epoch, and whose
+class RecoverySaver(ReplayCheckpointSaver):
+    """timm's ``CheckpointSaver`` (with every rank's random state at epoch ends) whose recovery checkpoints also hold the position in the epoch, and whose
     failed writes leave no partial file and raise :class:`CheckpointWriteError` (one line, naming the folder).
 
     The position travels in the saver's bookkeeping (``checkpoint['saver']['position']``), which timm
@@ -147,24 +147,6 @@ class RecoverySaver(CheckpointSaver):
             self.position = None
 
 
-def _rng_state() -> Dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
-             'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state['torch'])
-    random.setstate(state['python'])
-    name, keys, *rest = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
 def save_recovery(saver: Optional[RecoverySaver], epoch: int, batches: 'ResumableBatches', distributed: bool,
                   accum_steps: int = 1) -> None:
     """Writes a recovery checkpoint after the batches of ``epoch`` that ``batches`` yielded (call on every rank).
@@ -174,7 +156,8 @@ def save_recovery(saver: Optional[RecoverySaver], epoch: int, batches: 'Resumabl
     file is complete.
     """
     batches_done = batches.done
-    states: List[Dict[str, Any]] = [{'now': _rng_state(), 'fetch': batches.fetch_rng_state}]
+    states: List[Dict[str, Any]] = [{'start': batches.start_rng_state, 'fetch': batches.fetch_rng_state,
+                                     'now': get_rng_state()}]
     if distributed:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, states[0])
@@ -248,6 +231,15 @@ def resolve_auto_resume(resume: str, output: str, experiment: str) -> str:
     return path
 
 
+def start_epoch_rng(position: Optional[Dict[str, Any]], rank: int = 0) -> Dict[str, Any]:
+    """Call at the top of an epoch: restores the stopped run's random state at the start of the epoch a
+    recovery ``position`` lies in (when it has one for ``rank``); returns the state the epoch starts from."""
+    states = position['rng'] if position else []
+    if rank < len(states) and states[rank].get('start') is not None:
+        set_rng_state(states[rank]['start'])
+    return get_rng_state()
+
+
 class ResumableBatches:
     """``enumerate(loader)`` that continues after a recovery ``position`` exactly as the stopped run went on.
 
@@ -256,17 +248,21 @@ class ResumableBatches:
     the stopped run fetched it with (a prefetching loader transforms the *next* batch during that fetch,
     in this process when it has no workers), then the state at the position is restored. For this, the
     random state before each fetch is kept in :attr:`fetch_rng_state`. The reload costs the data-loading
-    time of the skipped part.
+    time of the skipped part. The epoch itself must start from the stopped run's random state at its
+    start (:func:`start_epoch_rng`), so that the loader shuffles and seeds its workers as it did.
 
     Example:
-        >>> batches = ResumableBatches(loader, checkpoint_position(ckpt), rank)
+        >>> position = checkpoint_position(ckpt)
+        >>> batches = ResumableBatches(loader, position, rank, start_epoch_rng(position, rank))
         >>> for batch_idx, (x, y) in batches:
         ...     step(x, y)
         ...     save_recovery(saver, epoch, batches, distributed=False)
     """
 
-    def __init__(self, loader: Iterable, position: Optional[Dict[str, Any]] = None, rank: int = 0):
+    def __init__(self, loader: Iterable, position: Optional[Dict[str, Any]] = None, rank: int = 0,
+                 start_rng_state: Optional[Dict[str, Any]] = None):
         self.loader, self.position, self.rank = loader, position, rank
+        self.start_rng_state = start_rng_state  # from :func:`start_epoch_rng`, saved with every recovery
         self.done = 0  # batches yielded so far in the epoch, the skipped ones included
         self.fetch_rng_state: Optional[Dict[str, Any]] = None
 
@@ -287,12 +283,12 @@ class ResumableBatches:
             for _ in zip(range(self.done - 1), iterator):  # range first: stops without drawing one batch too many
                 pass
             if saved is not None:
-                _set_rng_state(saved['fetch'])
+                set_rng_state(saved['fetch'])
             next(iterator, None)
             if saved is not None:
-                _set_rng_state(saved['now'])
+                set_rng_state(saved['now'])
         while True:
-            self.fetch_rng_state = _rng_state()
+            self.fetch_rng_state = get_rng_state()
             batch = next(iterator, None)
             if batch is None:
                 return

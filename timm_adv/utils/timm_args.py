@@ -195,7 +195,7 @@ def check_timm_args(
     if args.log_wandb:
         import_wandb()  # fails now, not after the first epoch
     if args.use_multi_epochs_loader and args.workers > 0:
-        _logger.warning('--use-multi-epochs-loader keeps the data-loader workers across epochs, so they are not '
-                        're-seeded per epoch: a --resume no longer replays the killed run exactly.')
+        _logger.warning('--use-multi-epochs-loader keeps the data-loader workers across epochs, so their random '
+                        'state is not in the checkpoints: a --resume no longer replays the killed run exactly.')
     if args.synchronize_step and not str(args.device).startswith('cuda'):
         _logger.warning(f'--synchronize-step synchronises CUDA after each update; on {args.device} it does nothing.')
