@@ -10,7 +10,6 @@ with robustbench's own loader live.
 import gzip
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -25,7 +24,8 @@ from timm_adv.hub.zoo_import import (create_timm_model, entry_data_config, impor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'tools'))
-from zoo_fixtures import LAYOUTS, REFERENCES, fixture_images, image_digest, seeded_state_dict  # noqa: E402
+from zoo_fixtures import (LAYOUTS, REFERENCES, fixture_images, image_digest, plain_timm_outputs,  # noqa: E402
+                          seeded_state_dict, source_file)
 
 with gzip.open(LAYOUTS, 'rt') as _f:
     LAYOUT = json.load(_f)
@@ -62,12 +62,7 @@ def _tolerance(reference: torch.Tensor) -> float:
 
 
 def _weights_file(spec: str, path) -> str:
-    """The pinned entry's weights file, nested and prefixed the way the sources' loaders accept."""
-    weights = seeded_state_dict(LAYOUT[spec])
-    if spec.startswith('robustbench:'):
-        weights = {'state_dict': {f'module.{k}': v for k, v in weights.items()}}
-    torch.save(weights, str(path))
-    return str(path)
+    return source_file(spec, LAYOUT[spec], str(path))
 
 
 def test_every_supported_entry_is_pinned_and_maps_onto_its_timm_architecture():
@@ -116,26 +111,6 @@ def test_import_reproduces_the_source_outputs_on_raw_images(spec):
         assert imported.dropped and all('.bn_adv.' in k for k in imported.dropped)
 
 
-def _plain_timm_outputs(folder: str) -> torch.Tensor:
-    """Outputs of ``local-dir:folder`` in a fresh process that imports timm, never timm_adv."""
-    out = os.path.join(folder, '..', 'plain_outputs.pt')
-    code = ('import sys, torch, timm\n'
-            'from timm.data import create_transform, resolve_data_config\n'
-            'from safetensors.torch import load_file\n'
-            'from PIL import Image\n'
-            f'refs = load_file({REFERENCES!r})\n'
-            'images = [Image.fromarray(refs[f"image.{i}"].numpy()) for i in range(2)]\n'
-            f'model = timm.create_model("local-dir:{folder}", pretrained=True).eval()\n'
-            'transform = create_transform(**resolve_data_config({}, model=model))\n'
-            'with torch.no_grad():\n'
-            '    logits = model(torch.stack([transform(img) for img in images]))\n'
-            'assert not any(name.startswith("timm_adv") for name in sys.modules), "timm_adv was imported"\n'
-            f'torch.save(logits, {out!r})\n')
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    subprocess.run([sys.executable, '-c', code], check=True, cwd='/', env=env, timeout=300)
-    return torch.load(out, weights_only=True)
-
-
 @pytest.mark.parametrize('spec', ['robustbench:Salman2020Do_R18', 'easyrobust:advtrain_efficientnet_b0_ep4'])
 def test_import_cli_writes_a_folder_plain_timm_loads(spec, tmp_path, monkeypatch, capsys):
     folder = str(tmp_path / 'hub')
@@ -150,7 +125,7 @@ def test_import_cli_writes_a_folder_plain_timm_loads(spec, tmp_path, monkeypatch
     result = hub_main(['import', spec, '--out', folder] + weights)
     assert result['max_abs_diff'] == 0.0
     reference = REFS[spec]
-    diff = float((_plain_timm_outputs(folder) - reference).abs().max())
+    diff = float((plain_timm_outputs(folder, str(tmp_path / 'out.pt')) - reference).abs().max())
     print(f'{spec}: plain timm from the folder vs source: max |diff| {diff:.3g}')
     assert diff <= _tolerance(reference)
 
@@ -162,6 +137,7 @@ def test_import_cli_writes_a_folder_plain_timm_loads(spec, tmp_path, monkeypatch
     assert (tuple(cfg['mean']), tuple(cfg['std'])) == (entry.transform.mean, entry.transform.std)
     assert (cfg['crop_pct'], cfg['interpolation'], cfg['license']) == (
         entry.transform.crop_pct, entry.transform.interpolation, entry.license)
+    assert cfg['origin_url'] == entry.paper[1] and cfg.get('paper_ids') != 'arXiv:2110.00476'  # not timm's resnet
     assert config['timm_adv']['imported']['spec'] == spec and len(config['label_names']) == 1000
     card = open(os.path.join(folder, 'README.md')).read()
     assert 'imported by timm-adv, not trained by it' in card
@@ -205,6 +181,31 @@ def test_imported_hub_configs():
         if entry.published.get('autoattack') is not None:  # re-measured with the source's protocol
             assert (args.autoattack, args.aa_norm, args.aa_samples) == ('standard', 'linf', 5000)
             assert abs(args.aa_eps - 4 / 255) < 1e-12
+
+
+def test_pipeline_imports_evaluates_and_writes_the_card(tmp_path, monkeypatch):
+    from timm_adv.hub import pipeline
+    spec = 'easyrobust:advtrain_efficientnet_b0_ep4'
+    config = tmp_path / 'imported.yaml'
+    config.write_text(f'repo_id: me/effnet\nstatus: imported\nsource: {spec}\narchitecture: efficientnet_b0\n'
+                      'dataset: null\ndata_dir: /data/imagenet\nlicense: apache-2.0\n'
+                      'evaluation: {protocol: robustbench-imagenet, batch-size: 64}\n')
+    runs = []
+
+    def fake_validate(argv, log_path):  # validate.py on ImageNet: here its report only
+        runs.append(argv)
+        with open(os.path.join(argv[argv.index('--report-dir') + 1], 'robustness.json'), 'w') as f:
+            json.dump(dict(model=argv[2], dataset='/data/imagenet', clean=dict(top1=61.5, top5=83.0, samples=50000)), f)
+    monkeypatch.setattr(pipeline, '_run', fake_validate)
+    result = pipeline.run_pipeline(str(config), str(tmp_path / 'out'),
+                                   checkpoint=_weights_file(spec, tmp_path / 'w.pth'))
+    assert runs[0][:3] == ['validate.py', '--model', f'local-dir:{result["export_dir"]}']
+    assert '--protocol' in runs[0] and '--data-dir' in runs[0] and result['max_abs_diff'] == 0.0
+    card = open(result['model_card']).read()
+    assert 'Measured by timm-adv on /data/imagenet' in card and '61.5' in card and '35.06%' in card
+    with pytest.raises(ValueError, match='imports as .efficientnet_b0., not .resnet50.'):
+        config.write_text(config.read_text().replace('architecture: efficientnet_b0', 'architecture: resnet50'))
+        load_hub_config(str(config))
 
 
 def test_validate_protocol_preset_and_image_list(tmp_path):

@@ -25,7 +25,9 @@ timm 0.5.4):
     PYTHONPATH=/tmp/timm054 python tools/zoo_fixtures.py easyrobust
 
 ``--entries`` limits a step to some names; ``--check`` also imports each entry with timm_adv (step 1
-only) and prints the max |output difference| to the source.
+only) and prints the max |output difference| to the source; ``python tools/zoo_fixtures.py check`` does
+that for every pinned entry (after step 2: the EasyRobust ones) from the fixtures alone, and with
+``--folders`` through the whole import: weights file -> folder -> plain timm in a process without timm_adv.
 """
 import argparse
 import gzip
@@ -218,6 +220,64 @@ def robustbench_step(names, check: bool) -> None:
     _write(layouts, references)
 
 
+def plain_timm_outputs(folder: str, out_path: str) -> torch.Tensor:
+    """Outputs of ``local-dir:folder`` on the pinned images, computed in a fresh process that imports timm (its
+    eval transform from the folder's ``pretrained_cfg``) and never timm_adv."""
+    import subprocess
+    code = ('import sys, torch, timm\n'
+            'from timm.data import create_transform, resolve_data_config\n'
+            'from safetensors.torch import load_file\n'
+            'from PIL import Image\n'
+            f'refs = load_file({REFERENCES!r})\n'
+            'images = [Image.fromarray(refs[f"image.{i}"].numpy()) for i in range(2)]\n'
+            f'model = timm.create_model("local-dir:{os.path.abspath(folder)}", pretrained=True).eval()\n'
+            'transform = create_transform(**resolve_data_config({}, model=model))\n'
+            'with torch.no_grad():\n'
+            '    logits = model(torch.stack([transform(img) for img in images]))\n'
+            'assert not any(name.startswith("timm_adv") for name in sys.modules), "timm_adv was imported"\n'
+            f'torch.save(logits, {out_path!r})\n')
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    subprocess.run([sys.executable, '-c', code], check=True, cwd='/', env=env, timeout=1200)
+    return torch.load(out_path, weights_only=True)
+
+
+def source_file(spec: str, layout: Mapping, path: str) -> str:
+    """The pinned entry's weights file, nested and prefixed the way the sources' loaders accept."""
+    weights = seeded_state_dict(layout)
+    if spec.startswith('robustbench:'):
+        weights = {'state_dict': {f'module.{k}': v for k, v in weights.items()}}
+    torch.save(weights, path)
+    return path
+
+
+@torch.no_grad()
+def check_step(names, folders: bool) -> None:
+    """Regenerates each pinned entry's weights, imports them with timm_adv and prints the max |difference| to the
+    pinned source outputs (every entry; the test suite runs one per family). With ``folders``: the full
+    ``python -m timm_adv.hub import`` to a folder from the weights file, loaded by plain timm in a fresh process."""
+    sys.path.insert(0, ROOT)
+    from timm_adv.hub.zoo import ZOO
+    from timm_adv.hub.zoo_import import (create_timm_model, entry_data_config, import_zoo_model, source_state_dict,
+                                         timm_outputs)
+    layouts, references = _read_layouts(), _read_references()
+    images = fixture_images(references)
+    for spec, layout in layouts.items():
+        if names and spec.split(':', 1)[1] not in names:
+            continue
+        entry, reference, start = ZOO[spec], references[spec], time.time()
+        if folders:
+            with tempfile.TemporaryDirectory() as tmp:
+                result = import_zoo_model(spec, os.path.join(tmp, 'hub'), check_source=False,
+                                          weights=source_file(spec, layout, os.path.join(tmp, 'weights.pt')))
+                out = plain_timm_outputs(result['folder'], os.path.join(tmp, 'out.pt'))
+        else:
+            imported = source_state_dict(seeded_state_dict(layout), entry)
+            out = timm_outputs(create_timm_model(entry, imported), images, entry_data_config(entry, imported))
+        print(f'{spec} -> {entry.architecture}{" (folder, plain timm process)" if folders else ""}: max |diff| '
+              f'{float((out - reference).abs().max()):.3g} (max |logit| {float(reference.abs().max()):.3g}, '
+              f'{time.time() - start:.0f} s)', flush=True)
+
+
 def _check(entry, path, images, reference) -> str:
     """Imports with timm_adv (conversion + timm eval transform, no folder) and compares with the source."""
     from timm_adv.hub.zoo_import import (create_timm_model, entry_data_config, source_state_dict, timm_outputs)
@@ -306,14 +366,18 @@ def easyrobust_step(names) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('source', choices=('robustbench', 'transforms', 'easyrobust'))
+    parser.add_argument('source', choices=('robustbench', 'transforms', 'easyrobust', 'check'))
     parser.add_argument('--entries', nargs='*', default=None, help='only these entry names')
     parser.add_argument('--check', action='store_true', help='robustbench: also import with timm_adv and compare')
+    parser.add_argument('--folders', action='store_true',
+                        help='check: import to a folder and load it with plain timm in a fresh process')
     args = parser.parse_args()
     if args.source == 'robustbench':
         robustbench_step(args.entries, args.check)
     elif args.source == 'transforms':
         transforms_step()
+    elif args.source == 'check':
+        check_step(args.entries, args.folders)
     else:
         easyrobust_step(args.entries)
 

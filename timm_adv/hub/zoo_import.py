@@ -104,8 +104,11 @@ def create_timm_model(entry: ZooEntry, weights: ImportedWeights) -> nn.Module:
     Raises:
         ExportError: The weights do not fit the architecture.
     """
-    overlay = dict(state_dict=weights.state_dict, source='', hf_hub_id=None, url='', file=None,
-                   num_classes=1000)
+    # the weights' own origin, not that of timm's default weights of the architecture
+    arxiv = entry.paper[1].split('arxiv.org/abs/')[-1] if 'arxiv.org/abs/' in entry.paper[1] else None
+    overlay = dict(state_dict=weights.state_dict, source='', hf_hub_id=None, url='', file=None, num_classes=1000,
+                   origin_url=entry.paper[1], paper_ids=f'arXiv:{arxiv}' if arxiv else None, paper_name=None,
+                   notes=None)
     try:
         model = timm.create_model(entry.architecture, pretrained=True, pretrained_cfg_overlay=overlay,
                                   **dict(entry.model_args))
