@@ -111,18 +111,10 @@ def test_import_reproduces_the_source_outputs_on_raw_images(spec):
         assert imported.dropped and all('.bn_adv.' in k for k in imported.dropped)
 
 
-@pytest.mark.parametrize('spec', ['robustbench:Salman2020Do_R18', 'easyrobust:advtrain_efficientnet_b0_ep4'])
-def test_import_cli_writes_a_folder_plain_timm_loads(spec, tmp_path, monkeypatch, capsys):
+def test_import_cli_writes_a_folder_plain_timm_loads(tmp_path):
+    spec = 'robustbench:Salman2020Do_R18'  # the file as robustbench's loader reads it: nested, 'module.' prefixes
     folder = str(tmp_path / 'hub')
-    path = _weights_file(spec, tmp_path / 'w.pt')
-    weights = ['--weights', path]
-    if spec.startswith('easyrobust:'):  # no --weights: the URL is read as EasyRobust's benchmark reads it
-        def load_url(url, **kwargs):
-            assert url == ZOO[spec].weights and kwargs['weights_only']
-            return torch.load(path, weights_only=True)
-        monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', load_url)
-        weights = []
-    result = hub_main(['import', spec, '--out', folder] + weights)
+    result = hub_main(['import', spec, '--out', folder, '--weights', _weights_file(spec, tmp_path / 'w.pt')])
     assert result['max_abs_diff'] == 0.0
     reference = REFS[spec]
     diff = float((plain_timm_outputs(folder, str(tmp_path / 'out.pt')) - reference).abs().max())
@@ -197,12 +189,20 @@ def test_pipeline_imports_evaluates_and_writes_the_card(tmp_path, monkeypatch):
         with open(os.path.join(argv[argv.index('--report-dir') + 1], 'robustness.json'), 'w') as f:
             json.dump(dict(model=argv[2], dataset='/data/imagenet', clean=dict(top1=61.5, top5=83.0, samples=50000)), f)
     monkeypatch.setattr(pipeline, '_run', fake_validate)
-    result = pipeline.run_pipeline(str(config), str(tmp_path / 'out'),
-                                   checkpoint=_weights_file(spec, tmp_path / 'w.pth'))
+    path = _weights_file(spec, tmp_path / 'w.pth')
+
+    def load_url(url, **kwargs):  # no weights file: the URL is read as EasyRobust's benchmark reads it
+        assert url == ZOO[spec].weights and kwargs['weights_only']
+        return torch.load(path, weights_only=True)
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', load_url)
+    result = pipeline.run_pipeline(str(config), str(tmp_path / 'out'))
     assert runs[0][:3] == ['validate.py', '--model', f'local-dir:{result["export_dir"]}']
     assert '--protocol' in runs[0] and '--data-dir' in runs[0] and result['max_abs_diff'] == 0.0
     card = open(result['model_card']).read()
     assert 'Measured by timm-adv on /data/imagenet' in card and '61.5' in card and '35.06%' in card
+    with open(os.path.join(result['export_dir'], 'config.json')) as f:
+        cfg = json.load(f)['pretrained_cfg']
+    assert (cfg['interpolation'], cfg['crop_pct'], cfg['mean']) == ('bicubic', 0.875, [0.485, 0.456, 0.406])
     with pytest.raises(ValueError, match='imports as .efficientnet_b0., not .resnet50.'):
         config.write_text(config.read_text().replace('architecture: efficientnet_b0', 'architecture: resnet50'))
         load_hub_config(str(config))

@@ -84,8 +84,6 @@ def source_state_dict(checkpoint: Any, entry: ZooEntry) -> ImportedWeights:
     dropped: List[str] = []
     if entry.source == 'robustbench':
         state_dict = _strip(state_dict, 'model.')
-        if entry.layout == 'robustbench-raw':
-            mean, std = tuple(entry.transform.mean), tuple(entry.transform.std)
     else:
         if all(k.startswith('1.') for k in state_dict):
             state_dict = _strip(state_dict, '1.')
@@ -144,7 +142,7 @@ def import_robustbench():
         import robustbench.utils
     except ImportError as e:
         raise ImportError(f'robustbench is not installed ({e}). Install it without its pins on timm/torch: '
-                          f"pip install 'timm-adv[import,eval]' && pip install --no-deps robustbench==1.1.1; "
+                          f"pip install 'timm-adv[import]' && pip install --no-deps robustbench==1.1.1; "
                           f'or pass --weights FILE.') from None
     return robustbench
 
