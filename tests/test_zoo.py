@@ -208,7 +208,7 @@ def test_pipeline_imports_evaluates_and_writes_the_card(tmp_path, monkeypatch):
         load_hub_config(str(config))
 
 
-def test_validate_protocol_preset_and_image_list(tmp_path):
+def test_validate_protocol_preset_and_image_list(tmp_path, monkeypatch):
     import timm.data
     import validate
     from PIL import Image
@@ -227,6 +227,26 @@ def test_validate_protocol_preset_and_image_list(tmp_path):
         'ILSVRC2012_val_n021.JPEG', 'ILSVRC2012_val_n010.JPEG']
     with pytest.raises(ValueError, match='1 of the 2 listed images are not in the dataset'):
         image_list_subset(dataset, ['n01/ILSVRC2012_val_n010.JPEG', 'n03/missing.JPEG'])
+
+    seen = {}  # validate.py runs AutoAttack on the listed images, with the preset's settings
+
+    def fake_autoattack(model, loader, **kwargs):
+        seen['indices'], seen['kwargs'] = list(loader.dataset.indices), kwargs
+        return dict(version='standard', attacks=['apgd-ce'], norm='linf', eps=kwargs['eps'], robust_top1=0.0,
+                    clean_top1=0.0, samples=2, iterations={'apgd-ce': 100})
+    monkeypatch.setattr(validate, 'evaluate_autoattack', fake_autoattack)
+    listing = tmp_path / 'ids.txt'
+    listing.write_text('n02/ILSVRC2012_val_n022.JPEG\nn01/ILSVRC2012_val_n011.JPEG\n')
+    results = validate.main(['--model', 'test_resnet', '--data-dir', str(tmp_path / 'val'), '--num-classes', '2',
+                             '--img-size', '32', '--workers', '0', '--protocol', 'robustbench-imagenet',
+                             '--aa-image-list', str(listing), '--report-dir', str(tmp_path / 'r'), '--no-plots'])
+    assert [dataset.filenames(basename=True)[i] for i in seen['indices']] == [
+        'ILSVRC2012_val_n022.JPEG', 'ILSVRC2012_val_n011.JPEG']
+    assert seen['kwargs']['version'] == 'standard' and seen['kwargs']['norm'] == 'linf'
+    with open(tmp_path / 'r' / 'robustness.json') as f:
+        report = json.load(f)['autoattack']
+    assert abs(seen['kwargs']['eps'] - 4 / 255) < 1e-12 and results['aa_samples'] == 2
+    assert report['subset'] == 'listed images' and report['protocol'].startswith('RobustBench ImageNet L-inf')
 
 
 def _robustbench():
