@@ -32,8 +32,8 @@ from .export import ExportError, export_from_task, label_names_for
 from .zoo import LAYOUTS, ZooEntry, get_zoo_entry
 
 __all__ = ['ImportedWeights', 'source_state_dict', 'create_timm_model', 'import_robustbench', 'robustbench_model',
-           'fetch_weights', 'sample_images', 'entry_data_config', 'timm_outputs', 'compare_with_source',
-           'import_zoo_model']
+           'robustbench_transform', 'fetch_weights', 'sample_images', 'entry_data_config', 'timm_outputs',
+           'compare_with_source', 'import_zoo_model']
 
 _logger = logging.getLogger(__name__)
 
