@@ -278,7 +278,8 @@ def import_zoo_model(spec: str, out_dir: str, weights: Optional[str] = None, rep
     model = create_timm_model(entry, imported)
     exported = export_from_task(model, out_dir, entry_data_config(entry, imported), architecture=entry.architecture,
                                 label_names=label_names_for('imagenet', model.num_classes), license=entry.license,
-                                metadata=_metadata(entry, imported, weights_source), overwrite=overwrite)
+                                metadata=_metadata(entry, imported, weights_source), overwrite=overwrite,
+                                model_args=entry.model_args)
     card = write_model_card(out_dir, repo_id or f'timm-adv/{entry.hub_name}')
     source_diff = None
     if check_source and entry.source == 'robustbench':
