@@ -40,6 +40,7 @@ from timm_adv.evaluation.knn import (create_feature_model, create_knn_classifier
                                      find_model_bank, knn_attacks)
 from timm_adv.evaluation.labels import ClassMetrics, create_real_labels, read_valid_labels
 from timm_adv.evaluation.model_wrap import DtypeModel, wrap_eval_model
+from timm_adv.evaluation.protocols import PROTOCOLS, image_list_subset, read_image_list, robustbench_image_list
 from timm_adv.models import BANK_DTYPES, KNN_BACKENDS, KNN_VOTES, build_feature_bank, import_faiss, load_feature_bank
 from timm_adv.utils import explicit_args, load_training_checkpoint
 
@@ -182,6 +183,13 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--aa-subset', choices=('spread', 'first'), default='spread',
                        help='which --aa-samples: evenly spaced over the split, or its first N (RobustBench\'s '
                             'convention) (default: spread)')
+    group.add_argument('--aa-image-list', default=None, metavar='FILE',
+                       help='AutoAttack on the images named in FILE (one <wnid>/<file> per line, matched by file '
+                            'name), in its order; --aa-samples takes the first N')
+    group.add_argument('--protocol', choices=tuple(PROTOCOLS), default=None,
+                       help='a published evaluation protocol: robustbench-imagenet = --autoattack standard --aa-eps '
+                            "4/255 --aa-norm linf --aa-samples 5000 on RobustBench's 5,000 ImageNet validation images "
+                            '(its list from the installed robustbench, or --aa-image-list)')
     group.add_argument('--aa-batch-size', type=int, default=250, metavar='N', help='AutoAttack batch size (default: 250)')
     group.add_argument('--aa-iters', type=int, default=None, metavar='K',
                        help='APGD/FAB iterations, --autoattack custom only (quick checks; presets keep 100)')
@@ -222,7 +230,9 @@ _NEEDS = {
     'aa_eps': (lambda a: a.autoattack != 'none', '--autoattack'),
     'aa_norm': (lambda a: a.autoattack != 'none', '--autoattack'),
     'aa_samples': (lambda a: a.autoattack != 'none', '--autoattack'),
-    'aa_subset': (lambda a: a.autoattack != 'none', '--autoattack'),
+    'aa_subset': (lambda a: a.autoattack != 'none' and not a.aa_image_list and not a.protocol,
+                  '--autoattack (and not with --aa-image-list or --protocol, which fix the images)'),
+    'aa_image_list': (lambda a: a.autoattack != 'none', '--autoattack'),
     'aa_batch_size': (lambda a: a.autoattack != 'none', '--autoattack'),
     'corruption_protocol': (lambda a: bool(a.corruption_dir), '--corruption-dir'),
     'corruptions': (lambda a: bool(a.corruption_dir) or a.corruptions_generated,
@@ -314,11 +324,24 @@ def check_ignored_flags(args: argparse.Namespace, explicit) -> None:
             raise ValueError(f'{flag} does nothing without {needs}{context}; drop it.')
 
 
+def apply_protocol(args: argparse.Namespace, explicit) -> None:
+    """Sets the flags a ``--protocol`` preset fixes; a conflicting explicit flag is an error naming it."""
+    if not args.protocol:
+        return
+    for dest, value in PROTOCOLS[args.protocol]['settings'].items():
+        flag = '--' + dest.replace('_', '-')
+        if dest in explicit and str(getattr(args, dest)) != str(value):
+            raise ValueError(f'--protocol {args.protocol} fixes {flag} {value}; drop {explicit[dest]}.')
+        setattr(args, dest, value)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
-        check_ignored_flags(args, explicit_args(parser, argv))
+        explicit = explicit_args(parser, argv)
+        apply_protocol(args, explicit)
+        check_ignored_flags(args, explicit)
         check_combinations(args)
         args.eps = [parse_eps(e, '--eps') for e in args.eps]
         if args.step_size is not None:
@@ -558,7 +581,10 @@ def validate(args) -> OrderedDict:
         _evaluate_attacks(args, model, dataset, loader, make_loader, data_config, eval_kwargs, results, report)
     aa_loader = None
     if args.autoattack != 'none':
-        if args.aa_subset == 'first':
+        if args.aa_image_list or args.protocol:
+            names = read_image_list(args.aa_image_list or robustbench_image_list())
+            aa_subset = image_list_subset(dataset, names[:args.aa_samples])
+        elif args.aa_subset == 'first':
             aa_subset = TransformSubset(dataset, range(min(args.aa_samples, len(dataset))))
         else:
             aa_subset = spread_subset(dataset, args.aa_samples)
@@ -652,7 +678,10 @@ def _evaluate_robustness(args, model, base, data_config, aa_loader, device, resu
             norm=args.aa_norm or args.norm, version=args.autoattack, attacks=args.aa_attacks,
             num_samples=args.aa_samples, batch_size=args.aa_batch_size, device=device, seed=args.seed,
             n_iter=args.aa_iters, **precision)
-        aa['subset'] = 'first' if args.aa_subset == 'first' else 'evenly spaced'
+        aa['subset'] = ('listed images' if args.aa_image_list or args.protocol else
+                        'first' if args.aa_subset == 'first' else 'evenly spaced')
+        if args.protocol:
+            aa['protocol'] = PROTOCOLS[args.protocol]['description']
         aa['amp'] = bool(args.amp)
         report['autoattack'] = aa
         results['aa_top1'] = round(aa['robust_top1'], 4)

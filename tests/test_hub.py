@@ -265,6 +265,7 @@ def test_publish_dry_run_and_mocked_upload(exported, tmp_path, monkeypatch):
 def test_hub_configs_are_complete():
     paths = sorted(glob.glob(os.path.join(REPO, 'hub_configs', '*.yaml')))
     configs = {os.path.basename(p): load_hub_config(p, check_method=False) for p in paths}
+    configs = {k: c for k, c in configs.items() if c['status'] != 'imported'}  # test_zoo checks those
     assert configs['resnet10t_pgd_mnist.yaml']['status'] == 'trained'
     assert {c['method'] for c in configs.values()} >= {'pgd', 'advprop', 'dat', 'fgsm-sdi'}
     assert sum(c['status'] == 'not-yet-trained' for c in configs.values()) >= 4

@@ -14,3 +14,4 @@ from .knn import (create_feature_model, create_knn_classifier, evaluate_knn_robu
 from .bulk import list_bulk_models, run_with_retry, write_results
 from .labels import ClassMetrics, create_real_labels, dataset_filenames, read_valid_labels
 from .model_wrap import DtypeModel, wrap_eval_model
+from .protocols import PROTOCOLS, image_list_subset, read_image_list, robustbench_image_list

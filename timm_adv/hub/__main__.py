@@ -1,6 +1,8 @@
-"""Command line: ``python -m timm_adv.hub {export,publish,cache,compare,pipeline} ...``.
+"""Command line: ``python -m timm_adv.hub {export,import,zoo,publish,cache,compare,pipeline} ...``.
 
     python -m timm_adv.hub export output/train/run/last.pth.tar --out hub/run --repo-id me/resnet10t.pgd_mnist
+    python -m timm_adv.hub import robustbench:Salman2020Do_50_2 --weights Salman2020Do_50_2.pt --out hub/wrn50_2
+    python -m timm_adv.hub zoo --source easyrobust
     python -m timm_adv.hub publish hub/run --repo-id me/resnet10t.pgd_mnist --dry-run
     python -m timm_adv.hub cache hub/run --repo-id me/resnet10t.pgd_mnist --cache-dir /tmp/hf/hub
     python -m timm_adv.hub compare hf-hub:me/resnet10t.pgd_mnist local-dir:hub/run
@@ -31,6 +33,19 @@ def _parser() -> argparse.ArgumentParser:
                    help='contrastive / ssat feature models: also write knn_bank.safetensors (the training split '
                         'embedded with the exported weights)')
 
+    p = sub.add_parser('import', help='published robust model (RobustBench, EasyRobust) -> verified plain-timm Hub '
+                                      'folder with model card')
+    p.add_argument('model', metavar='SOURCE:NAME', help='robustbench:<name> or easyrobust:<name> (list: zoo)')
+    p.add_argument('--weights', default=None, metavar='FILE',
+                   help="the file the source's loader reads for this entry (default: download it through the source)")
+    p.add_argument('--out', required=True, help='folder to write')
+    p.add_argument('--repo-id', default=None, help='org/name shown in the model card (default: timm-adv/<hub name>)')
+    p.add_argument('--cache-dir', default=None, help='download folder (without --weights)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --out folder')
+
+    p = sub.add_parser('zoo', help='list the importable entries and the refused ones (with the reason)')
+    p.add_argument('--source', choices=('robustbench', 'easyrobust'), default=None, help='only this source')
+
     p = sub.add_parser('publish', help='upload an export folder to the Hub (needs a token) or check it (--dry-run)')
     p.add_argument('folder')
     p.add_argument('--repo-id', required=True, help='org/name')
@@ -55,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('config', help='hub_configs/*.yaml')
     p.add_argument('--out', required=True, help='working folder')
     p.add_argument('--data-dir', default=None, help='dataset location (overrides the config)')
-    p.add_argument('--checkpoint', default=None, help='skip training: export and evaluate this checkpoint')
+    p.add_argument('--checkpoint', default=None,
+                   help="skip training: export and evaluate this checkpoint (status: imported: the weights file the "
+                        "source's loader reads; default: download it)")
     p.add_argument('--publish', action='store_true', help='upload at the end (with --dry-run: only check)')
     p.add_argument('--dry-run', action='store_true', help='with --publish: build and check, do not upload')
     p.add_argument('--overwrite', action='store_true', help='replace an existing export folder')
@@ -95,6 +112,13 @@ def main(argv=None) -> dict:
     try:
         if args.command == 'export':
             result = _export(args)
+        elif args.command == 'import':
+            from .zoo_import import import_zoo_model
+            result = import_zoo_model(args.model, args.out, weights=args.weights, repo_id=args.repo_id,
+                                      overwrite=args.overwrite, cache_dir=args.cache_dir)
+        elif args.command == 'zoo':
+            from .zoo import zoo_listing
+            result = zoo_listing(args.source)
         elif args.command == 'publish':
             result = publish.publish_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
                                             commit_message=args.commit_message, token=args.token, dry_run=args.dry_run)

@@ -209,6 +209,7 @@ def export_from_task(
         sample: Optional[torch.Tensor] = None,
         atol: float = _ATOL,
         overwrite: bool = False,
+        model_args: Optional[Mapping] = None,
 ) -> ExportedModel:
     """Strips a trained model to plain timm and writes a verified Hub folder.
 
@@ -230,6 +231,8 @@ def export_from_task(
         sample: Normalised input batch for the output check (default: fixed random images).
         atol: Largest accepted output difference, relative to ``1 + max|logit|``.
         overwrite: Replace an existing folder.
+        model_args: Architecture arguments the model was built with (``config.json`` ``model_args``, which
+            ``create_model`` passes back), e.g. the widths of a variant timm has no name for.
 
     Raises:
         ExportError: Unknown architecture, training-only parts left in the state dict, or changed outputs.
@@ -271,6 +274,8 @@ def export_from_task(
                         **{METADATA_KEY: _training_metadata(train_args, task, metadata)})
     if label_names:
         model_config['label_names'] = list(label_names)
+    if model_args:  # timm < 1.0.31 writes only the model_args it is given
+        model_config['model_args'] = dict(model_args)
 
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)

@@ -149,6 +149,8 @@ def render_model_card(
         config = json.load(f)
     hub_config = hub_config or {}
     meta = config.get('timm_adv', {})
+    if meta.get('imported'):
+        return _render_imported_card(config, repo_id, report, hub_config)
     cfg = config.get('pretrained_cfg', {})
     method = meta.get('method', 'none')
     ref = method_reference(method)
@@ -227,6 +229,84 @@ def render_model_card(
     lines.append('## Citation\n')
     citations = [c for c in (ref.get('citation'), _TIMM_CITATION) if c]
     lines.append('```bibtex\n' + '\n\n'.join(citations) + '\n```\n')
+    return '\n'.join(lines)
+
+
+def _published_rows(published: Mapping) -> List[str]:
+    labels = dict(clean='Clean top-1 (ImageNet val)', autoattack='AutoAttack top-1')
+    rows = [f'| {labels.get(k, k)} | {v}{"%" if not k.endswith("mCE") else ""} |' for k, v in published.items()
+            if isinstance(v, (int, float))]
+    if published.get('autoattack') is not None:
+        rows.append(f'| Threat model | {published.get("threat_model")}, eps {published.get("eps")} (pixels in [0, 1]) |')
+    if published.get('protocol'):
+        rows.append(f'| Protocol | {published["protocol"]} |')
+    return rows
+
+
+def _render_imported_card(config: Mapping, repo_id: str, report: Optional[Mapping], hub_config: Mapping) -> str:
+    """Card of a model imported from a published zoo: the source's figures, labelled as published."""
+    imported = config['timm_adv']['imported']
+    cfg = config.get('pretrained_cfg', {})
+    arch, paper, published = config['architecture'], imported['paper'], imported['published']
+    source = {'robustbench': 'RobustBench', 'easyrobust': 'EasyRobust'}[imported['source']]
+    front = dict(tags=['image-classification', 'timm', 'timm-adv', 'imported', imported['source'],
+                       'adversarial-robustness', 'robustness'],
+                 library_name='timm', license=cfg.get('license', 'other'))
+    if hub_config.get('dataset_hub_id'):
+        front['datasets'] = [hub_config['dataset_hub_id']]
+    model_args = imported.get('model_args') or {}
+    lines = ['---\n' + yaml.safe_dump(front, sort_keys=False) + '---\n',
+             f'# Model card for {repo_id.split("/")[-1]}\n',
+             f'The {source} model `{imported["name"]}` ({paper["title"]}, {paper["venue"]}) as a plain timm '
+             f'`{arch}`: imported by timm-adv, not trained by it. The weights are the published ones mapped '
+             f'key for key; the input normalisation the source applies inside its model is in `pretrained_cfg`, '
+             f'with the resize, crop and interpolation the source evaluates with. No custom code is needed.\n',
+             '## Model details\n',
+             '| | |\n|---|---|\n' + '\n'.join(f'| {k} | {v} |' for k, v in [
+                 ('Architecture', f'`{arch}`' + (f' with `{model_args}`' if model_args else '') + ' (plain timm)'),
+                 ('Source entry', f'`{imported["spec"]}`'),
+                 ('Paper', f'[{paper["title"]}]({paper["url"]}) ({paper["venue"]})'),
+                 ('Source weights', imported.get('source_weights') or imported.get('weights')),
+                 ('Source weights layout', imported.get('layout')),
+                 ('Source eval transform', imported.get('eval_transform')),
+                 ('Preprocessing (pretrained_cfg)',
+                  f'input {"x".join(str(v) for v in cfg.get("input_size", [])[1:])}, crop_pct {cfg.get("crop_pct")}, '
+                  f'crop_mode {cfg.get("crop_mode")}, interpolation {cfg.get("interpolation")}, '
+                  f'mean {tuple(cfg.get("mean", ()))}, std {tuple(cfg.get("std", ()))}'),
+                 ('Licence', f'{cfg.get("license")}: {imported.get("license_note")}'),
+             ]) + '\n',
+             '## How to use\n',
+             '```python\nimport timm, torch\n'
+             f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()\n"
+             'cfg = timm.data.resolve_data_config({}, model=model)\n'
+             'transform = timm.data.create_transform(**cfg)\n'
+             'logits = model(transform(img).unsqueeze(0))\n```\n',
+             'Attacks must perturb pixels in [0, 1] before the normalisation above (timm-adv\'s attacks and '
+             'validate.py do).\n',
+             '## Published results\n',
+             f'Figures published by {source} for the original model ([reference]({published.get("reference")})); '
+             'they were not measured by timm-adv on these weights.\n',
+             '| | Published |\n|---|---|\n' + '\n'.join(_published_rows(published)) + '\n']
+    if published.get('autoattack') is not None:
+        lines.append('Re-measure with the same protocol (needs the ImageNet validation set and a GPU):\n\n'
+                     f'```bash\npython validate.py --model hf-hub:{repo_id} --pretrained --data-dir /data/imagenet '
+                     '--protocol robustbench-imagenet\n```\n')
+    lines.append('## Evaluation by timm-adv\n')
+    if report:
+        lines.append(f'Measured by timm-adv on {report.get("dataset", "the validation split")}. Top-1 in percent.\n')
+        lines.append(report_to_markdown(report) + '\n')
+    else:
+        lines.append('Not measured by timm-adv yet; the figures above are the published ones.\n')
+    lines.append('## Intended use and limitations\n')
+    lines.append(hub_config.get('intended_use') or (
+        'Research on adversarial robustness and as a robust backbone. Robustness holds only for the threat model '
+        'it was evaluated for; it is not a certificate.') + '\n')
+    for limit in hub_config.get('limitations', []):
+        lines.append(f'- {limit}')
+    lines.append('\n## Citation\n')
+    lines.append(f'Cite the original work: {paper["title"]} ({paper["venue"]}), {paper["url"]}; and the source '
+                 f'({source}). timm:\n')
+    lines.append('```bibtex\n' + _TIMM_CITATION + '\n```\n')
     return '\n'.join(lines)
 
 

@@ -15,6 +15,11 @@ A hub config describes one model we intend to publish::
     evaluation: {num-samples: 1000, attack: pgd, eps: [0.05, 0.1], steps: 20, autoattack: standard, ...}
     license: apache-2.0
 
+A config with ``status: imported`` publishes a model someone else trained, imported from a published
+zoo (:mod:`timm_adv.hub.zoo`): ``source: robustbench:<name>`` replaces ``method`` and the training
+keys, and the pipeline imports instead of training (``--checkpoint`` is then the weights file the
+source's loader reads).
+
 Training and evaluation run ``train.py`` and ``validate.py`` as the user would, so the command in
 the card is the exact one that produced the weights; the evaluation runs on the exported folder
 (``local-dir:``), i.e. on exactly what gets published.
@@ -29,12 +34,14 @@ from typing import Dict, List, Mapping, Optional
 
 import yaml
 
-__all__ = ['REQUIRED_KEYS', 'load_hub_config', 'train_command', 'validate_command', 'run_pipeline']
+__all__ = ['REQUIRED_KEYS', 'IMPORTED_KEYS', 'load_hub_config', 'train_command', 'validate_command', 'run_pipeline']
 
 _logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ('repo_id', 'status', 'architecture', 'method', 'dataset', 'license', 'evaluation')
-_STATUSES = ('trained', 'not-yet-trained')
+#: ``status: imported``: the published model's ``source`` (``robustbench:<name>``) instead of a method.
+IMPORTED_KEYS = ('repo_id', 'status', 'architecture', 'source', 'dataset', 'license', 'evaluation')
+_STATUSES = ('trained', 'not-yet-trained', 'imported')
 
 
 def load_hub_config(path: str, check_method: bool = True) -> Dict:
@@ -46,13 +53,15 @@ def load_hub_config(path: str, check_method: bool = True) -> Dict:
         raise FileNotFoundError(f'Hub config {path!r} does not exist; see hub_configs/ for examples.')
     with open(path) as f:
         config = yaml.safe_load(f) or {}
-    missing = [k for k in REQUIRED_KEYS if k not in config]
+    missing = [k for k in (IMPORTED_KEYS if config.get('status') == 'imported' else REQUIRED_KEYS) if k not in config]
     if missing:
         raise ValueError(f'Hub config {path!r} lacks {", ".join(missing)}.')
     if config['status'] not in _STATUSES:
         raise ValueError(f'Hub config {path!r}: status must be one of {_STATUSES}, got {config["status"]!r}.')
     if str(config['repo_id']).count('/') != 1:
         raise ValueError(f'Hub config {path!r}: repo_id must look like org/name, got {config["repo_id"]!r}.')
+    if config['status'] == 'imported':
+        return _check_imported(config, path)
     import timm
     if not timm.is_model(config['architecture']):
         raise ValueError(f'Hub config {path!r}: architecture {config["architecture"]!r} is unknown to timm.')
@@ -66,6 +75,21 @@ def load_hub_config(path: str, check_method: bool = True) -> Dict:
     if check_method:
         from timm_adv.tasks import get_method
         get_method(config['method'])
+    return config
+
+
+def _check_imported(config: Dict, path: str) -> Dict:
+    from .zoo import get_zoo_entry
+    try:
+        entry = get_zoo_entry(config['source'])
+    except ValueError as e:
+        raise ValueError(f'Hub config {path!r}: {e}') from None
+    if config['architecture'] != entry.architecture:
+        raise ValueError(f'Hub config {path!r}: {entry.spec} imports as {entry.architecture!r}, not '
+                         f'{config["architecture"]!r}.')
+    if config['license'] != entry.license:
+        raise ValueError(f'Hub config {path!r}: the licence of {entry.spec} is {entry.license!r} '
+                         f'({entry.license_note}), not {config["license"]!r}.')
     return config
 
 
@@ -180,6 +204,8 @@ def run_pipeline(config_path: str, out_dir: str, data_dir: Optional[str] = None,
 
     config = load_hub_config(config_path)
     os.makedirs(out_dir, exist_ok=True)
+    if config['status'] == 'imported':
+        return _run_imported(config, out_dir, data_dir, checkpoint, publish, dry_run, overwrite)
     experiment = config['repo_id'].split('/')[-1]
     train_argv = train_command(config, os.path.join(out_dir, 'train'), experiment, data_dir)
     if checkpoint is None:
@@ -200,6 +226,28 @@ def run_pipeline(config_path: str, out_dir: str, data_dir: Optional[str] = None,
                             train_command='python ' + ' '.join(shlex.quote(a) for a in train_argv))
     result = dict(checkpoint=checkpoint, export_dir=export_dir, model_card=card, report=report,
                   train_command=train_argv, validate_command=validate_argv, max_abs_diff=exported.max_abs_diff)
+    if publish:
+        result['publish'] = publish_folder(export_dir, config['repo_id'], private=bool(config.get('private', False)),
+                                           dry_run=dry_run)
+    return result
+
+
+def _run_imported(config: Mapping, out_dir: str, data_dir: Optional[str], weights: Optional[str], publish: bool,
+                  dry_run: bool, overwrite: bool) -> Dict:
+    """Import -> evaluate -> model card (-> publish) for a ``status: imported`` config."""
+    from .model_card import write_model_card
+    from .publish import publish_folder
+    from .zoo_import import import_zoo_model
+    export_dir = os.path.join(out_dir, 'export')
+    imported = import_zoo_model(config['source'], export_dir, weights=weights, repo_id=config['repo_id'],
+                                overwrite=overwrite)
+    validate_argv = validate_command(config, f'local-dir:{export_dir}', export_dir, data_dir)
+    _run(validate_argv, os.path.join(out_dir, 'validate.log'))
+    with open(os.path.join(export_dir, 'robustness.json')) as f:
+        report = json.load(f)
+    card = write_model_card(export_dir, config['repo_id'], report=report, hub_config=config)
+    result = dict(export_dir=export_dir, model_card=card, report=report, validate_command=validate_argv,
+                  max_abs_diff=imported['max_abs_diff'], source_max_abs_diff=imported['source_max_abs_diff'])
     if publish:
         result['publish'] = publish_folder(export_dir, config['repo_id'], private=bool(config.get('private', False)),
                                            dry_run=dry_run)
