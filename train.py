@@ -736,7 +736,7 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
 
 def _reduce_mean(args, device, *values: float):
     # each process keeps its own running averages; timm logs and returns their mean over processes
-    if not args.distributed or not values:
+    if not args.distributed or args.world_size == 1 or not values:
         return values
     return tuple(utils.reduce_tensor(torch.tensor(values, device=device, dtype=torch.float64), args.world_size).tolist())
 

@@ -25,7 +25,7 @@ def main():
     if hasattr(task, 'feature_bank'):  # a collective call: every rank embeds its shard
         bank = task.feature_bank()
         snapshot.update(bank_features=bank.features, bank_labels=bank.labels)
-    if hasattr(task, 'augment'):
+    if hasattr(getattr(task, 'augment', None), 'vqgan'):  # DAT's discretiser (contrastive's views have none)
         snapshot['vqgan'] = task.augment.vqgan.state_dict()
     torch.save(snapshot, f'{prefix}-rank{args.rank}.pt')
     torch.distributed.destroy_process_group()
