@@ -237,7 +237,8 @@ def test_validate_protocol_preset_and_image_list(tmp_path, monkeypatch):
     monkeypatch.setattr(validate, 'evaluate_autoattack', fake_autoattack)
     listing = tmp_path / 'ids.txt'
     listing.write_text('n02/ILSVRC2012_val_n022.JPEG\nn01/ILSVRC2012_val_n011.JPEG\n')
-    results = validate.main(['--model', 'test_resnet', '--data-dir', str(tmp_path / 'val'), '--num-classes', '2',
+    results = validate.main(['--model', 'test_resnet', '--no-pretrained', '--data-dir', str(tmp_path / 'val'),
+                             '--num-classes', '2',
                              '--img-size', '32', '--workers', '0', '--protocol', 'robustbench-imagenet',
                              '--aa-image-list', str(listing), '--report-dir', str(tmp_path / 'r'), '--no-plots'])
     assert [dataset.filenames(basename=True)[i] for i in seen['indices']] == [

@@ -22,7 +22,9 @@ from typing import Any, List, Mapping
 __all__ = ['REDACTED', 'scrub', 'scrub_text', 'find_leaks']
 
 REDACTED = '<redacted>'
-_SECRET_NAME = re.compile(r'token|secret|passw|api_?key|access_?key|private_?key|credential', re.IGNORECASE)
+# names that end in a credential word (HF_TOKEN, wandb_api_key), not any name holding one (kd_token_distill_type)
+_SECRET_NAME = re.compile(r'(?:^|_)(?:token|secret|passw(?:or)?d|api_?key|access_?key|private_?key|credentials?)$',
+                          re.IGNORECASE)
 _TOKEN_SHAPES = re.compile(r'\bhf_[A-Za-z0-9]{30,}\b|\b(?:ghp|gho|ghs|github_pat)_[A-Za-z0-9_]{20,}\b|\bAKIA[0-9A-Z]{16}\b')
 _HOME = re.compile(r'(?:/home|/Users)/[^/\s\'"]+')
 
