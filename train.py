@@ -635,8 +635,8 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, lr_scheduler=N
     ``--variable-batch-loss-scale`` act here as in timm's loop.
 
     ``position`` (from a recovery checkpoint) continues the epoch at its next batch; after each update
-    a signal caught by ``preemption`` writes a recovery checkpoint and raises :class:`Preempted`. As in timm, a second-order optimizer
-    (``--opt adahessian``) gets ``create_graph``, a lookahead optimizer syncs its slow weights at the
+    a signal caught by ``preemption`` writes a recovery checkpoint and raises :class:`Preempted`. As in
+    timm, a second-order optimizer (``--opt adahessian``) gets ``create_graph``, a lookahead optimizer syncs its slow weights at the
     end of the epoch, before validation and saving (``timm_adv.utils.sync_lookahead``), and under DDP
     the returned metrics (and the logged loss) are averaged over the processes.
     """

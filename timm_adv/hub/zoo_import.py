@@ -175,15 +175,25 @@ def robustbench_transform(entry: ZooEntry):
 
 
 def fetch_weights(entry: ZooEntry, cache_dir: Optional[str] = None) -> Any:
-    """Downloads the weights through the source's own loader (network needed) and returns its state dict."""
-    if entry.source == 'robustbench':
-        import_robustbench()
-        from robustbench.utils import load_model
-        model_dir = cache_dir or os.path.join(torch.hub.get_dir(), 'robustbench')
-        return load_model(entry.name, model_dir=model_dir, dataset='imagenet', threat_model='Linf').state_dict()
-    # EasyRobust's benchmark reads the URL with torch's model_zoo.load_url
-    return torch.hub.load_state_dict_from_url(entry.weights, map_location='cpu', model_dir=cache_dir,
-                                              weights_only=True)
+    """Downloads the weights through the source's own loader (network needed) and returns its state dict.
+
+    Raises:
+        FileNotFoundError: The download failed (offline, say), naming ``--weights`` and where the file comes from.
+    """
+    try:
+        if entry.source == 'robustbench':
+            import_robustbench()
+            from robustbench.utils import load_model
+            model_dir = cache_dir or os.path.join(torch.hub.get_dir(), 'robustbench')
+            return load_model(entry.name, model_dir=model_dir, dataset='imagenet', threat_model='Linf').state_dict()
+        # EasyRobust's benchmark reads the URL with torch's model_zoo.load_url
+        return torch.hub.load_state_dict_from_url(entry.weights, map_location='cpu', model_dir=cache_dir,
+                                                  weights_only=True)
+    except OSError as e:  # requests' and urllib's connection errors are OSErrors
+        reason = ' '.join(str(e).split())[:200]
+        raise FileNotFoundError(f'{entry.spec}: the weights could not be downloaded ({type(e).__name__}: {reason}). '
+                                f'Offline, download them elsewhere ({entry.weights or "RobustBench"}) and pass '
+                                f'--weights FILE.') from None
 
 
 def sample_images(sizes: Sequence[Tuple[int, int]] = ((57, 43), (38, 50)), seed: int = 0) -> List[Image.Image]:
