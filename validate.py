@@ -29,7 +29,7 @@ from timm.utils import reparameterize_model, set_jit_fuser
 
 from timm_adv.attacks import GUIDE_MODES, NORMS, create_attack, parse_eps
 from timm_adv.data import (DEFAULT_DATASET, TransformSubset, apply_bundled_defaults, create_bank_loader, create_dataset,
-                           default_workers, is_bundled, spread_subset)
+                           default_workers, is_bundled, random_subset, spread_subset)
 from timm_adv.evaluation import (IMAGENET_C_CORRUPTIONS, SEVERITIES, SHIFT_TYPES, LogitSubset, evaluate_accuracy,
                                  evaluate_autoattack, evaluate_corruption_folder, evaluate_generated_corruptions,
                                  evaluate_shift, report_to_markdown, save_report, scan_corruption_folder)
@@ -180,9 +180,9 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--aa-norm', choices=('linf', 'l2', 'l1'), default=None, help='AutoAttack norm (default: --norm)')
     group.add_argument('--aa-samples', type=int, default=1000, metavar='N',
                        help='AutoAttack on N samples of the split (default: 1000)')
-    group.add_argument('--aa-subset', choices=('spread', 'first'), default='spread',
-                       help='which --aa-samples: evenly spaced over the split, or its first N (RobustBench\'s '
-                            'convention) (default: spread)')
+    group.add_argument('--aa-subset', choices=('spread', 'first', 'random'), default='spread',
+                       help='which --aa-samples: evenly spaced over the split, its first N (RobustBench\'s '
+                            'convention), or N drawn at random with --seed (default: spread)')
     group.add_argument('--aa-image-list', default=None, metavar='FILE',
                        help='AutoAttack on the images named in FILE (one <wnid>/<file> per line, matched by file '
                             'name), in its order; --aa-samples takes the first N')
@@ -586,6 +586,8 @@ def validate(args) -> OrderedDict:
             aa_subset = image_list_subset(dataset, names[:args.aa_samples])
         elif args.aa_subset == 'first':
             aa_subset = TransformSubset(dataset, range(min(args.aa_samples, len(dataset))))
+        elif args.aa_subset == 'random':
+            aa_subset = random_subset(dataset, args.aa_samples, seed=args.seed)
         else:
             aa_subset = spread_subset(dataset, args.aa_samples)
         aa_loader = make_loader(aa_subset)
@@ -679,7 +681,8 @@ def _evaluate_robustness(args, model, base, data_config, aa_loader, device, resu
             num_samples=args.aa_samples, batch_size=args.aa_batch_size, device=device, seed=args.seed,
             n_iter=args.aa_iters, **precision)
         aa['subset'] = ('listed images' if args.aa_image_list or args.protocol else
-                        'first' if args.aa_subset == 'first' else 'evenly spaced')
+                        'first' if args.aa_subset == 'first' else
+                        f'random (seed {args.seed})' if args.aa_subset == 'random' else 'evenly spaced')
         if args.protocol:
             aa['protocol'] = PROTOCOLS[args.protocol]['description']
         aa['amp'] = bool(args.amp)

@@ -1,7 +1,8 @@
 """A dataset subset that timm's ``create_loader`` can set a transform on."""
+import torch
 import torch.utils.data
 
-__all__ = ['TransformSubset', 'spread_subset']
+__all__ = ['TransformSubset', 'spread_subset', 'random_subset']
 
 
 class TransformSubset(torch.utils.data.Subset):
@@ -35,3 +36,17 @@ def spread_subset(dataset, num_samples: int) -> TransformSubset:
     total = len(dataset)
     n = min(num_samples, total)
     return TransformSubset(dataset, [i * total // n for i in range(n)])
+
+
+def random_subset(dataset, num_samples: int, seed: int = 0) -> TransformSubset:
+    """``num_samples`` items drawn uniformly without replacement by ``seed`` (all of them if fewer), in index order.
+
+    A fresh draw is an evaluation sample nobody chose a recipe on, unlike a fixed spread or prefix.
+
+    Example:
+        >>> fresh = random_subset(dataset_eval, 300, seed=2026)
+    """
+    total = len(dataset)
+    generator = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(total, generator=generator)[:min(num_samples, total)]
+    return TransformSubset(dataset, sorted(picked.tolist()))
