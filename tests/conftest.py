@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -26,6 +27,51 @@ def image_folder(tmp_path_factory):
                 pixels = (torch.rand(32, 32, 3, generator=g) * 80 + c * 17).clamp(0, 255).byte().numpy()
                 Image.fromarray(pixels).save(root / split / str(c) / f'{i}.png')
     return root
+
+
+@pytest.fixture(scope='session')
+def vqgan_dir(tmp_path_factory):
+    """A tiny f = 4 VQGAN, saved as the discretiser's folder format (config.yaml + model.safetensors)."""
+    from timm_adv.vqgan import VQGANConfig, VQModel, save_vqgan
+    config = VQGANConfig(embed_dim=4, n_embed=32, ddconfig=dict(
+        double_z=False, ch=32, out_ch=3, ch_mult=[1, 1, 1], num_res_blocks=0, attn_resolutions=[], in_channels=3,
+        resolution=32, z_channels=4))
+    torch.manual_seed(0)
+    return str(save_vqgan(VQModel(config), str(tmp_path_factory.mktemp('vqgan'))))
+
+
+@pytest.fixture(scope='session')
+def teacher_dir(tmp_path_factory):
+    """A test_resnet teacher saved the way the Hub stores timm models (config.json + model.safetensors)."""
+    from timm.models import save_for_hf
+    path = tmp_path_factory.mktemp('teacher')
+    torch.manual_seed(1)
+    save_for_hf(timm.create_model('test_resnet', num_classes=10), str(path), safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope='session')
+def plain_checkpoint(tmp_path_factory):
+    """Weights of a plain 10-class test_resnet, the starting point of a fine-tuning method."""
+    path = tmp_path_factory.mktemp('plain') / 'plain.pth'
+    torch.manual_seed(2)
+    torch.save({'state_dict': timm.create_model('test_resnet', num_classes=10).state_dict()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope='session')
+def stage1_checkpoint(tmp_path_factory):
+    """A contrastive (stage-1) test_resnet checkpoint in train.py's layout: the feature model in ``state_dict``,
+    the projection head in ``task_state``."""
+    from timm_adv.layers import split_projection_head_state
+    from timm_adv.tasks import ContrastiveTask
+    path = tmp_path_factory.mktemp('stage1') / 'last.pth.tar'
+    torch.manual_seed(3)
+    model = ContrastiveTask.prepare_model(timm.create_model('test_resnet', num_classes=10))
+    features, head = split_projection_head_state(model.state_dict())
+    torch.save({'epoch': 0, 'arch': 'test_resnet', 'state_dict': features, 'task_state': {'projection_head': head}},
+               path)
+    return str(path)
 
 
 def run_killed_and_resumed(run, tmp_path, monkeypatch, args):
