@@ -1,3 +1,4 @@
+import argparse
 import os
 
 import pytest
@@ -72,6 +73,33 @@ def stage1_checkpoint(tmp_path_factory):
     torch.save({'epoch': 0, 'arch': 'test_resnet', 'state_dict': features, 'task_state': {'projection_head': head}},
                path)
     return str(path)
+
+
+def mae_checkpoint(path, embed_dim=64, img_size=28, decoder_dim=32, seed=0):
+    """An original-format MAE pre-training checkpoint: encoder (7x7 grid) + decoder + mask token."""
+    from timm.models.vision_transformer import Block
+    torch.manual_seed(seed)
+    encoder = timm.create_model('test_vit', patch_size=4, img_size=img_size, embed_dim=embed_dim, num_classes=0,
+                                global_pool='token')
+    state_dict = {k: v.clone() for k, v in encoder.state_dict().items()}
+    state_dict['pos_embed'].normal_(std=0.1)
+    num_patches = (img_size // 4) ** 2
+    state_dict.update({
+        'mask_token': torch.randn(1, 1, decoder_dim),
+        'decoder_embed.weight': torch.randn(decoder_dim, embed_dim), 'decoder_embed.bias': torch.zeros(decoder_dim),
+        'decoder_pos_embed': torch.randn(1, num_patches + 1, decoder_dim),
+        'decoder_norm.weight': torch.ones(decoder_dim), 'decoder_norm.bias': torch.zeros(decoder_dim),
+        'decoder_pred.weight': torch.randn(4 * 4 * 3, decoder_dim), 'decoder_pred.bias': torch.zeros(4 * 4 * 3),
+    })
+    state_dict.update({f'decoder_blocks.0.{k}': v for k, v in Block(decoder_dim, 2).state_dict().items()})
+    torch.save({'model': state_dict, 'epoch': 799, 'args': argparse.Namespace(model='mae_vit_test')}, path)
+    return state_dict
+
+
+@pytest.fixture(scope='session')
+def mae_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('mae') / 'mae_pretrain_test.pth'
+    return path, mae_checkpoint(path)
 
 
 def run_killed_and_resumed(run, tmp_path, monkeypatch, args):

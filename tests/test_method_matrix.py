@@ -4,7 +4,8 @@ plain timm.
 The cases are read from the task registry when the tests are collected, so a newly registered method runs here
 without a test of its own. Flags that shrink the work (``SHRINK``) go to whichever method reads them; a method that
 needs a component (a VQGAN, a stage-1 checkpoint, weights to fine-tune) gets a tiny one from the session fixtures
-of conftest.py, named in ``COMPONENTS``. Any other method runs on the common flags alone.
+of conftest.py, named in ``COMPONENTS``. Any other method runs on the common flags alone. Two more cases run
+``pgd`` with what wraps a method: a distillation teacher, and a ViT fine-tuned from an MAE pre-training file.
 """
 import copy
 import logging
@@ -38,12 +39,18 @@ COMPONENTS = {
     'ssat': ('stage1_checkpoint', ['--pretrained', '--pretrained-path', '{}']),
     'advbn': ('plain_checkpoint', ['--initial-checkpoint', '{}']),  # the paper fine-tunes a trained model
     'kd': ('teacher_dir', ['--kd-model-name', 'local-dir:{}']),
+    'mae': ('mae_path', ['--model', 'test_vit', '--model-kwargs', 'patch_size=4', 'img_size=32', '--gp', 'avg',
+                         '--pretrained', '--pretrained-path', '{}']),
 }
 
-# every registered method on its own (its name is its component key), and adversarial distillation, which wraps a
-# method (--kd-model-name) instead of being registered
+# every registered method on its own (its name is its component key), then pgd with a teacher and from MAE weights
 CASES = [pytest.param(method, (method,), id=method) for method in list_methods()] + \
-        [pytest.param('pgd', ('pgd', 'kd'), id='pgd+kd')]
+        [pytest.param('pgd', ('pgd', 'kd'), id='pgd+kd'), pytest.param('pgd', ('pgd', 'mae'), id='pgd+mae')]
+
+
+@pytest.fixture(scope='module')
+def mae_path(mae_file):
+    return mae_file[0]
 
 
 def _argv(method, components, request):
@@ -101,7 +108,7 @@ def test_method_trains_resumes_and_exports_to_plain_timm(method, components, req
 
     exported, _ = export_checkpoint(str(last), str(tmp_path / 'hub'))
     plain = timm.create_model(f'local-dir:{tmp_path / "hub"}', pretrained=True).eval()
-    assert type(plain) is type(timm.create_model('test_resnet'))
+    assert type(plain) is type(timm.create_model(first['args'].model))  # the architecture itself, no wrapper
     task, _, data_config = task_from_checkpoint(str(last))
     x = sample_batch(data_config, batch_size=4, seed=1)
     with torch.no_grad():
