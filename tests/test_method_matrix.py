@@ -106,7 +106,7 @@ def test_method_trains_resumes_and_exports_to_plain_timm(method, components, req
     _assert_same({k: first[k] for k in started[1]}, started[1])
     assert read_checkpoint(str(last))['epoch'] == 1
 
-    exported, _ = export_checkpoint(str(last), str(tmp_path / 'hub'))
+    export_checkpoint(str(last), str(tmp_path / 'hub'))
     plain = timm.create_model(f'local-dir:{tmp_path / "hub"}', pretrained=True).eval()
     assert type(plain) is type(timm.create_model(first['args'].model))  # the architecture itself, no wrapper
     task, _, data_config = task_from_checkpoint(str(last))
