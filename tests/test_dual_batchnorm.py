@@ -160,3 +160,15 @@ def test_sync_batchnorm_conversion(monkeypatch):
     for d in dual_bn_layers(synced):
         for bn in (d.main_bn, d.aux_bn[0]):
             assert bn.running_mean.data_ptr() in reduced and bn.running_var.data_ptr() in reduced
+
+
+def test_dual_bns_convert_to_sync_bn():
+    # --sync-bn converts both BN sets of the back (SyncBatchNorm needs a GPU to run; the conversion does not)
+    import timm
+    from timm_adv.layers import dual_bn_layers, insert_advbn
+    model = insert_advbn(timm.create_model('test_resnet', num_classes=4), input_size=(3, 16, 16))
+    n = len(dual_bn_layers(model))
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    dual = dual_bn_layers(model)
+    assert len(dual) == n and all(isinstance(m.main_bn, torch.nn.SyncBatchNorm) and
+                                  isinstance(m.aux_bn[0], torch.nn.SyncBatchNorm) for m in dual)
