@@ -1,13 +1,13 @@
 """Cost of one AdvProp training step relative to a plain step, measured in one process.
 
-Times (median of ``--repeats`` rounds, the variants interleaved so that load on a shared machine
+Times (median of ``--steps`` rounds, the variants interleaved so that load on a shared machine
 hits them alike):
 
 * ``plain``: forward, backward and optimiser step of the plain model on a batch of B.
 * ``advprop``: the AdvProp step (attack through the auxiliary BNs, one forward/backward of the
   2B clean + adversarial batch in split mode, optimiser step).
-* ``ideal``: what AdvProp cannot avoid: the same attack on the plain model plus a plain step on a
-  batch of 2B. ``advprop / ideal`` is the overhead of the dual-BN routing.
+* ``ideal``: what AdvProp cannot avoid (``AdvPropTask.ideal_cost()``): the same attack on the plain model
+  plus a plain step on a batch of 2B. ``advprop / ideal`` is the overhead of the dual-BN routing.
 
 Peak memory is reported only on CUDA (``torch.cuda.max_memory_allocated``); on CPU only time is
 measured.
@@ -17,9 +17,7 @@ Example:
 """
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -29,14 +27,10 @@ import timm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from timm_adv.attacks import create_attack, parse_eps
-from timm_adv.tasks import AdvPropTask, StandardTask
-from timm_adv.tasks.advprop import advprop_steps
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+from timm_adv.attacks import create_attack, parse_eps  # noqa: E402
+from timm_adv.tasks import AdvPropTask, StandardTask  # noqa: E402
+from timm_adv.tasks.advprop import advprop_steps  # noqa: E402
+from common import add_common_args, ideal_time, interleaved_median_times  # noqa: E402  (benchmarks/common.py)
 
 
 def _train_step(task: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -48,29 +42,17 @@ def _train_step(task: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[
     return step
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> Dict[str, float]:
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    start = time.perf_counter()
+def _cuda_peak(fn: Callable[[], None], device: torch.device) -> int:
+    """``torch.cuda.max_memory_allocated`` over one call of ``fn`` (the model and batch included)."""
+    torch.cuda.reset_peak_memory_stats(device)
     fn()
-    _sync(device)
-    out = {'time': time.perf_counter() - start}
-    if device.type == 'cuda':
-        out['mem'] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return out
+    return torch.cuda.max_memory_allocated(device)
 
 
 def main(argv=None) -> Dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--model', default='resnet10t')
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--img-size', type=int, default=32)
-    parser.add_argument('--num-classes', type=int, default=10)
+    add_common_args(parser, 'variant')
     parser.add_argument('--eps', default='1/255', help='attack eps; steps follow the paper (eps*255 + 1, 1 at 1/255)')
-    parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--repeats', type=int, default=7)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -96,28 +78,23 @@ def main(argv=None) -> Dict[str, float]:
         'attack': lambda: attack(plain_model, x[:b], y[:b]),
         'plain_2x': lambda: plain_step(x, y),
     }
-    for _ in range(args.warmup):
-        for fn in variants.values():
-            fn()
-    samples = {k: [] for k in variants}
-    for _ in range(args.repeats):
-        for k, fn in variants.items():
-            samples[k].append(_timed(fn, device))
-    t = {k: statistics.median(s['time'] for s in v) for k, v in samples.items()}
-    ideal = t['attack'] + t['plain_2x']
+    t = interleaved_median_times(variants, args.steps, args.warmup, device)
+    # the task's own count (2 training steps, the attack's passes) in the units timed here
+    ideal = ideal_time(advprop_task.ideal_cost(), {'train_steps': t['plain_2x'] / 2,
+                                                   'attack_passes': t['attack'] / (attack.steps * attack.restarts)})
     result = {
         'advprop_over_plain': t['advprop'] / t['plain'],
         'ideal_over_plain': ideal / t['plain'],
         'advprop_over_ideal': t['advprop'] / ideal,
     }
-    print(f'{args.model} batch {b} img {args.img_size} on {device}, {attack!r}, median of {args.repeats}')
+    print(f'{args.model} batch {b} img {args.img_size} on {device}, {attack!r}, median of {args.steps}')
     for k, v in t.items():
         print(f'  {k:>9s}: {v * 1000:8.1f} ms')
     print(f'  AdvProp step / plain step: {result["advprop_over_plain"]:.2f}x '
           f'(ideal: attack + 2x batch = {result["ideal_over_plain"]:.2f}x; '
           f'AdvProp / ideal = {result["advprop_over_ideal"]:.2f})')
     if device.type == 'cuda':
-        mem = {k: max(s['mem'] for s in v) for k, v in samples.items()}
+        mem = {k: _cuda_peak(fn, device) for k, fn in variants.items()}
         result['mem_advprop_over_plain'] = mem['advprop'] / mem['plain']
         print(f'  peak memory AdvProp / plain: {result["mem_advprop_over_plain"]:.2f}x '
               f'(plain 2x batch: {mem["plain_2x"] / mem["plain"]:.2f}x)')

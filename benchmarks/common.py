@@ -1,12 +1,14 @@
-"""Shared by the benchmark scripts: the common flags and the median wall time of a step, device-synchronised."""
+"""Shared by the benchmark scripts: the common flags, device-synchronised timers and the ideal cost of a step."""
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Mapping, Tuple, TypeVar
 
 import torch
 
-__all__ = ['add_common_args', 'sync', 'median_time', 'interleaved_median_times']
+__all__ = ['add_common_args', 'sync', 'timed', 'median_time', 'interleaved_median_times', 'ideal_time']
+
+T = TypeVar('T')
 
 
 def sync(device: torch.device) -> None:
@@ -15,18 +17,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn: Callable[[], T], device: torch.device) -> Tuple[T, float]:
+    """``fn()``'s result and the wall seconds it took, the device synchronised before and after."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
 def median_time(fn, steps: int, warmup: int, device: torch.device) -> float:
     """Median seconds of ``steps`` calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device)[1] for _ in range(steps))
 
 
 def interleaved_median_times(fns: Dict[str, Callable[[], None]], steps: int, warmup: int,
@@ -42,12 +46,23 @@ def interleaved_median_times(fns: Dict[str, Callable[[], None]], steps: int, war
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(steps):
         for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(fn, device)[1])
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def ideal_time(cost: Mapping[str, float], unit_seconds: Mapping[str, float]) -> float:
+    """Seconds of a step doing only its unavoidable work: a task's ``ideal_cost()`` counts, each times the
+    measured seconds of one such unit (``train_steps``: a plain training step, ``attack_passes``: a forward +
+    input-only backward, ``vqgan_passes``: one VQGAN reconstruction...).
+
+    Example:
+        >>> ideal_time(task.ideal_cost(), {'train_steps': t_plain, 'attack_passes': t_attack})
+    """
+    unmeasured = sorted(set(cost) - set(unit_seconds))
+    if unmeasured:
+        raise ValueError(f'no measured unit time for {", ".join(unmeasured)} of the cost {dict(cost)}; time one of '
+                         f'each.')
+    return sum(n * unit_seconds[unit] for unit, n in cost.items())
 
 
 def add_common_args(parser: argparse.ArgumentParser, what: str = 'method') -> None:

@@ -16,7 +16,6 @@ reported relative to an eager plain (``none``) step. Also printed:
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 
 import timm
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import add_common_args, interleaved_median_times, sync  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import add_common_args, interleaved_median_times, timed  # noqa: E402  (benchmarks/common.py, beside this script)
 from timm_adv.attacks import attack_bn_mode, frozen_parameters, input_gradient  # noqa: E402
 from timm_adv.tasks import add_adv_args, create_task  # noqa: E402
 from timm_adv.utils import check_compile_args, compiled_graphs  # noqa: E402
@@ -92,20 +91,9 @@ def main(argv=None):
     for task in (pgd_compiled, plain_compiled):
         task.compile(backend=args.backend, mode=args.mode)
     warm = max(args.warmup, 2)  # the attack and training graphs compile in the first step
-    eager_steps = []
-    for _ in range(warm):
-        sync(device)
-        start = time.perf_counter()
-        steps['PGD eager']()
-        sync(device)
-        eager_steps.append(time.perf_counter() - start)
+    eager_seconds = sum(timed(steps['PGD eager'], device)[1] for _ in range(warm))
     graphs_before = compiled_graphs()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(warm):
-        steps['PGD compiled']()
-    sync(device)
-    compile_seconds = time.perf_counter() - start - sum(eager_steps)
+    compile_seconds = sum(timed(steps['PGD compiled'], device)[1] for _ in range(warm)) - eager_seconds
     pgd_graphs = compiled_graphs() - graphs_before
     for _ in range(warm):
         steps['plain compiled']()

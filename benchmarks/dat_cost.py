@@ -17,8 +17,8 @@ them alike:
 
 Each step is split into VQGAN / attack / training time. For ``ours``, the augmentation alone
 (VQGAN + attack) and the attack alone are timed as separate variants and subtracted; for
-``reference`` its sections are timed inline. ``ideal`` = 2 plain steps + 1 attack pass + 2 VQGAN
-passes at our settings.
+``reference`` its sections are timed inline. ``ideal`` is ``DATTask.ideal_cost()`` (2 plain steps + 1 attack
+pass + 2 VQGAN passes) in the times measured here, VQGAN passes at our settings.
 
 Images per second of each step are printed too, and with ``--memory`` the peak memory of one ``ours``
 and one ``reference`` step (CUDA: ``max_memory_allocated``; CPU: torch's profiler, slow at 224 px).
@@ -30,7 +30,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -48,7 +47,7 @@ from timm_adv.data import BundledMnist  # noqa: E402
 from timm_adv.tasks import DATTask, StandardTask  # noqa: E402
 from timm_adv.utils import checkpoint_state_dict, read_checkpoint  # noqa: E402
 from timm_adv.vqgan import create_vqgan, peak_memory_bytes  # noqa: E402
-from common import interleaved_median_times, sync  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import ideal_time, interleaved_median_times, timed  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 class _Sections:
@@ -58,11 +57,8 @@ class _Sections:
         self.device, self.times = device, {}
 
     def run(self, name: str, fn: Callable):
-        sync(self.device)
-        start = time.perf_counter()
-        out = fn()
-        sync(self.device)
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+        out, seconds = timed(fn, self.device)
+        self.times[name] = self.times.get(name, 0.0) + seconds
         return out
 
 
@@ -208,7 +204,9 @@ def main(argv=None) -> Dict[str, float]:
     plain = t['plain step']
     ours_split = {'vqgan': t['ours: augmentation'] - t['ours: attack'], 'attack': t['ours: attack'],
                   'training': t['ours step'] - t['ours: augmentation']}
-    ideal = 2 * plain + t['attack pass'] + 2 * t['VQGAN pass ours']
+    cost = tasks['ours'].ideal_cost()  # 2 training steps, 1 attack pass, 2 VQGAN passes
+    units = {'train_steps': plain, 'attack_passes': t['attack pass'], 'vqgan_passes': t['VQGAN pass ours']}
+    ideal = ideal_time(cost, units)
 
     print(f'{args.model} batch {args.batch_size} img {args.img_size} on {device}, torch {torch.__version__}, '
           f'{torch.get_num_threads()} threads; VQGAN {args.vqgan}{" (random weights)" if args.random_vqgan else ""} '
@@ -227,8 +225,9 @@ def main(argv=None) -> Dict[str, float]:
                                ('reference', t['reference step'], ref_split)):
         print(f'| {name} | {total / plain:.2f} | {split.get("vqgan", 0) / plain:.2f} | '
               f'{split.get("attack", 0) / plain:.2f} | {split.get("training", 0) / plain:.2f} |')
-    print(f'| ideal (2 plain + 1 attack pass + 2 VQGAN passes ours) | {ideal / plain:.2f} | '
-          f'{2 * t["VQGAN pass ours"] / plain:.2f} | {t["attack pass"] / plain:.2f} | 2.00 |')
+    print(f'| ideal ({cost["train_steps"]:g} plain + {cost["attack_passes"]:g} attack pass + {cost["vqgan_passes"]:g} '
+          f'VQGAN passes ours) | {ideal / plain:.2f} | {cost["vqgan_passes"] * units["vqgan_passes"] / plain:.2f} | '
+          f'{cost["attack_passes"] * units["attack_passes"] / plain:.2f} | {cost["train_steps"]:.2f} |')
     print('\n| step | images / s |')
     print('|---|---|')
     for name in ('plain step', 'ours step', 'reference step'):

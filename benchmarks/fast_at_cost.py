@@ -19,9 +19,7 @@ cost of one attack pass, measured as (PGD-10 - plain) / 10, and of one generator
     python benchmarks/fast_at_cost.py --model resnet10t --batch-size 64 --img-size 32 --steps 7
 """
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import timm
@@ -31,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timm_adv.tasks import add_adv_args, create_task  # noqa: E402
+from common import add_common_args, interleaved_median_times  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 def _task(method, flags, model_name, num_classes, eps, seed, device, mean, std):
@@ -44,30 +43,23 @@ def _task(method, flags, model_name, num_classes, eps, seed, device, mean, std):
     return task, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
-def _step(task, optimizer, x, y, device) -> float:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    task(x, y)['loss'].backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+def _step(name, task, optimizer, x, y):
+    def step():
+        if name.startswith('fgsm-sdi'):
+            # choose whether this batch updates the generator (it does when batches_seen % k == 0)
+            task.batches_seen = 0 if name.endswith('generator batch') else 1
+        task(x, y)['loss'].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--model', default='resnet10t')
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--img-size', type=int, default=32)
-    parser.add_argument('--num-classes', type=int, default=10)
+    add_common_args(parser)
     parser.add_argument('--eps', default='8/255')
     parser.add_argument('--sdi-every', type=int, default=20, help='FGSM-SDI generator update interval k')
-    parser.add_argument('--steps', type=int, default=7, help='timed steps per method (median reported)')
-    parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,31 +84,14 @@ def main(argv=None):
     sdi = tasks['fgsm-sdi regular batch'][0]
     grad_sign = torch.randn_like(x).sign()
 
-    def generator_forward(*_):
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+    def generator_forward():
         with torch.no_grad():
             sdi.generator.eval()
             sdi.generator(x, grad_sign)
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
 
-    times = {name: [] for name in [*methods, 'generator forward']}
-    for i in range(args.warmup + args.steps):
-        for name, (task, optimizer) in tasks.items():
-            if name.startswith('fgsm-sdi'):
-                # choose whether this batch updates the generator (it does when batches_seen % k == 0)
-                task.batches_seen = 0 if name.endswith('generator batch') else 1
-            t = _step(task, optimizer, x, y, device)
-            if i >= args.warmup:
-                times[name].append(t)
-        t = generator_forward()
-        if i >= args.warmup:
-            times['generator forward'].append(t)
-
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    fns = {name: _step(name, task, optimizer, x, y) for name, (task, optimizer) in tasks.items()}
+    fns['generator forward'] = generator_forward
+    med = interleaved_median_times(fns, args.steps, args.warmup, device)
     med[f'fgsm-sdi amortised (k={k})'] = ((k - 1) * med['fgsm-sdi regular batch'] + med['fgsm-sdi generator batch']) / k
     ideal = {name: p for name, (_, _, p) in methods.items()}
     ideal[f'fgsm-sdi amortised (k={k})'] = 3.0 + 2.0 / k

@@ -22,14 +22,13 @@ import argparse
 import importlib.util
 import os
 import sys
-import time
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import sync  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import timed  # noqa: E402  (benchmarks/common.py, beside this script)
 from timm_adv.attacks import select_guides  # noqa: E402
 from timm_adv.models import BANK_DTYPES, DEFAULT_CHUNK, bank_bytes, build_feature_bank, knn_search  # noqa: E402
 
@@ -38,14 +37,6 @@ IMAGENET = (1_281_167, 2048)
 
 def _gib(n: float) -> str:
     return f'{n / 2 ** 30:.3f} GiB'
-
-
-def _timed(fn, device: torch.device):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start
 
 
 def main():
@@ -79,16 +70,16 @@ def main():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        bank, refresh_s = _timed(lambda: build_feature_bank(nn.Identity(), loader, args.num_classes, device=device,
+        bank, refresh_s = timed(lambda: build_feature_bank(nn.Identity(), loader, args.num_classes, device=device,
                                                             dtype=dtype), device)
         peak = f'{(torch.cuda.max_memory_allocated() - base) / 2 ** 20:.1f} MiB' if device.type == 'cuda' else 'n/a'
-        _, search_s = _timed(lambda: knn_search(query, bank, args.k, chunk_size=args.chunk_size), device)
-        _, guides_s = _timed(lambda: select_guides(query, bank, reference, args.guides, chunk_size=args.chunk_size),
+        _, search_s = timed(lambda: knn_search(query, bank, args.k, chunk_size=args.chunk_size), device)
+        _, guides_s = timed(lambda: select_guides(query, bank, reference, args.guides, chunk_size=args.chunk_size),
                              device)
         line = (f'{name:>9}: bytes formula {bank_bytes(args.num, args.dim, dtype):,} measured {bank.nbytes:,} '
                 f'(peak while building {peak}); refresh {refresh_s:.3f}s')
         if has_faiss:
-            _, index_s = _timed(bank.faiss_index, device)
+            _, index_s = timed(bank.faiss_index, device)
             line += f', faiss index {index_s:.3f}s'
         print(line + f'; search top-{args.k} {search_s * 1000:.1f} ms, guides m={args.guides} {guides_s * 1000:.1f} ms')
         del bank

@@ -25,7 +25,7 @@ import train as train_script  # noqa: E402  (the same argument defaults as a rea
 from timm_adv.attacks import PixelNormalizer, input_gradient  # noqa: E402
 from timm_adv.data import DEFAULT_DATASET, apply_bundled_defaults  # noqa: E402
 from timm_adv.tasks import create_task, get_method, list_methods  # noqa: E402
-from common import add_common_args, median_time  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import add_common_args, ideal_time, median_time  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 def _rss_mb() -> float:
@@ -52,7 +52,8 @@ class _RssPeak:
 
 
 def measure(method: str, bench_args, train_argv, device, x, y):
-    args, _ = train_script.parse_args(train_argv + ['--adv-method', method])
+    # the plain reference step takes none of the measured methods' flags (train.py refuses them for 'none')
+    args, _ = train_script.parse_args((train_argv if method != 'none' else []) + ['--adv-method', method])
     args.num_classes = bench_args.num_classes
     if not args.dataset and not args.data_dir:  # the kNN bank of contrastive / ssat embeds the bundled digits
         args.dataset = DEFAULT_DATASET
@@ -131,7 +132,7 @@ def main():
     print(f'| method | step / plain | ideal / plain | measured / ideal | memory ({mem_unit}) | memory / plain |')
     print('|---|---|---|---|---|---|')
     for m, (seconds, peak, _, cost) in results.items():
-        ideal = cost['train_steps'] * plain_time + cost['attack_passes'] * plain_attack
+        ideal = ideal_time(cost, {'train_steps': plain_time, 'attack_passes': plain_attack})
         print(f'| {m} | {seconds / plain_time:.2f} | {ideal / plain_time:.2f} | {seconds / ideal:.2f} | {peak:.0f} | '
               f'{peak / max(plain_peak, 1e-9):.2f} |')
 

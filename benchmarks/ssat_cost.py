@@ -13,9 +13,7 @@
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import timm
 import torch
@@ -25,17 +23,9 @@ from timm_adv.attacks import create_knn_guided_attack  # noqa: E402
 from timm_adv.data import ViewAugment, create_bank_loader  # noqa: E402
 from timm_adv.layers import insert_projection_head  # noqa: E402
 from timm_adv.tasks import ContrastiveTask, SSATTask  # noqa: E402
+from common import median_time  # noqa: E402  (benchmarks/common.py, beside this script)
 
-
-def _timed(fn, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+CPU = torch.device('cpu')
 
 
 def _train_step(task, optimizer, x, y):
@@ -79,11 +69,11 @@ def main(argv=None):
     attack = create_knn_guided_attack(eps=args.eps, steps=args.attack_steps, num_guides=args.guides, mean=mean, std=std)
     stage2 = SSATTask(stage2_model, bank_loader, 10, attack, mean=mean, std=std, verbose=False)
 
-    t_stage1 = _timed(_train_step(stage1, torch.optim.SGD(stage1_model.parameters(), lr=1e-3, momentum=0.9), x, y),
-                      args.steps, args.warmup)
+    t_stage1 = median_time(_train_step(stage1, torch.optim.SGD(stage1_model.parameters(), lr=1e-3, momentum=0.9), x, y),
+                           args.steps, args.warmup, CPU)
     stage2.on_epoch_start(0)  # the epoch's bank, embedded once
-    t_stage2 = _timed(_train_step(stage2, torch.optim.SGD(stage2_model.parameters(), lr=1e-3, momentum=0.9), x, y),
-                      args.steps, args.warmup)
+    t_stage2 = median_time(_train_step(stage2, torch.optim.SGD(stage2_model.parameters(), lr=1e-3, momentum=0.9), x, y),
+                           args.steps, args.warmup, CPU)
 
     def attack_pass():
         delta = torch.zeros_like(x, requires_grad=True)
@@ -94,14 +84,14 @@ def main(argv=None):
             stage2_model(x)
 
     stage2_model.eval()
-    t_attack = _timed(attack_pass, args.steps, args.warmup)
-    t_forward = _timed(forward, args.steps, args.warmup)
+    t_attack = median_time(attack_pass, args.steps, args.warmup, CPU)
+    t_forward = median_time(forward, args.steps, args.warmup, CPU)
 
     def refresh():
         stage2.after_step()  # weights "changed": the next feature_bank() re-embeds the split
         stage2.feature_bank()
 
-    t_bank = _timed(refresh, max(1, args.steps // 2), 0)
+    t_bank = median_time(refresh, max(1, args.steps // 2), 0, CPU)
     ideal = t_stage1 + args.attack_steps * t_attack + 2 * t_forward
     rows = [
         ('stage-2 step / stage-1 step', t_stage2 / t_stage1),

@@ -31,7 +31,7 @@ from timm_adv.data import BundledMnist, spread_subset  # noqa: E402
 from timm_adv.vqgan import (VQGAN_PRESETS, VQModel, chunk_for_budget, compare_precision, create_vqgan,  # noqa: E402
                             peak_memory_bytes, vqgan_activation_bytes)
 from timm_adv.vqgan.fit import SquareImages  # noqa: E402
-from common import median_time  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import add_common_args, median_time  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 def _gmacs(fn) -> float:
@@ -90,18 +90,12 @@ def main():
     parser.add_argument('--vqgan', default='output/vqgan/bundled_mnist',
                         help='what create_vqgan loads (default: the folder `python -m timm_adv.vqgan fit` writes); '
                              'a preset name builds random weights (costs do not depend on them)')
-    parser.add_argument('--model', default='resnet10t')
-    parser.add_argument('--num-classes', type=int, default=10)
-    parser.add_argument('--img-size', type=int, default=32)
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--steps', type=int, default=7, help='timed repetitions (median reported)')
-    parser.add_argument('--warmup', type=int, default=2)
+    add_common_args(parser, 'variant')
     parser.add_argument('--precision-images', type=int, default=500,
                         help='bundled/mnist validation images for the bf16 check (0: skip)')
     parser.add_argument('--macs-only', action='store_true', help='count MACs, time nothing')
     parser.add_argument('--memory', action='store_true', help='peak memory per image of encode / decode, no timing')
     parser.add_argument('--budget-gb', type=float, default=20.0, help='with --memory: the budget to size a chunk for')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args()
     device = torch.device(args.device)
     preset = args.vqgan in VQGAN_PRESETS

@@ -13,12 +13,10 @@ import torch._dynamo
 import torch.nn as nn
 
 import train
-from test_dat import _tiny_config
 from timm_adv.attacks import create_attack
 from timm_adv.evaluation import evaluate_accuracy
 from timm_adv.tasks import add_adv_args, create_task, get_method
 from timm_adv.utils import check_compile_args, compiled_graphs
-from timm_adv.vqgan import VQModel, save_vqgan
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -30,12 +28,6 @@ def fresh_dynamo():
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         yield
     torch._dynamo.reset()
-
-
-@pytest.fixture(scope='module')
-def vqgan_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    return str(save_vqgan(VQModel(_tiny_config()), str(tmp_path_factory.mktemp('vqgan'))))
 
 
 def _task(method, *argv, seed=0):

@@ -18,22 +18,9 @@ from timm_adv.data import BundledMnist
 from timm_adv.layers import dual_bn_layers
 from timm_adv.tasks import DATTask
 from timm_adv.utils import read_checkpoint
-from timm_adv.vqgan import VQGANConfig, VQModel, create_vqgan, save_vqgan
+from timm_adv.vqgan import create_vqgan
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-
-def _tiny_config(mult=(1, 1, 1)):
-    return VQGANConfig(embed_dim=4, n_embed=32, ddconfig=dict(
-        double_z=False, ch=32, out_ch=3, ch_mult=list(mult), num_res_blocks=0, attn_resolutions=[], in_channels=3,
-        resolution=32, z_channels=4))
-
-
-@pytest.fixture(scope='module')
-def vqgan_dir(tmp_path_factory):
-    """A tiny f = 4 VQGAN, saved as the discretiser's folder format (config.yaml + model.safetensors)."""
-    torch.manual_seed(0)
-    return str(save_vqgan(VQModel(_tiny_config()), str(tmp_path_factory.mktemp('vqgan'))))
 
 
 @pytest.fixture(scope='module')

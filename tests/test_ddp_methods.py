@@ -121,18 +121,6 @@ def test_knn_methods_agree_on_weights_and_sharded_bank(ddp_run, method):
     assert torch.equal(rank0['bank_labels'], rank1['bank_labels'])
 
 
-def test_dual_bns_convert_to_sync_bn():
-    # --sync-bn converts both BN sets of the back (SyncBatchNorm needs a GPU to run; the conversion does not)
-    import timm
-    from timm_adv.layers import dual_bn_layers, insert_advbn
-    model = insert_advbn(timm.create_model('test_resnet', num_classes=4), input_size=(3, 16, 16))
-    n = len(dual_bn_layers(model))
-    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    dual = dual_bn_layers(model)
-    assert len(dual) == n and all(isinstance(m.main_bn, torch.nn.SyncBatchNorm) and
-                                  isinstance(m.aux_bn[0], torch.nn.SyncBatchNorm) for m in dual)
-
-
 def test_dat_processes_agree_and_share_one_vqgan(ddp_run):
     rank0, rank1 = ddp_run('dat')
     _assert_same(rank0['model'], rank1['model'], 'dat model')  # each rank attacked its own shard, DDP averaged

@@ -31,14 +31,6 @@ def _model(seed):
     return timm.create_model('test_resnet', num_classes=NUM_CLASSES)
 
 
-@pytest.fixture(scope='module')
-def teacher_dir(tmp_path_factory):
-    """A test_resnet teacher saved the way the Hub stores timm models (config.json + model.safetensors)."""
-    path = tmp_path_factory.mktemp('teacher')
-    save_for_hf(_model(1), str(path), safe_serialization=True)
-    return path
-
-
 def _batch(n=4):
     g = torch.Generator().manual_seed(0)
     pixels = torch.rand(n, 3, 32, 32, generator=g)

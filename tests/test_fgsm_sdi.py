@@ -1,5 +1,4 @@
-"""FGSM-SDI (generator, task, checkpointing), FGSM-RS and the catastrophic-overfitting guard."""
-import argparse
+"""FGSM-SDI: the generator, the task, checkpointing and resume through train.py."""
 import contextlib
 import copy
 import csv
@@ -15,10 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import train
-from timm_adv.attacks import PGDAttack, create_attack
-from timm_adv.evaluation import GuardRecord, OverfitGuard, detect_collapse
+from timm_adv.attacks import create_attack
 from timm_adv.models import SDIGenerator, create_sdi_generator
-from timm_adv.tasks import FGSMRSTask, FGSMSDITask, StandardTask, get_method
+from timm_adv.tasks import FGSMSDITask, get_method
 from timm_adv.tasks.fgsm_sdi import smooth_targets, smoothed_cross_entropy
 from timm_adv.utils import read_checkpoint
 
@@ -346,100 +344,6 @@ def test_task_state_round_trip_restores_generator_and_its_optimizer(tmp_path):
     for k, v in task.generator.state_dict().items():
         assert torch.allclose(v, fresh.generator.state_dict()[k]), k
     assert task.get_task_state(ema=True) == {}
-
-
-def test_fgsm_rs_defaults_and_flags():
-    args = argparse.Namespace(adv_eps=0.1, adv_steps=None, adv_step_size=None, adv_norm=None,
-                              adv_random_start=None, adv_targeted=None, adv_bn_mode=None, adv_clean_weight=0.0)
-    task = get_method('fgsm-rs').from_args(timm.create_model('test_resnet', num_classes=10), nn.CrossEntropyLoss(),
-                                           args, mean=MEAN, std=STD)
-    assert isinstance(task, FGSMRSTask)
-    a = task.attack
-    assert (a.steps, a.random_start, a.norm) == (1, True, 'linf')
-    assert a.step_size == pytest.approx(0.125) and a.eps == pytest.approx(0.1)
-    assert args.adv_step_size is None  # the caller's namespace is not modified
-    with pytest.raises(ValueError, match='--adv-steps'):
-        FGSMRSTask.attack_from_args(argparse.Namespace(**{**vars(args), 'adv_steps': 3}))
-    x, y = _batch(8)
-    task.train()
-    seen, hook = _model_inputs(task)
-    out = task(x, y)
-    hook.remove()
-    x_pix, x_adv = task.attack.normalizer.to_pixel(x), seen[-1]
-    assert (x_adv - x_pix).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= -1e-6 and x_adv.max() <= 1 + 1e-6
-    with torch.no_grad():
-        clean_loss = F.cross_entropy(copy.deepcopy(task.unwrapped_model)(x), y)
-    assert out['loss'] > clean_loss  # trained on a harder batch than the clean one
-    assert torch.allclose(out['loss'], F.cross_entropy(out['output'], y))
-
-
-# --- catastrophic-overfitting guard -------------------------------------------------------------------------
-
-
-class _CurvedMargin(nn.Module):
-    """Class-0 margin ``1 - curvature * ||x - 0.5||^2``: flat (zero gradient) at the clean images x = 0.5.
-
-    FGSM from the clean point sees no gradient and cannot move; PGD from a random start follows the
-    curvature. A large curvature is the gradient-masking signature of catastrophic overfitting.
-    """
-
-    def __init__(self, curvature: float):
-        super().__init__()
-        self.curvature = nn.Parameter(torch.tensor(float(curvature)))
-
-    def forward(self, x):
-        margin = 1.0 - self.curvature * (x - 0.5).pow(2).flatten(1).sum(1)
-        return torch.stack([margin, -margin], dim=1)
-
-
-def _guard_fixture(action):
-    eps = 0.1
-    x = torch.full((16, 1, 4, 4), 0.5)
-    loader = [(x, torch.zeros(16, dtype=torch.long))]
-    pgd = PGDAttack(eps, steps=5, random_start=True)
-    fgsm = PGDAttack(eps, steps=1, random_start=False)
-    model = _CurvedMargin(curvature=1.0)  # at |delta| = eps everywhere: margin 1 - 16 * 0.01 > 0, robust
-    task = StandardTask(model, nn.CrossEntropyLoss(), verbose=False)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return OverfitGuard(loader, pgd, fgsm, action=action, min_pgd_drop=10.0), task, model, optimizer
-
-
-def test_detect_collapse_rule():
-    history = [GuardRecord(0, 30.0, 40.0), GuardRecord(1, 45.0, 55.0)]
-    assert detect_collapse(history, 2.0, 85.0) is history[1]   # PGD collapsed, FGSM rose
-    assert detect_collapse(history, 2.0, 55.0) is history[1]   # FGSM held
-    assert detect_collapse(history, 30.0, 40.0) is None        # both fell: plain degradation, not CO
-    assert detect_collapse(history, 40.0, 90.0) is None        # PGD drop under 10 points
-    assert detect_collapse([], 0.0, 100.0) is None
-
-
-@pytest.mark.parametrize('action', ['warn', 'stop', 'rollback'])
-def test_guard_fires_on_contrived_collapse(action, caplog):
-    guard, task, model, optimizer = _guard_fixture(action)
-    healthy = guard.check(0, task, optimizer)
-    assert healthy == {'guard_pgd_top1': 100.0, 'guard_fgsm_top1': 100.0, 'co_detected': 0.0}
-    assert guard.act(task, optimizer) is False
-
-    with torch.no_grad():
-        model.curvature.fill_(100.0)  # PGD now breaks every sample, FGSM still sees a flat point
-    optimizer.state[model.curvature]['momentum_buffer'] = torch.tensor(7.0)
-    with caplog.at_level(logging.WARNING):
-        collapsed = guard.check(1, task, optimizer)
-    assert collapsed == {'guard_pgd_top1': 0.0, 'guard_fgsm_top1': 100.0, 'co_detected': 1.0}
-    assert 'CATASTROPHIC OVERFITTING at epoch 1' in caplog.text
-    stop = guard.act(task, optimizer)
-    assert stop is (action == 'stop')
-    if action == 'rollback':
-        assert model.curvature.item() == 1.0
-        assert 'momentum_buffer' not in optimizer.state[model.curvature]  # optimizer rolled back too
-        assert guard.check(2, task, optimizer)['co_detected'] == 0.0
-    else:
-        assert model.curvature.item() == 100.0
-
-
-def test_guard_rejects_bad_action():
-    with pytest.raises(ValueError, match='--adv-co-action'):
-        OverfitGuard([], PGDAttack(0.1), PGDAttack(0.1, steps=1), action='explode')
 
 
 # --- train.py end to end: checkpoint / resume of the generator and both optimisers ----------------------------

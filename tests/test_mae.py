@@ -12,46 +12,19 @@ import torch
 import torch.nn as nn
 import yaml
 from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import Block
 from timm.optim import create_optimizer_v2
 
 import train
-from conftest import run_killed_and_resumed
+from conftest import mae_checkpoint, run_killed_and_resumed
 from timm_adv.attacks import create_attack
 from timm_adv.models import MAEWeights, is_mae_checkpoint, load_mae_weights, resolve_mae_weights
 from timm_adv.hub.pipeline import load_hub_config, train_command
-from timm_adv.tasks import create_task, get_method, list_methods
+from timm_adv.tasks import create_task, get_method
 from timm_adv.utils import CheckpointError, check_layer_decay
 
 # test_vit (width 64, depth 6) with 4 px patches: an 8x8 grid at 32 px
 VIT = ['--model', 'test_vit', '--model-kwargs', 'patch_size=4', 'img_size=32', '--gp', 'avg']
 DEPTH = 6
-
-
-def _mae_checkpoint(path, embed_dim=64, img_size=28, decoder_dim=32, seed=0):
-    """An original-format MAE pre-training checkpoint: encoder (7x7 grid) + decoder + mask token."""
-    torch.manual_seed(seed)
-    encoder = timm.create_model('test_vit', patch_size=4, img_size=img_size, embed_dim=embed_dim, num_classes=0,
-                                global_pool='token')
-    state_dict = {k: v.clone() for k, v in encoder.state_dict().items()}
-    state_dict['pos_embed'].normal_(std=0.1)
-    num_patches = (img_size // 4) ** 2
-    state_dict.update({
-        'mask_token': torch.randn(1, 1, decoder_dim),
-        'decoder_embed.weight': torch.randn(decoder_dim, embed_dim), 'decoder_embed.bias': torch.zeros(decoder_dim),
-        'decoder_pos_embed': torch.randn(1, num_patches + 1, decoder_dim),
-        'decoder_norm.weight': torch.ones(decoder_dim), 'decoder_norm.bias': torch.zeros(decoder_dim),
-        'decoder_pred.weight': torch.randn(4 * 4 * 3, decoder_dim), 'decoder_pred.bias': torch.zeros(4 * 4 * 3),
-    })
-    state_dict.update({f'decoder_blocks.0.{k}': v for k, v in Block(decoder_dim, 2).state_dict().items()})
-    torch.save({'model': state_dict, 'epoch': 799, 'args': argparse.Namespace(model='mae_vit_test')}, path)
-    return state_dict
-
-
-@pytest.fixture(scope='module')
-def mae_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp('mae') / 'mae_pretrain_test.pth'
-    return path, _mae_checkpoint(path)
 
 
 @pytest.fixture(scope='module')
@@ -173,7 +146,7 @@ def test_timm_layout_mae_encoder_through_the_pretrained_tag_path(mae_file, tmp_p
 
 def test_checkpoint_of_another_vit_size_names_both_shapes(tmp_path, capsys):
     wide = tmp_path / 'mae_wide.pth'
-    _mae_checkpoint(wide, embed_dim=96)
+    mae_checkpoint(wide, embed_dim=96)
     with pytest.raises(SystemExit) as e:
         train.main([*VIT, '--initial-checkpoint', str(wide), '--output', str(tmp_path), '--experiment', 'x'])
     err = capsys.readouterr().err
@@ -378,14 +351,9 @@ RECIPES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'reci
 
 
 @pytest.mark.parametrize('name', RECIPES)
-def test_mae_recipes_are_train_configs(name, caplog, capsys):
+def test_mae_recipes_are_train_configs(name, caplog):
     path = os.path.join(REPO, 'recipes', name)
     cfg = yaml.safe_load(open(path))
-    if cfg['adv_method'] not in list_methods():  # DAT recipes before the DAT method is merged
-        with pytest.raises(SystemExit):
-            train.parse_args(['-c', path])
-        assert f"Unknown --adv-method '{cfg['adv_method']}'" in capsys.readouterr().err
-        return
     args, _ = train.parse_args(['-c', path])
     assert 'were ignored' not in caplog.text
     assert args.model == cfg['model'] and args.model.endswith('.mae') and args.pretrained and args.gp == 'avg'
