@@ -34,11 +34,14 @@ def load_parser(module: str, attribute: str) -> argparse.ArgumentParser:
 
 
 def _cell(text: str) -> str:
-    """Escapes ``text`` for a markdown table cell: no HTML, emphasis, links or column breaks."""
+    """Escapes ``text`` for a markdown table cell (no HTML, emphasis, links or column breaks); rST-style
+    double-backquoted spans, as module docstrings write commands, become code."""
     text = html.escape(' '.join(str(text).split()), quote=False)
-    for char, entity in (('|', '&#124;'), ('*', '&#42;'), ('_', '&#95;'), ('[', '&#91;'), ('`', '&#96;')):
+    for char, entity in (('|', '&#124;'), ('*', '&#42;'), ('_', '&#95;'), ('[', '&#91;')):
         text = text.replace(char, entity)
-    return text
+    parts = text.split('``')
+    parts[1::2] = [f'<code>{part}</code>' for part in parts[1::2]]
+    return ''.join(parts).replace('`', '&#96;')
 
 
 def _option(action: argparse.Action, parser: argparse.ArgumentParser) -> Tuple[str, str, str]:
