@@ -15,7 +15,7 @@ from timm_adv.attacks import FeatureStatsAttack, perturb_feature_stats
 from timm_adv.layers import (
     AdvBN, advbn_stages, dual_bn_layers, dual_bn_route, get_advbn, insert_advbn, strip_advbn, strip_aux_bn,
 )
-from timm_adv.tasks import AdvBNTask
+from timm_adv.tasks import AdvBNTask, create_task
 
 NUM_CLASSES = 10
 ARCHS = ['resnet10t', 'test_resnet', 'tiny_regnetx', 'test_efficientnet', 'mobilenetv3_small_050', 'test_convnext']
@@ -326,10 +326,16 @@ def test_bad_input(capsys):
         assert f'{flag} does nothing with --adv-method advbn' in err and fix in err
     with pytest.warns(UserWarning, match='without --pretrained'):
         AdvBNTask.check_args(_without_pretrained())
-    for kwargs, flag in ((dict(eps=0), '--adv-advbn-eps'), (dict(steps=0), '--adv-advbn-steps'),
-                         (dict(step_size=-1), '--adv-advbn-step-size')):
-        with pytest.raises(ValueError, match=flag):
+    for kwargs, dest, flag in ((dict(eps=0), 'adv_advbn_eps', '--adv-advbn-eps'),
+                               (dict(steps=0), 'adv_advbn_steps', '--adv-advbn-steps'),
+                               (dict(step_size=-1), 'adv_advbn_step_size', '--adv-advbn-step-size')):
+        param = next(iter(kwargs))
+        with pytest.raises(ValueError, match=f'^{param} must be'):  # the library names its parameter
             FeatureStatsAttack(**kwargs)
+        args = _args()
+        setattr(args, dest, kwargs[param])  # as a -c config sets it, past the flag's argparse type
+        with pytest.raises(ValueError, match=f'^{flag} must be'):  # train.py names the flag
+            create_task(AdvBNTask.prepare_model(_model(), args), nn.CrossEntropyLoss(), args)
 
 
 def _without_pretrained():

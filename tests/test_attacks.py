@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm_adv.attacks import PGDAttack, PixelNormalizer, attack_bn_mode, create_attack, parse_eps, random_init
+from timm_adv.attacks import (KNNGuidedAttack, PGDAttack, PixelNormalizer, attack_bn_mode, create_attack,
+                              guided_similarity_loss, parse_eps, random_init)
 from timm_adv.data import BundledMnist
 from timm_adv.evaluation import PixelSpaceModel
 
@@ -305,6 +306,16 @@ def test_random_start_probability_is_one_draw_per_batch():
     assert not any(PGDAttack(0.1, steps=1, start_prob=0.0).perturb(Recorder(), x, y).abs().max() > 0 for _ in range(5))
     with pytest.raises(ValueError, match='start_prob'):
         PGDAttack(0.1, start_prob=1.5)
+
+
+def test_knn_guided_attack_leaves_the_attack_it_is_given_alone():
+    pgd = PGDAttack(0.03, steps=2)
+    settings = dict(vars(pgd))
+    guided = KNNGuidedAttack(pgd, num_guides=2)
+    assert vars(pgd) == settings and guided.attack is not pgd
+    assert guided.attack.loss_fn is guided_similarity_loss and guided.attack.steps == 2
+    with pytest.raises(ValueError, match='^num_guides must be >= 1'):  # the parameter, not a flag
+        KNNGuidedAttack(pgd, num_guides=0)
 
 
 @pytest.mark.parametrize('bad', ['-1', '0', 'abc', '1/0'])

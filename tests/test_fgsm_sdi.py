@@ -321,6 +321,23 @@ def test_sdi_bad_flags_fail_early():
         FGSMSDITask(model, None, one_step, create_sdi_generator(EPS), label_confidence=1.5)
 
 
+def test_from_args_builds_the_attack_it_needs_instead_of_changing_it(monkeypatch):
+    built = []
+    make = FGSMSDITask.attack_from_args.__func__
+
+    def recorded(cls, *args, **kwargs):
+        attack = make(cls, *args, **kwargs)
+        built.append((attack, dict(vars(attack))))
+        return attack
+
+    monkeypatch.setattr(FGSMSDITask, 'attack_from_args', classmethod(recorded))
+    args, _ = train.parse_args(['--adv-method', 'fgsm-sdi', '--no-adv-sdi-clamp'])
+    task = FGSMSDITask.from_args(timm.create_model('test_resnet', num_classes=10), None, args, mean=MEAN, std=STD)
+    (attack, settings), = built
+    assert task.attack is attack and not attack.clamp
+    assert vars(attack) == settings  # nothing was changed on the attack once built
+
+
 def test_task_state_round_trip_restores_generator_and_its_optimizer(tmp_path):
     task = _sdi_task(every=1)
     x, y = _batch(8)

@@ -6,7 +6,7 @@ import yaml
 
 import train
 import validate
-from timm_adv.tasks import AdversarialTask, check_adv_args, method_args, registry
+from timm_adv.tasks import AdversarialTask, check_adv_args, get_method, list_methods, method_args, registry
 from timm_adv.utils import explicit_args
 
 
@@ -141,3 +141,16 @@ def test_validate_accepts_flags_in_use():
     assert args.aa_eps == pytest.approx(0.1)  # --eps feeds AutoAttack without --aa-eps
     validate.parse_args(['--attack', 'pgd', '--steps', '5', '--restarts', '2', '--step-size', '0.01'])
     validate.parse_args(['--corruption-dir', '/x', '--corruption-protocol', 'model', '--severities', '1'])
+
+
+@pytest.mark.parametrize('name', list_methods())
+def test_a_method_writes_its_flag_defaults_once(name):
+    method = get_method(name)
+    scratch = argparse.ArgumentParser(add_help=False)
+    method.add_args(scratch.add_argument_group())
+    created = {a.dest: a.default for a in scratch._actions}
+    # every default its flags declare comes from the table, and the table names only flags the method reads
+    assert {dest: value for dest, value in created.items() if value is not None} == \
+        {dest: value for dest, value in method.flag_defaults.items() if dest in created and value is not None}
+    assert set(method.flag_defaults) <= set(created) | set(method.uses_args)
+    assert {d: method.setting(argparse.Namespace(), d) for d in method.flag_defaults} == method.flag_defaults

@@ -14,10 +14,10 @@ import torch.nn as nn
 import train
 from timm_adv.data import BundledMnist, apply_bundled_defaults, spread_subset
 from timm_adv.evaluation import save_report
-from timm_adv.hub import (ExportError, export_checkpoint, export_from_task, load_hub_config, populate_hf_cache,
-                          publish_folder, render_model_card, sample_batch, write_model_card)
+from timm_adv.hub import (ExportError, export_checkpoint, export_from_task, load_hub_config, method_reference,
+                          populate_hf_cache, publish_folder, render_model_card, sample_batch, write_model_card)
 from timm_adv.hub.pipeline import train_command, validate_command
-from timm_adv.tasks import PGDTrainingTask, get_method
+from timm_adv.tasks import PGDTrainingTask, get_method, list_methods
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_ID = 'test-org/test_resnet.pgd_mnist'
@@ -286,6 +286,15 @@ def test_hub_config_errors(tmp_path):
     path.write_text('repo_id: a/b\n')
     with pytest.raises(ValueError, match='lacks status'):
         load_hub_config(str(path))
+
+
+@pytest.mark.parametrize('name', list_methods())
+def test_model_card_cites_the_paper_its_task_class_declares(name):
+    cls = get_method(name)
+    assert method_reference(name) == dict(paper=cls.paper, url=cls.url, citation=cls.citation)
+    if name != 'none':  # every adversarial method names its paper, address and BibTeX entry
+        assert cls.url.startswith('https://') and cls.citation.startswith('@') and cls.paper
+    assert method_reference('gone-method')['paper'] == 'gone-method (see the timm-adv documentation)'
 
 
 def test_model_card_shows_measured_table_and_plots(exported, tmp_path):

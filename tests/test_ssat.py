@@ -19,7 +19,7 @@ from timm_adv.hub import export_checkpoint
 from timm_adv.loss import info_nce, pair_top1
 from timm_adv.models import (BANK_FILE, FeatureBank, KNNClassifier, build_feature_bank, knn_search, load_feature_bank,
                              save_feature_bank)
-from timm_adv.tasks import ContrastiveTask, SSATTask
+from timm_adv.tasks import ContrastiveTask, SSATTask, create_task
 
 DATA_CONFIG = dict(input_size=(3, 32, 32), interpolation='bilinear', crop_pct=1.0, crop_mode='center',
                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -200,7 +200,7 @@ def test_view_augment_stays_in_range_and_differs():
     assert (v1 - v2).abs().mean() > 0.01
     identity = ViewAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, jitter=0.0)
     assert torch.allclose(identity(x), x, atol=1e-5)
-    with pytest.raises(ValueError, match='--adv-contrastive-scale'):
+    with pytest.raises(ValueError, match='^scale needs'):
         ViewAugment(scale=(0.0, 1.0))
 
 
@@ -221,8 +221,18 @@ def test_view_augment_colour_operations_for_rgb_and_none_on_grey():
     assert blurred.std() < x.std() and torch.allclose(blurred.mean(), x.mean(), atol=0.02)  # smooths, keeps mean
     digits = x[:, :1].expand(-1, 3, -1, -1)  # grey images: the colour defaults change nothing
     assert torch.allclose(ViewAugment(**geometry, saturation=0.4, hue=0.1, grayscale=0.2)(digits), digits, atol=1e-5)
-    with pytest.raises(ValueError, match='--adv-contrastive-hue'):
+    with pytest.raises(ValueError, match='^hue must be'):
         ViewAugment(hue=0.7)
+
+
+@pytest.mark.parametrize('bad,message', [(['--adv-contrastive-scale', '0', '1'], '--adv-contrastive-scale needs'),
+                                         (['--adv-contrastive-hue', '0.7'], '--adv-contrastive-hue must be'),
+                                         (['--adv-knn-temperature', '0'], '--adv-knn-temperature must be')])
+def test_stage1_library_errors_name_the_flags(bad, message):
+    args, _ = train.parse_args(['--adv-method', 'contrastive', '--no-aug', '--num-classes', '10', *bad])
+    model = ContrastiveTask.prepare_model(timm.create_model('test_resnet', num_classes=0), args)
+    with pytest.raises(ValueError, match=f'^{message}'):
+        create_task(model, None, args)
 
 
 def test_stage1_warns_when_the_loader_augments(caplog):

@@ -10,6 +10,8 @@ from typing import Iterator, List, Tuple
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from timm_adv.utils.errors import ParameterError
+
 __all__ = ['BN_MODES', 'attack_bn_mode', 'check_bn_mode']
 
 #: ``eval``: the whole model in eval mode (running statistics, no dropout).
@@ -20,7 +22,8 @@ BN_MODES = ('eval', 'train', 'train_update')
 
 def check_bn_mode(mode: str) -> str:
     if mode not in BN_MODES:
-        raise ValueError(f'Unknown attack BN mode {mode!r}; choose one of {", ".join(BN_MODES)} (--adv-bn-mode).')
+        raise ParameterError('bn_mode', f'names an unknown attack BN mode {mode!r}; choose one of '
+                                        f'{", ".join(BN_MODES)}.')
     return mode
 
 

@@ -2,6 +2,8 @@
 from fractions import Fraction
 from typing import Optional, Union
 
+from timm_adv.utils.errors import ParameterError
+
 from .pgd import PGDAttack
 
 __all__ = ['parse_eps', 'create_attack']
@@ -9,6 +11,9 @@ __all__ = ['parse_eps', 'create_attack']
 
 def parse_eps(value: Union[str, float, int], flag: str = '--adv-eps') -> float:
     """Parses an attack radius written as a number or a fraction such as ``4/255``.
+
+    ``flag`` is the name a bad value's :class:`~timm_adv.utils.ParameterError` gives: the flag the value
+    came from, or the parameter's name.
 
     Example:
         >>> parse_eps('8/255')
@@ -21,9 +26,9 @@ def parse_eps(value: Union[str, float, int], flag: str = '--adv-eps') -> float:
         try:
             out = float(Fraction(text)) if '/' in text else float(text)
         except (ValueError, ZeroDivisionError):
-            raise ValueError(f'{flag}: cannot read {value!r} as a number; write e.g. 0.1 or 4/255.') from None
+            raise ParameterError(flag, f'cannot be read from {value!r}: write a number, e.g. 0.1 or 4/255.') from None
     if not out > 0:
-        raise ValueError(f'{flag} must be > 0, got {value}; write e.g. 8/255.')
+        raise ParameterError(flag, f'must be > 0, got {value}; write e.g. 8/255.')
     return out
 
 
@@ -47,9 +52,9 @@ def create_attack(
     Example:
         >>> attack = create_attack('4/255', steps=3, mean=(0.5,) * 3, std=(0.5,) * 3)
     """
-    eps = parse_eps(eps)
+    eps = parse_eps(eps, 'eps')
     if step_size is not None:
-        step_size = parse_eps(step_size, '--adv-step-size')
+        step_size = parse_eps(step_size, 'step_size')
     if targeted in ('none', ''):
         targeted = None
     return PGDAttack(

@@ -13,6 +13,8 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from timm_adv.utils.errors import ParameterError
+
 from .bn_mode import attack_bn_mode, check_bn_mode
 from .frozen import frozen_parameters
 from .pgd import LossFn, _cross_entropy, ascent_step, attack_precision, project
@@ -61,11 +63,11 @@ class FeatureStatsAttack:
     def __init__(self, eps: float = 1.1, steps: int = 6, step_size: float = 0.2, relu: bool = False,
                  bn_mode: str = 'eval', loss_fn: Optional[LossFn] = None, autocast: bool = False):
         if not eps > 0:
-            raise ValueError(f'--adv-advbn-eps must be > 0, got {eps} (the paper uses 1.1).')
+            raise ParameterError('eps', f'must be > 0, got {eps} (the paper uses 1.1).')
         if int(steps) != steps or steps < 1:
-            raise ValueError(f'--adv-advbn-steps must be an integer >= 1, got {steps} (the paper uses 6).')
+            raise ParameterError('steps', f'must be an integer >= 1, got {steps} (the paper uses 6).')
         if not step_size > 0:
-            raise ValueError(f'--adv-advbn-step-size must be > 0, got {step_size} (the paper uses 0.2).')
+            raise ParameterError('step_size', f'must be > 0, got {step_size} (the paper uses 0.2).')
         self.eps = float(eps)
         self.steps = int(steps)
         self.step_size = float(step_size)

@@ -19,14 +19,18 @@ Our resolution of the choices the source leaves open:
 * the objective is the plain log-sum-exp of cosines (no temperature).
 
 The optimisation itself is :class:`~timm_adv.attacks.PGDAttack` with :func:`guided_similarity_loss`
-as its per-sample loss and the guides as its target.
+as its per-sample loss and the guides as its target. Like every attack it imports no model code: it
+reads the kNN (:class:`~timm_adv.models.KNNClassifier`) through ``embed``, ``backbone`` and ``bank``.
 """
+import copy
 from typing import Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from timm_adv.models.knn import DEFAULT_CHUNK, FeatureBank, KNNClassifier
+from timm_adv.utils.errors import ParameterError
+from timm_adv.utils.similarity import DEFAULT_CHUNK
 from .bn_mode import attack_bn_mode
 from .pgd import PGDAttack
 
@@ -37,7 +41,7 @@ __all__ = ['GUIDE_MODES', 'select_guides', 'guided_similarity_loss', 'KNNGuidedA
 GUIDE_MODES = ('class', 'neighbours')
 
 
-def _nearest_wrong(features: torch.Tensor, bank: FeatureBank, reference: torch.Tensor,
+def _nearest_wrong(features: torch.Tensor, bank, reference: torch.Tensor,
                    chunk_size: int) -> torch.Tensor:
     """Bank index ``[B]`` of each sample's most similar entry whose label differs from ``reference``."""
     best_sim = torch.full_like(reference, float('-inf'), dtype=torch.float32)
@@ -52,7 +56,7 @@ def _nearest_wrong(features: torch.Tensor, bank: FeatureBank, reference: torch.T
     return best_idx
 
 
-def _nearest_in_class(anchors: torch.Tensor, bank: FeatureBank, cls: torch.Tensor, m: int,
+def _nearest_in_class(anchors: torch.Tensor, bank, cls: torch.Tensor, m: int,
                       chunk_size: int) -> torch.Tensor:
     """Bank indices ``[B, m]`` of the entries of class ``cls`` most similar to ``anchors``, chunk by chunk."""
     best_sims, best_idx = None, None
@@ -69,7 +73,7 @@ def _nearest_in_class(anchors: torch.Tensor, bank: FeatureBank, cls: torch.Tenso
     return best_idx
 
 
-def select_guides(features: torch.Tensor, bank: FeatureBank, reference: torch.Tensor, m: int = 300,
+def select_guides(features: torch.Tensor, bank, reference: torch.Tensor, m: int = 300,
                   mode: str = 'class', chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Guide features ``[B, m', D]`` (float32): ``m'`` bank entries of each sample's nearest wrong class.
 
@@ -78,7 +82,8 @@ def select_guides(features: torch.Tensor, bank: FeatureBank, reference: torch.Te
 
     Args:
         features: L2-normalised clean features ``[B, D]``.
-        bank: The kNN's feature bank.
+        bank: The kNN's feature bank, a :class:`~timm_adv.models.FeatureBank` (read through ``features``,
+            ``labels`` and ``class_counts()``).
         reference: The class each sample must leave ``[B]``.
         m: Guides per sample; ``m' = min(m, smallest class count in the bank)``.
         mode: ``class``: the ``m'`` entries of that class most similar to the sample; ``neighbours``: the
@@ -90,7 +95,7 @@ def select_guides(features: torch.Tensor, bank: FeatureBank, reference: torch.Te
         >>> guides = select_guides(knn.embed(x), knn.bank, y, m=300)
     """
     if mode not in GUIDE_MODES:
-        raise ValueError(f'Unknown guide mode {mode!r}; choose one of {", ".join(GUIDE_MODES)}.')
+        raise ParameterError('mode', f'must be one of {", ".join(GUIDE_MODES)}, got {mode!r}.')
     counts = bank.class_counts()
     present = counts[counts > 0]
     if present.numel() < 2:
@@ -113,8 +118,9 @@ class KNNGuidedAttack:
     """PGD toward the guides of the nearest wrong class (see the module docstring).
 
     Args:
-        attack: The PGD settings (eps, steps, step size, norm, random start, BN mode, normalisation); its
-            loss is replaced by :func:`guided_similarity_loss`.
+        attack: The PGD settings (eps, steps, step size, norm, random start, BN mode, normalisation); the
+            guided attack runs a copy of it with :func:`guided_similarity_loss` as its loss (``attack`` itself
+            is left as it is).
         num_guides: ``m``, guides per sample (300 in the paper).
         guide_mode: ``class`` or ``neighbours`` (:func:`select_guides`).
 
@@ -125,24 +131,27 @@ class KNNGuidedAttack:
 
     def __init__(self, attack: PGDAttack, num_guides: int = 300, guide_mode: str = 'class'):
         if num_guides < 1:
-            raise ValueError(f'--adv-ssat-guides / --knn-guides must be >= 1, got {num_guides}.')
+            raise ParameterError('num_guides', f'must be >= 1, got {num_guides}.')
         if attack.targeted is not None:
-            raise ValueError('The kNN-guided attack already pushes toward guides: drop --adv-targeted.')
-        attack.loss_fn = guided_similarity_loss
-        self.attack = attack
-        self.num_guides = int(num_guides)
+            raise ParameterError('targeted', f'must be None: the kNN-guided attack already pushes toward guides, got '
+                                             f'{attack.targeted!r}.')
         if guide_mode not in GUIDE_MODES:
-            raise ValueError(f'--adv-ssat-guide-mode / --knn-guide-mode must be one of {", ".join(GUIDE_MODES)}, got '
-                             f'{guide_mode!r}.')
+            raise ParameterError('guide_mode', f'must be one of {", ".join(GUIDE_MODES)}, got {guide_mode!r}.')
+        self.attack = copy.copy(attack)
+        self.attack.loss_fn = guided_similarity_loss
+        self.num_guides = int(num_guides)
         self.guide_mode = guide_mode
 
     @property
     def steps(self) -> int:
         return self.attack.steps
 
-    def __call__(self, knn: KNNClassifier, x: torch.Tensor, reference: torch.Tensor,
-                 bank: Optional[FeatureBank] = None) -> torch.Tensor:
-        """Adversarial ``x`` (same normalised space) that pushes each sample away from ``reference``."""
+    def __call__(self, knn: nn.Module, x: torch.Tensor, reference: torch.Tensor,
+                 bank=None) -> torch.Tensor:
+        """Adversarial ``x`` (same normalised space) that pushes each sample away from ``reference``.
+
+        ``knn`` is a :class:`~timm_adv.models.KNNClassifier`; ``bank`` (default: its own) a feature bank.
+        """
         bank = bank or knn.bank
         with torch.no_grad(), attack_bn_mode(knn.backbone, self.attack.bn_mode):
             guides = select_guides(knn.embed(x), bank, reference, self.num_guides, self.guide_mode)

@@ -26,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from timm_adv.utils.errors import ParameterError
+
 from .bn_mode import attack_bn_mode, check_bn_mode
 from .frozen import frozen_parameters
 from .normalize import PixelNormalizer
@@ -212,21 +214,22 @@ class PGDAttack:
             autocast: bool = False,
     ):
         if not eps > 0:
-            raise ValueError(f'eps must be > 0, got {eps} (--adv-eps / --eps, e.g. 8/255).')
+            raise ParameterError('eps', f'must be > 0, got {eps} (e.g. 8/255).')
         if int(steps) != steps or steps < 1:
-            raise ValueError(f'steps must be an integer >= 1, got {steps} (--adv-steps / --steps).')
+            raise ParameterError('steps', f'must be an integer >= 1, got {steps}.')
         if norm not in NORMS:
-            raise ValueError(f'Unknown norm {norm!r}; choose one of {", ".join(NORMS)} (--adv-norm / --norm).')
+            raise ParameterError('norm', f'must be one of {", ".join(NORMS)}, got {norm!r}.')
         if targeted not in TARGETINGS:
-            raise ValueError(f'Unknown targeting {targeted!r}; choose random or least_likely (--adv-targeted).')
+            raise ParameterError('targeted', f'names an unknown targeting {targeted!r}; choose random, least_likely or '
+                                             f'None.')
         if restarts < 1:
-            raise ValueError(f'restarts must be >= 1, got {restarts} (--restarts).')
+            raise ParameterError('restarts', f'must be >= 1, got {restarts}.')
         if not 0.0 <= start_prob <= 1.0:
-            raise ValueError(f'start_prob must be in [0, 1], got {start_prob} (the probability of a random start).')
+            raise ParameterError('start_prob', f'must be in [0, 1], got {start_prob} (the chance of a random start).')
         if step_size is None:
             step_size = eps if steps == 1 else 2.5 * eps / steps
         if not step_size > 0:
-            raise ValueError(f'step_size must be > 0, got {step_size} (--adv-step-size / --step-size).')
+            raise ParameterError('step_size', f'must be > 0, got {step_size}.')
         self.eps = float(eps)
         self.steps = int(steps)
         self.step_size = float(step_size)

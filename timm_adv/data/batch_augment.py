@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from timm_adv.utils.errors import ParameterError
+
 __all__ = ['ViewAugment']
 
 #: ITU-R BT.601 luma weights (torchvision's grayscale).
@@ -43,19 +45,19 @@ class ViewAugment:
                  hflip: float = 0.5, jitter: float = 0.4, noise_std: float = 0.0, saturation: float = 0.0,
                  hue: float = 0.0, grayscale: float = 0.0, blur: float = 0.0):
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f'--adv-contrastive-scale needs 0 < MIN <= MAX <= 1, got {list(scale)}.')
+            raise ParameterError('scale', f'needs 0 < MIN <= MAX <= 1, got {list(scale)}.')
         if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
-            raise ValueError(f'crop ratio needs 0 < MIN <= MAX, got {list(ratio)}.')
+            raise ParameterError('ratio', f'needs 0 < MIN <= MAX, got {list(ratio)}.')
         if not 0 <= hflip <= 1:
-            raise ValueError(f'--adv-contrastive-hflip must be in [0, 1], got {hflip}.')
+            raise ParameterError('hflip', f'must be in [0, 1], got {hflip}.')
         if not 0 <= jitter < 1:
-            raise ValueError(f'--adv-contrastive-jitter must be in [0, 1), got {jitter}.')
+            raise ParameterError('jitter', f'must be in [0, 1), got {jitter}.')
         if not noise_std >= 0:
-            raise ValueError(f'--adv-contrastive-noise must be >= 0, got {noise_std}.')
-        for flag, value, high in (('saturation', saturation, 1.0), ('hue', hue, 0.5), ('grayscale', grayscale, 1.0),
+            raise ParameterError('noise_std', f'must be >= 0, got {noise_std}.')
+        for name, value, high in (('saturation', saturation, 1.0), ('hue', hue, 0.5), ('grayscale', grayscale, 1.0),
                                   ('blur', blur, 1.0)):
             if not 0 <= value <= high:
-                raise ValueError(f'--adv-contrastive-{flag} must be in [0, {high:g}], got {value}.')
+                raise ParameterError(name, f'must be in [0, {high:g}], got {value}.')
         self.saturation, self.hue, self.grayscale, self.blur = float(saturation), float(hue), float(grayscale), float(blur)
         self.scale = tuple(float(s) for s in scale)
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))

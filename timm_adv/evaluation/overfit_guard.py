@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 
 from timm_adv.attacks import PGDAttack, unwrap_ddp
-from timm_adv.tasks import get_method
 from .accuracy import evaluate_accuracy
 
 __all__ = ['CO_ACTIONS', 'GuardRecord', 'OverfitGuard', 'detect_collapse', 'add_overfit_guard_args',
@@ -203,10 +202,9 @@ def add_overfit_guard_args(parser: argparse.ArgumentParser) -> None:
 
 
 def guard_enabled(args: argparse.Namespace) -> bool:
-    """``--adv-co-guard`` / ``--no-adv-co-guard``, or the method's default (on for single-step methods)."""
-    if args.adv_co_guard is not None:
-        return args.adv_co_guard
-    return getattr(get_method(args.adv_method), 'co_guard_default', False)
+    """``--adv-co-guard`` / ``--no-adv-co-guard``; unset, the method's default (on for single-step methods),
+    which :func:`~timm_adv.tasks.check_adv_args` fills in."""
+    return bool(args.adv_co_guard)
 
 
 def check_overfit_guard_args(args: argparse.Namespace, explicit: Optional[Mapping[str, str]] = None) -> None:

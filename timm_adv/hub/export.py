@@ -22,7 +22,9 @@ import yaml
 from timm.data import resolve_data_config
 from timm.models import create_model, save_for_hf
 
+from timm_adv.tasks import AdversarialTask
 from timm_adv.utils import check_state_dict_matches, checkpoint_state_dict, read_checkpoint, scrub
+from timm_adv.version import __version__
 
 __all__ = ['ExportError', 'ExportedModel', 'task_from_checkpoint', 'export_from_task', 'export_checkpoint',
            'sample_batch', 'compare_outputs', 'label_names_for', 'METADATA_KEY']
@@ -152,13 +154,12 @@ def label_names_for(dataset: Optional[str], num_classes: int) -> Optional[list]:
 
 
 def _training_metadata(train_args: Optional[argparse.Namespace], task, extra: Optional[Mapping]) -> Dict:
-    from timm_adv import __version__
     meta: Dict[str, Any] = dict(version=__version__)
     if task is not None:
-        meta['method'] = getattr(task, 'method_name', '') or type(task).__name__
-        if getattr(task, 'attack', None) is not None:
+        meta['method'] = task.method_name or type(task).__name__
+        if task.attack is not None:
             meta['attack'] = repr(task.attack)
-        if getattr(task, 'card_details', None) and task.card_details():
+        if task.card_details():
             meta['details'] = dict(task.card_details())
     if train_args is not None:
         args = vars(train_args)
@@ -241,9 +242,8 @@ def export_from_task(
         >>> task, args, data_config = task_from_checkpoint('run/last.pth.tar')
         >>> export_from_task(task, 'hub/resnet10t.pgd_mnist', data_config, train_args=args)
     """
-    task = task_or_model if hasattr(task_or_model, 'export_model') else None
-    reference = task_or_model if task is None else (
-        task.export_reference() if hasattr(task, 'export_reference') else task.unwrapped_model)
+    task = task_or_model if isinstance(task_or_model, AdversarialTask) else None
+    reference = task_or_model if task is None else task.export_reference()
     plain = task.export_model() if task is not None else task_or_model
     architecture = architecture or getattr(plain, 'pretrained_cfg', {}).get('architecture') \
         or (getattr(train_args, 'model', None) if train_args is not None else None)

@@ -1,7 +1,7 @@
 """Model cards (README.md) generated from the export's config, the hub config and measured results.
 
-Nothing in a card is typed by hand: the method and its paper come from the method registry (a task
-class may set ``paper`` / ``citation``), the recipe from the training arguments, and the numbers
+Nothing in a card is typed by hand: the method and its paper come from the method's task class
+(``paper``, ``url``, ``citation``), the recipe from the training arguments, and the numbers
 from the robustness report.
 """
 import json
@@ -11,9 +11,10 @@ from typing import Dict, List, Mapping, Optional
 import yaml
 
 from timm_adv.evaluation.report import report_to_markdown
+from timm_adv.tasks import get_method
 from timm_adv.utils import scrub_text
 
-__all__ = ['METHOD_PAPERS', 'method_reference', 'render_model_card', 'write_model_card']
+__all__ = ['method_reference', 'render_model_card', 'write_model_card']
 
 _TIMM_CITATION = """@misc{rw2019timm,
   author = {Ross Wightman},
@@ -25,63 +26,14 @@ _TIMM_CITATION = """@misc{rw2019timm,
   howpublished = {\\url{https://github.com/huggingface/pytorch-image-models}}
 }"""
 
-#: Method name -> (paper, arXiv id or URL, BibTeX). Task classes may override with ``paper`` / ``citation``.
-METHOD_PAPERS: Dict[str, Dict[str, str]] = {
-    'none': dict(paper='Standard training (no adversarial examples)', url='', citation=''),
-    'pgd': dict(
-        paper='Towards Deep Learning Models Resistant to Adversarial Attacks (Madry et al., ICLR 2018)',
-        url='https://arxiv.org/abs/1706.06083',
-        citation='@inproceedings{madry2018towards,\n  title = {Towards Deep Learning Models Resistant to Adversarial '
-                 'Attacks},\n  author = {Madry, Aleksander and Makelov, Aleksandar and Schmidt, Ludwig and Tsipras, '
-                 'Dimitris and Vladu, Adrian},\n  booktitle = {ICLR},\n  year = {2018}\n}'),
-    'advprop': dict(
-        paper='Adversarial Examples Improve Image Recognition (Xie et al., CVPR 2020)',
-        url='https://arxiv.org/abs/1911.09665',
-        citation='@inproceedings{xie2020adversarial,\n  title = {Adversarial Examples Improve Image Recognition},\n'
-                 '  author = {Xie, Cihang and Tan, Mingxing and Gong, Boqing and Wang, Jiang and Yuille, Alan L. and '
-                 'Le, Quoc V.},\n  booktitle = {CVPR},\n  year = {2020}\n}'),
-    'advbn': dict(
-        paper='Encoding Robustness to Image Style via Adversarial Feature Perturbations (Shu et al., NeurIPS 2021)',
-        url='https://arxiv.org/abs/2009.08965',
-        citation='@inproceedings{shu2021encoding,\n  title = {Encoding Robustness to Image Style via Adversarial '
-                 'Feature Perturbations},\n  author = {Shu, Manli and Wu, Zuxuan and Goldblum, Micah and Goldstein, '
-                 'Tom},\n  booktitle = {NeurIPS},\n  year = {2021}\n}'),
-    'fgsm_sdi': dict(
-        paper='Boosting Fast Adversarial Training with Learnable Adversarial Initialization (Jia et al., IEEE TIP 2022)',
-        url='https://arxiv.org/abs/2110.05007',
-        citation='@article{jia2022boosting,\n  title = {Boosting Fast Adversarial Training with Learnable Adversarial '
-                 'Initialization},\n  author = {Jia, Xiaojun and Zhang, Yong and Wu, Baoyuan and Wang, Jue and Cao, '
-                 'Xiaochun},\n  journal = {IEEE Transactions on Image Processing},\n  year = {2022}\n}'),
-    'dat': dict(
-        paper='Enhance the Visual Representation via Discrete Adversarial Training (Mao et al., NeurIPS 2022)',
-        url='https://arxiv.org/abs/2209.07735',
-        citation='@inproceedings{mao2022enhance,\n  title = {Enhance the Visual Representation via Discrete '
-                 'Adversarial Training},\n  author = {Mao, Xiaofeng and Chen, Yuefeng and Duan, Ranjie and Zhu, Yao '
-                 'and Qi, Gege and Ye, Shaokai and Li, Xiaodan and Zhang, Rong and Xue, Hui},\n  booktitle = '
-                 '{NeurIPS},\n  year = {2022}\n}'),
-    'ssat': dict(
-        paper='Self-Supervised Adversarial Training (Chen et al., ICASSP 2020)',
-        url='https://arxiv.org/abs/1911.06470',
-        citation='@inproceedings{chen2020self,\n  title = {Self-Supervised Adversarial Training},\n  author = {Chen, '
-                 'Kejiang and Chen, Yuefeng and Zhou, Hang and Mao, Xiaofeng and Li, Yuhong and He, Yuan and Xue, '
-                 'Hui and Zhang, Weiming and Yu, Nenghai},\n  booktitle = {ICASSP},\n  year = {2020}\n}'),
-}
-
 
 def method_reference(name: str) -> Dict[str, str]:
-    """Paper, URL and BibTeX of a method: the task class's own attributes first, then the table."""
-    key = (name or 'none').lower().replace('-', '_')
-    ref = dict(METHOD_PAPERS.get(key) or METHOD_PAPERS.get(key.split('_')[0]) or
-               dict(paper=f'{name} (see the timm-adv documentation)', url='', citation=''))
+    """Paper, URL and BibTeX of a method, as its task class declares them (``paper``, ``url``, ``citation``)."""
     try:
-        from timm_adv.tasks import get_method
-        cls = get_method(name)
-        for attr in ('paper', 'url', 'citation'):
-            if getattr(cls, attr, None):
-                ref[attr] = getattr(cls, attr)
-    except ValueError:
-        pass
-    return ref
+        cls = get_method(name or 'none')
+    except ValueError:  # a method this version no longer registers (a card of an older export)
+        return dict(paper=f'{name} (see the timm-adv documentation)', url='', citation='')
+    return dict(paper=cls.paper, url=cls.url, citation=cls.citation)
 
 
 def _front_matter(config: Mapping, meta: Mapping, hub_config: Mapping) -> str:

@@ -33,6 +33,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from timm_adv.utils.errors import ParameterError
+from timm_adv.utils.similarity import DEFAULT_CHUNK
+
 __all__ = ['KNN_BACKENDS', 'KNN_VOTES', 'BANK_DTYPES', 'BANK_FILE', 'FeatureBank', 'KNNClassifier', 'knn_search',
            'build_feature_bank', 'load_feature_bank', 'save_feature_bank', 'import_faiss', 'check_bank',
            'check_knn_settings', 'bank_bytes', 'input_keys', 'DEFAULT_CHUNK']
@@ -46,8 +49,6 @@ BANK_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': t
 BANK_FILE = 'knn_bank.safetensors'
 #: Similarity-weight floor that keeps log-probabilities of classes without votes finite.
 _MIN_VOTE = 1e-12
-#: Bank rows per similarity chunk: B x 65,536 float32 similarities (32 MB at B = 128).
-DEFAULT_CHUNK = 65536
 #: Size of the input fingerprint that finds a training image's own bank entry.
 KEY_DIM = 8
 
@@ -267,13 +268,13 @@ class KNNClassifier(nn.Module):
 def check_knn_settings(k: int, temperature: float, backend: str = 'torch', vote: str = 'weighted') -> None:
     """Fails early on kNN settings that cannot work (a missing faiss included)."""
     if int(k) != k or k < 1:
-        raise ValueError(f'--knn-k must be an integer >= 1, got {k}.')
+        raise ParameterError('k', f'must be an integer >= 1, got {k}.')
     if not temperature > 0:
-        raise ValueError(f'--knn-temperature must be > 0, got {temperature}.')
+        raise ParameterError('temperature', f'must be > 0, got {temperature}.')
     if backend not in KNN_BACKENDS:
-        raise ValueError(f'Unknown --knn-backend {backend!r}; choose one of {", ".join(KNN_BACKENDS)}.')
+        raise ParameterError('backend', f'must be one of {", ".join(KNN_BACKENDS)}, got {backend!r}.')
     if vote not in KNN_VOTES:
-        raise ValueError(f'Unknown --knn-vote {vote!r}; choose one of {", ".join(KNN_VOTES)}.')
+        raise ParameterError('vote', f'must be one of {", ".join(KNN_VOTES)}, got {vote!r}.')
     if backend == 'faiss':
         import_faiss()
 

@@ -9,8 +9,8 @@ The model is cut after a stage (:func:`~timm_adv.layers.insert_advbn`); each ste
 3. one forward of the back on ``[f, f_adv]`` in train mode, clean half through the clean BNs and
    adversarial half through the adversarial BNs: ``loss = CE(back_clean(f)) + CE(back_adv(f_adv))``.
 
-Defaults (``shared/methods.md``, official ``azshue/AdvBN`` config): cut after the first stride-4
-stage (ResNet ``layer1``), 6 steps of 0.2, ``eps`` 1.1 (multipliers in [-0.1, 2.1]), frozen front.
+Defaults, those of the paper and of the official ``azshue/AdvBN`` config: cut after the first
+stride-4 stage (ResNet ``layer1``), 6 steps of 0.2, ``eps`` 1.1 (multipliers in [-0.1, 2.1]), frozen front.
 Differences from the official code, on purpose: the official code trains only the back's
 parameters; with ``--no-adv-advbn-freeze-front`` we also train the front (through both losses).
 
@@ -66,20 +66,31 @@ class AdvBNTask(AuxBNStateMixin, AdversarialTask):
         >>> plain = task.export_model()   # plain resnet10t with the clean BNs
     """
 
+    paper = 'Encoding Robustness to Image Style via Adversarial Feature Perturbations (Shu et al., NeurIPS 2021)'
+    url = 'https://arxiv.org/abs/2009.08965'
+    citation = ('@inproceedings{shu2021encoding,\n  title = {Encoding Robustness to Image Style via Adversarial '
+                'Feature Perturbations},\n  author = {Shu, Manli and Wu, Zuxuan and Goldblum, Micah and Goldstein, '
+                'Tom},\n  booktitle = {NeurIPS},\n  year = {2021}\n}')
+
     default_bn_mode = 'eval'
     uses_args = ('adv_bn_mode',)  # the attack perturbs feature statistics, not pixels
     arg_hints = {'adv_eps': '--adv-advbn-eps', 'adv_steps': '--adv-advbn-steps',
                  'adv_step_size': '--adv-advbn-step-size'}
+    param_flags = {'eps': '--adv-advbn-eps', 'steps': '--adv-advbn-steps', 'step_size': '--adv-advbn-step-size',
+                   'bn_mode': '--adv-bn-mode'}
     #: No pixel attack: the per-epoch robust validation keeps its own default eps (8/255).
     attack_defaults: Dict[str, Any] = {}
+    #: The paper's settings (6 steps of 0.2, multipliers within 1 +- 1.1, frozen front, clean BNs exported).
+    flag_defaults = dict(adv_advbn_steps=6, adv_advbn_step_size=0.2, adv_advbn_eps=1.1, adv_advbn_freeze_front=True,
+                         adv_advbn_export_bn='clean')
 
     def __init__(
             self,
             model: nn.Module,
             criterion: Union[nn.Module, Callable],
             attack: FeatureStatsAttack,
-            freeze_front: bool = True,
-            export_bn: str = 'clean',
+            freeze_front: bool = flag_defaults['adv_advbn_freeze_front'],
+            export_bn: str = flag_defaults['adv_advbn_export_bn'],
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
@@ -111,24 +122,28 @@ class AdvBNTask(AuxBNStateMixin, AdversarialTask):
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
+        d = cls.flag_defaults
         group.add_argument('--adv-advbn-stage', default=None, metavar='STAGE',
                            help="advbn: cut after this feature_info stage, by name (layer1, blocks.1, s1, stages.0) "
                                 "or index (default: the first stride-4 stage, the paper's ResNet layer1)")
-        group.add_argument('--adv-advbn-steps', type=bounded_type('--adv-advbn-steps', int, 1), default=6,
-                           metavar='K', help='advbn: signed-gradient ascent steps on the multipliers (default: 6)')
+        group.add_argument('--adv-advbn-steps', type=bounded_type('--adv-advbn-steps', int, 1),
+                           default=d['adv_advbn_steps'], metavar='K',
+                           help='advbn: signed-gradient ascent steps on the multipliers (default: %(default)s)')
         group.add_argument('--adv-advbn-step-size', type=eps_type('--adv-advbn-step-size'),
-                           default=0.2, metavar='S', help='advbn: ascent step size (default: 0.2)')
-        group.add_argument('--adv-advbn-eps', type=eps_type('--adv-advbn-eps'), default=1.1,
-                           metavar='EPS', help='advbn: multipliers stay in [1-EPS, 1+EPS] (default: 1.1)')
-        group.add_argument('--adv-advbn-freeze-front', action=argparse.BooleanOptionalAction, default=True,
+                           default=d['adv_advbn_step_size'], metavar='S',
+                           help='advbn: ascent step size (default: %(default)s)')
+        group.add_argument('--adv-advbn-eps', type=eps_type('--adv-advbn-eps'), default=d['adv_advbn_eps'],
+                           metavar='EPS', help='advbn: multipliers stay in [1-EPS, 1+EPS] (default: %(default)s)')
+        group.add_argument('--adv-advbn-freeze-front', action=argparse.BooleanOptionalAction,
+                           default=d['adv_advbn_freeze_front'],
                            help='advbn: run the layers up to the cut without gradients, BN in eval mode, as the '
                                 'paper (default: frozen)')
         group.add_argument('--adv-advbn-relu', action=argparse.BooleanOptionalAction, default=None,
                            help='advbn: ReLU after the perturbation (default: when the cut feature is non-negative, '
                                 'i.e. a ReLU output as in ResNet)')
-        group.add_argument('--adv-advbn-export-bn', choices=EXPORT_BNS, default='clean',
+        group.add_argument('--adv-advbn-export-bn', choices=EXPORT_BNS, default=d['adv_advbn_export_bn'],
                            help='advbn: BN set kept by the export: clean (the paper\'s ImageNet / ImageNet-C model) or '
-                                'adv (its Stylized-ImageNet / Sketch model) (default: clean)')
+                                'adv (its Stylized-ImageNet / Sketch model) (default: %(default)s)')
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
@@ -150,19 +165,19 @@ class AdvBNTask(AuxBNStateMixin, AdversarialTask):
         input_size = resolve_data_config(vars(args), model=model)['input_size']
         model = insert_advbn(model, after=getattr(args, 'adv_advbn_stage', None), input_size=input_size,
                              relu=getattr(args, 'adv_advbn_relu', None))
-        if getattr(args, 'adv_advbn_freeze_front', True):
+        if cls.setting(args, 'adv_advbn_freeze_front'):
             _freeze(get_advbn(model).front_modules(model))  # before the optimiser is built, so it leaves them out
         return model
 
     @classmethod
     def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'AdvBNTask':
         attack = FeatureStatsAttack(
-            eps=getattr(args, 'adv_advbn_eps', 1.1), steps=getattr(args, 'adv_advbn_steps', 6),
-            step_size=getattr(args, 'adv_advbn_step_size', 0.2), relu=get_advbn(model).relu,
+            eps=cls.setting(args, 'adv_advbn_eps'), steps=cls.setting(args, 'adv_advbn_steps'),
+            step_size=cls.setting(args, 'adv_advbn_step_size'), relu=get_advbn(model).relu,
             bn_mode=getattr(args, 'adv_bn_mode', None) or cls.default_bn_mode,
             autocast=getattr(args, 'adv_attack_amp', False))
-        return cls(model, criterion, attack, freeze_front=getattr(args, 'adv_advbn_freeze_front', True),
-                   export_bn=getattr(args, 'adv_advbn_export_bn', 'clean'), device=device)
+        return cls(model, criterion, attack, freeze_front=cls.setting(args, 'adv_advbn_freeze_front'),
+                   export_bn=cls.setting(args, 'adv_advbn_export_bn'), device=device)
 
     def ideal_cost(self) -> Dict[str, float]:
         """Counted in whole-model passes, an upper bound: the front runs once and the attack and training

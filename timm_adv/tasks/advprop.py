@@ -4,7 +4,7 @@ Each step attacks the network routed through its auxiliary BNs, then runs one fo
 and adversarial batches together, clean samples through the main BNs and adversarial ones through
 the auxiliary BNs, with ``loss = w_clean * CE(clean) + w_adv * CE(adv)``.
 
-Defaults and where they come from (see ``shared/methods.md``):
+Defaults and where they come from (the paper, and the PyTorch port its authors advised on):
 
 * PGD L-inf, eps 1/255, step 1/255, ``eps * 255 + 1`` steps (1 step at eps = 1/255) (paper).
 * Targeted toward a uniformly drawn wrong class, random start, the model in eval mode with the
@@ -67,7 +67,15 @@ class AdvPropTask(AuxBNStateMixin, AdversarialTask):
         >>> plain = task.export_model()  # the original timm architecture, auxiliary BNs dropped
     """
 
+    paper = 'Adversarial Examples Improve Image Recognition (Xie et al., CVPR 2020)'
+    url = 'https://arxiv.org/abs/1911.09665'
+    citation = ('@inproceedings{xie2020adversarial,\n  title = {Adversarial Examples Improve Image Recognition},\n'
+                '  author = {Xie, Cihang and Tan, Mingxing and Gong, Boqing and Wang, Jiang and Yuille, Alan L. and '
+                'Le, Quoc V.},\n  booktitle = {CVPR},\n  year = {2020}\n}')
+
     default_bn_mode = 'eval'
+    #: The paper's loss: CE(clean, main BN) + CE(adversarial, auxiliary BN).
+    flag_defaults = dict(adv_advprop_clean_weight=1.0, adv_advprop_adv_weight=1.0)
     attack_defaults: Dict[str, Any] = dict(
         eps=1 / 255, steps=advprop_steps, step_size=1 / 255, norm='linf', random_start=True, targeted='random')
 
@@ -76,8 +84,8 @@ class AdvPropTask(AuxBNStateMixin, AdversarialTask):
             model: nn.Module,
             criterion: Union[nn.Module, Callable],
             attack: PGDAttack,
-            clean_weight: float = 1.0,
-            adv_weight: float = 1.0,
+            clean_weight: float = flag_defaults['adv_advprop_clean_weight'],
+            adv_weight: float = flag_defaults['adv_advprop_adv_weight'],
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
@@ -95,11 +103,12 @@ class AdvPropTask(AuxBNStateMixin, AdversarialTask):
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
         group.add_argument('--adv-advprop-clean-weight', type=bounded_type('--adv-advprop-clean-weight', float, 0),
-                           default=1.0, metavar='W',
+                           default=cls.flag_defaults['adv_advprop_clean_weight'], metavar='W',
                            help='advprop: weight of CE(clean, main BN); 1 as in the paper, 0.5 with the adv weight '
-                                '0.5 is the PyTorch port\'s single CE over both halves (default: 1)')
+                                '0.5 is the PyTorch port\'s single CE over both halves (default: %(default)s)')
         group.add_argument('--adv-advprop-adv-weight', type=bounded_type('--adv-advprop-adv-weight', float, 0),
-                           default=1.0, metavar='W', help='advprop: weight of CE(adversarial, auxiliary BN) (default: 1)')
+                           default=cls.flag_defaults['adv_advprop_adv_weight'], metavar='W',
+                           help='advprop: weight of CE(adversarial, auxiliary BN) (default: %(default)s)')
 
     @classmethod
     def prepare_model(cls, model: nn.Module, args: Optional[argparse.Namespace] = None) -> nn.Module:
@@ -116,8 +125,8 @@ class AdvPropTask(AuxBNStateMixin, AdversarialTask):
     @classmethod
     def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'AdvPropTask':
         return cls(model, criterion, attack=cls.attack_from_args(args, mean, std),
-                   clean_weight=getattr(args, 'adv_advprop_clean_weight', 1.0),
-                   adv_weight=getattr(args, 'adv_advprop_adv_weight', 1.0), device=device)
+                   clean_weight=cls.setting(args, 'adv_advprop_clean_weight'),
+                   adv_weight=cls.setting(args, 'adv_advprop_adv_weight'), device=device)
 
     def ideal_cost(self) -> Dict[str, float]:
         cost = super().ideal_cost()

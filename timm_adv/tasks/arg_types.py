@@ -1,10 +1,21 @@
-"""argparse ``type=`` callables that name the flag in their error message."""
+"""Flags seen from the library: argparse ``type=`` callables that name the flag in their error message, and
+the flags of the attack parameters.
+
+:func:`eps_type` parses radii with the attacks' parser; :func:`~timm_adv.utils.args.bounded_type` (plain
+numbers) lives in ``timm_adv.utils`` so that lower layers (``vqgan``) can use it, and is re-exported here.
+"""
 import argparse
 from typing import Callable
 
 from timm_adv.attacks import parse_eps
+from timm_adv.utils.args import bounded_type
 
-__all__ = ['eps_type', 'bounded_type']
+__all__ = ['ATTACK_FLAGS', 'eps_type', 'bounded_type']
+
+#: Attack parameters (:class:`~timm_adv.attacks.PGDAttack`) -> the common flags that set them; a task's
+#: :attr:`~timm_adv.tasks.AdversarialTask.param_flags` starts from it.
+ATTACK_FLAGS = {'eps': '--adv-eps', 'steps': '--adv-steps', 'step_size': '--adv-step-size', 'norm': '--adv-norm',
+                'targeted': '--adv-targeted', 'bn_mode': '--adv-bn-mode'}
 
 
 def eps_type(flag: str) -> Callable[[str], float]:
@@ -15,22 +26,4 @@ def eps_type(flag: str) -> Callable[[str], float]:
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     _parse.__name__ = 'eps'
-    return _parse
-
-
-def bounded_type(flag: str, cast: type, minimum) -> Callable[[str], float]:
-    """Parses ``cast(value)`` and requires it to be ``>= minimum``.
-
-    Example:
-        >>> parser.add_argument('--adv-steps', type=bounded_type('--adv-steps', int, 1))
-    """
-    def _parse(value):
-        try:
-            out = cast(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{flag} must be a {cast.__name__}, got {value!r}.') from None
-        if not out >= minimum:
-            raise argparse.ArgumentTypeError(f'{flag} must be >= {minimum}, got {value}.')
-        return out
-    _parse.__name__ = cast.__name__
     return _parse

@@ -12,7 +12,8 @@ metrics, so methods plug in without touching the loop. Hooks, all optional:
   saved in ``task_state`` of every checkpoint and restored on ``--resume``.
 * :meth:`on_epoch_start`: per-epoch bookkeeping.
 * :meth:`export_model`: the plain timm model to evaluate and publish (training-only parts stripped).
-* :meth:`card_details`: rows the model card adds about those parts (e.g. DAT's VQGAN).
+* :meth:`card_details`: rows the model card adds about those parts (e.g. DAT's VQGAN); the card's method
+  row and citation come from the class's :attr:`~AdversarialTask.paper`, ``url`` and ``citation``.
 * :meth:`compile` (timm's hook, ``--torchcompile``): compiles the trained model once; attacks reach it
   through :attr:`attack_model`. A method with parts that stay eager says so in :attr:`compile_note`.
 """
@@ -26,6 +27,7 @@ from timm.task import ClassificationTask
 from timm.utils.model import unwrap_model
 
 from timm_adv.attacks import PGDAttack, create_attack, hard_labels, parse_eps, unwrap_ddp
+from .arg_types import ATTACK_FLAGS
 
 __all__ = ['ATTACK_ARGS', 'AdversarialTask', 'top1']
 
@@ -54,6 +56,11 @@ class AdversarialTask(ClassificationTask):
     """
 
     method_name: str = ''
+    #: The method's paper (title, authors, venue), its address and its BibTeX entry, quoted by the model card;
+    #: empty where there is no paper to cite.
+    paper: str = ''
+    url: str = ''
+    citation: str = ''
     #: Flags this method reads besides the ones its own :meth:`add_args` creates: common attack flags
     #: (:data:`ATTACK_ARGS`) or another method's flags. ``check_adv_args`` rejects the rest.
     uses_args: Tuple[str, ...] = ATTACK_ARGS
@@ -69,6 +76,15 @@ class AdversarialTask(ClassificationTask):
     compile_note: str = ''
     #: ``result['output']`` holds class logits (a distillation teacher's logits are matched against them).
     output_is_logits: bool = True
+    #: The catastrophic-overfitting guard is on when ``--adv-co-guard`` is not given (single-step methods).
+    co_guard_default: bool = False
+    #: Defaults of the method's own flags, ``{dest: default}``, the one place they are written: :meth:`add_args`
+    #: declares the flags with them, :meth:`setting` falls back to them and ``__init__`` takes its defaults from
+    #: the same table.
+    flag_defaults: Dict[str, Any] = {}
+    #: Parameters of the parts :meth:`from_args` builds (its attack, ...) -> the flags that set them: a
+    #: :class:`~timm_adv.utils.ParameterError` they raise is re-raised naming the flag (``create_task``).
+    param_flags: Dict[str, str] = ATTACK_FLAGS
 
     def __init__(
             self,
@@ -110,7 +126,19 @@ class AdversarialTask(ClassificationTask):
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
-        """Adds this method's own flags (``--adv-<method>-*``) to the parser."""
+        """Adds this method's own flags (``--adv-<method>-*``) to the parser, with :attr:`flag_defaults`."""
+
+    @classmethod
+    def setting(cls, args: argparse.Namespace, dest: str) -> Any:
+        """The value of one of the method's flags: ``args.<dest>``, or its :attr:`flag_defaults` entry when the
+        namespace lacks it or holds None (namespaces built without the method's flags).
+
+        Example:
+            >>> FGSMSDITask.setting(argparse.Namespace(), 'adv_sdi_every')
+            20
+        """
+        value = getattr(args, dest, None)
+        return cls.flag_defaults[dest] if value is None else value
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
@@ -125,10 +153,12 @@ class AdversarialTask(ClassificationTask):
         return model
 
     @classmethod
-    def attack_from_args(cls, args: argparse.Namespace, mean=None, std=None, **kwargs) -> PGDAttack:
+    def attack_from_args(cls, args: argparse.Namespace, mean=None, std=None, bn_mode: Optional[str] = None,
+                         **kwargs) -> PGDAttack:
         """The method's attack from the common ``--adv-*`` flags, filling gaps with its defaults.
 
-        ``kwargs`` go to :func:`~timm_adv.attacks.create_attack` (a method's own attack settings).
+        ``bn_mode``: the BN mode without ``--adv-bn-mode`` (default: :attr:`default_bn_mode`). ``kwargs`` go to
+        :func:`~timm_adv.attacks.create_attack` (a method's own attack settings).
         """
         d = cls.attack_defaults
         eps = parse_eps(getattr(args, 'adv_eps', None) or d['eps'])
@@ -147,7 +177,7 @@ class AdversarialTask(ClassificationTask):
             norm=pick('norm'),
             random_start=pick('random_start'),
             targeted=pick('targeted'),
-            bn_mode=getattr(args, 'adv_bn_mode', None) or cls.default_bn_mode,
+            bn_mode=getattr(args, 'adv_bn_mode', None) or bn_mode or cls.default_bn_mode,
             mean=mean,
             std=std,
             num_classes=getattr(args, 'num_classes', None),

@@ -24,7 +24,8 @@ from timm_adv.layers import PROJECTION_HEAD_KEY, insert_projection_head
 from timm_adv.loss import info_nce, pair_top1
 from .arg_types import bounded_type
 from .registry import register_method
-from .representation import RepresentationTask, add_knn_args, bank_loader_from_args, check_label_free_args
+from .representation import (KNN_DEFAULTS, KNN_FLAGS, RepresentationTask, add_knn_args, bank_loader_from_args,
+                             check_label_free_args)
 
 __all__ = ['ContrastiveTask']
 
@@ -48,9 +49,26 @@ class ContrastiveTask(RepresentationTask):
         >>> task(x, y)['loss'].backward()
     """
 
+    paper = ('A Simple Framework for Contrastive Learning of Visual Representations (Chen et al., ICML 2020), as '
+             'stage 1 of self-supervised adversarial training')
+    url = 'https://arxiv.org/abs/2002.05709'
+    citation = ('@inproceedings{chen2020simple,\n  title = {A Simple Framework for Contrastive Learning of Visual '
+                'Representations},\n  author = {Chen, Ting and Kornblith, Simon and Norouzi, Mohammad and Hinton, '
+                'Geoffrey},\n  booktitle = {ICML},\n  year = {2020}\n}')
+
     uses_args = ()  # no training attack; the per-epoch robust validation takes --adv-val-eps / --adv-val-steps
 
     attack_defaults = dict(eps=0.03)  # only the per-epoch robust validation of the kNN attacks
+    #: The kNN settings and the view augmentation (:class:`~timm_adv.data.ViewAugment`): no training attack.
+    param_flags = {**KNN_FLAGS, 'scale': '--adv-contrastive-scale', 'hflip': '--adv-contrastive-hflip',
+                   'jitter': '--adv-contrastive-jitter', 'noise_std': '--adv-contrastive-noise',
+                   'saturation': '--adv-contrastive-saturation', 'hue': '--adv-contrastive-hue',
+                   'grayscale': '--adv-contrastive-grayscale', 'blur': '--adv-contrastive-blur'}
+    #: SimCLR's CIFAR views (no blur, no noise), a 512 -> 128 projection head, and the kNN defaults.
+    flag_defaults = {**KNN_DEFAULTS, 'adv_contrastive_scale': (0.2, 1.0), 'adv_contrastive_hflip': 0.5,
+                     'adv_contrastive_jitter': 0.4, 'adv_contrastive_saturation': 0.4, 'adv_contrastive_hue': 0.1,
+                     'adv_contrastive_grayscale': 0.2, 'adv_contrastive_blur': 0.0, 'adv_contrastive_noise': 0.0,
+                     'adv_contrastive_proj_dim': 128, 'adv_contrastive_proj_hidden': 512}
 
     def __init__(self, model: nn.Module, bank_loader, num_classes: int, augment: Optional[ViewAugment] = None,
                  **kwargs):
@@ -65,34 +83,41 @@ class ContrastiveTask(RepresentationTask):
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
         add_knn_args(group)
-        group.add_argument('--adv-contrastive-scale', type=float, nargs=2, default=(0.2, 1.0), metavar=('MIN', 'MAX'),
-                           help='contrastive: area range of the random resized crop of each view (default: 0.2 1.0)')
-        group.add_argument('--adv-contrastive-hflip', type=float, default=0.5, metavar='P',
-                           help='contrastive: horizontal flip probability of each view; 0 for digits (default: 0.5)')
-        group.add_argument('--adv-contrastive-jitter', type=float, default=0.4, metavar='J',
-                           help='contrastive: brightness / contrast jitter of each view (default: 0.4)')
-        group.add_argument('--adv-contrastive-saturation', type=float, default=0.4, metavar='S',
-                           help='contrastive: saturation jitter of each RGB view (default: 0.4)')
-        group.add_argument('--adv-contrastive-hue', type=float, default=0.1, metavar='H',
-                           help='contrastive: hue jitter of each RGB view, in turns (default: 0.1)')
-        group.add_argument('--adv-contrastive-grayscale', type=float, default=0.2, metavar='P',
-                           help='contrastive: probability of a grayscale RGB view (default: 0.2)')
-        group.add_argument('--adv-contrastive-blur', type=float, default=0.0, metavar='P',
+        d = cls.flag_defaults
+        group.add_argument('--adv-contrastive-scale', type=float, nargs=2, default=d['adv_contrastive_scale'],
+                           metavar=('MIN', 'MAX'),
+                           help='contrastive: area range of the random resized crop of each view '
+                                '(default: %(default)s)')
+        group.add_argument('--adv-contrastive-hflip', type=float, default=d['adv_contrastive_hflip'], metavar='P',
+                           help='contrastive: horizontal flip probability of each view; 0 for digits (default: '
+                                '%(default)s)')
+        group.add_argument('--adv-contrastive-jitter', type=float, default=d['adv_contrastive_jitter'], metavar='J',
+                           help='contrastive: brightness / contrast jitter of each view (default: %(default)s)')
+        group.add_argument('--adv-contrastive-saturation', type=float, default=d['adv_contrastive_saturation'],
+                           metavar='S', help='contrastive: saturation jitter of each RGB view (default: %(default)s)')
+        group.add_argument('--adv-contrastive-hue', type=float, default=d['adv_contrastive_hue'], metavar='H',
+                           help='contrastive: hue jitter of each RGB view, in turns (default: %(default)s)')
+        group.add_argument('--adv-contrastive-grayscale', type=float, default=d['adv_contrastive_grayscale'],
+                           metavar='P', help='contrastive: probability of a grayscale RGB view (default: %(default)s)')
+        group.add_argument('--adv-contrastive-blur', type=float, default=d['adv_contrastive_blur'], metavar='P',
                            help='contrastive: probability of a Gaussian blur of each view; 0.5 on ImageNet '
-                                '(default: 0)')
-        group.add_argument('--adv-contrastive-noise', type=float, default=0.0, metavar='STD',
-                           help='contrastive: Gaussian noise std added to each view, pixel units (default: 0)')
+                                '(default: %(default)s)')
+        group.add_argument('--adv-contrastive-noise', type=float, default=d['adv_contrastive_noise'], metavar='STD',
+                           help='contrastive: Gaussian noise std added to each view, pixel units '
+                                '(default: %(default)s)')
         group.add_argument('--adv-contrastive-proj-dim', type=bounded_type('--adv-contrastive-proj-dim', int, 1),
-                           default=128, metavar='D', help='contrastive: projection head output size (default: 128)')
+                           default=d['adv_contrastive_proj_dim'], metavar='D',
+                           help='contrastive: projection head output size (default: %(default)s)')
         group.add_argument('--adv-contrastive-proj-hidden',
-                           type=bounded_type('--adv-contrastive-proj-hidden', int, 1), default=512, metavar='D',
-                           help='contrastive: projection head hidden size (default: 512)')
+                           type=bounded_type('--adv-contrastive-proj-hidden', int, 1),
+                           default=d['adv_contrastive_proj_hidden'], metavar='D',
+                           help='contrastive: projection head hidden size (default: %(default)s)')
 
     @classmethod
     def prepare_model(cls, model: nn.Module, args: Optional[argparse.Namespace] = None) -> nn.Module:
         """Feature model (``num_classes=0``) plus the projection head (kept out of exports)."""
-        return insert_projection_head(model, getattr(args, 'adv_contrastive_proj_hidden', 512),
-                                      getattr(args, 'adv_contrastive_proj_dim', 128))
+        return insert_projection_head(model, cls.setting(args, 'adv_contrastive_proj_hidden'),
+                                      cls.setting(args, 'adv_contrastive_proj_dim'))
 
     @classmethod
     def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'ContrastiveTask':

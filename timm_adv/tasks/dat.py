@@ -41,7 +41,8 @@ __all__ = ['DATTask', 'DAT_FLAG_DEFAULTS']
 _logger = logging.getLogger(__name__)
 
 #: ``--adv-dat-*`` flags and their defaults, the official behaviour (channels_last only changes speed, and the
-#: result up to float rounding); also used for namespaces built without the DAT flags.
+#: result up to float rounding): ``add_args``, ``__init__`` and the checks read them, and
+#: :meth:`DATTask.setting` fills them into namespaces built without the DAT flags.
 DAT_FLAG_DEFAULTS: Dict[str, Any] = dict(
     adv_dat_vqgan=None, adv_dat_vqgan_config=None, adv_dat_start_prob=0.8, adv_dat_start_on_sphere=True,
     adv_dat_clean_weight=1.0, adv_dat_weight=1.0, adv_dat_aux_bn=False, adv_dat_vqgan_bf16=False,
@@ -51,9 +52,10 @@ DAT_FLAG_DEFAULTS: Dict[str, Any] = dict(
 _VQGAN_HELP = '<preset | folder | file | hf-hub:org/name | local-dir:folder>'
 
 
-def _dat_setting(args: argparse.Namespace, dest: str):
-    value = getattr(args, dest, None)
-    return DAT_FLAG_DEFAULTS[dest] if value is None else value
+def _check_loss_weights(clean_weight: float, dat_weight: float) -> None:
+    if clean_weight < 0 or not dat_weight > 0:
+        raise ValueError(f'--adv-dat-clean-weight must be >= 0 and --adv-dat-weight > 0, got {clean_weight} and '
+                         f'{dat_weight} (--adv-method none trains without DAT examples).')
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,10 +74,10 @@ def _load_vqgan(spec: str, config: Optional[str], bf16: bool, compile: bool) -> 
 def _vqgan_chunk(args: argparse.Namespace, vqgan: nn.Module, input_size, device: torch.device) -> Optional[int]:
     """``--adv-dat-vqgan-chunk``, or (0) the chunk whose estimated activations fit the memory budget."""
     from timm_adv.vqgan.memory import chunk_for_budget, default_memory_budget, vqgan_activation_bytes
-    chunk = _dat_setting(args, 'adv_dat_vqgan_chunk')
+    chunk = DATTask.setting(args, 'adv_dat_vqgan_chunk')
     if chunk:
         return int(chunk)
-    gb = _dat_setting(args, 'adv_dat_vqgan_memory_gb')
+    gb = DATTask.setting(args, 'adv_dat_vqgan_memory_gb')
     budget = gb * 2 ** 30 if gb else default_memory_budget(device)
     if budget is None:
         return None
@@ -116,26 +118,33 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
         >>> task(x, y)['loss'].backward()
     """
 
+    paper = 'Enhance the Visual Representation via Discrete Adversarial Training (Mao et al., NeurIPS 2022)'
+    url = 'https://arxiv.org/abs/2209.07735'
+    citation = ('@inproceedings{mao2022enhance,\n  title = {Enhance the Visual Representation via Discrete '
+                'Adversarial Training},\n  author = {Mao, Xiaofeng and Chen, Yuefeng and Duan, Ranjie and Zhu, Yao '
+                'and Qi, Gege and Ye, Shaokai and Li, Xiaodan and Zhang, Rong and Xue, Hui},\n  booktitle = '
+                '{NeurIPS},\n  year = {2022}\n}')
+
     default_bn_mode = 'train'
     attack_defaults: Dict[str, Any] = dict(eps=0.1, steps=1, step_size=0.1, norm='l2', random_start=True)
+    flag_defaults = DAT_FLAG_DEFAULTS
+    param_flags = {**AdversarialTask.param_flags, 'start_prob': '--adv-dat-start-prob'}
 
     def __init__(
             self,
             model: nn.Module,
             criterion: Union[nn.Module, Callable],
             augment: DiscreteAdversarialAugment,
-            clean_weight: float = 1.0,
-            dat_weight: float = 1.0,
-            aux_bn: bool = False,
-            official_bn: bool = False,
+            clean_weight: float = DAT_FLAG_DEFAULTS['adv_dat_clean_weight'],
+            dat_weight: float = DAT_FLAG_DEFAULTS['adv_dat_weight'],
+            aux_bn: bool = DAT_FLAG_DEFAULTS['adv_dat_aux_bn'],
+            official_bn: bool = DAT_FLAG_DEFAULTS['adv_dat_official_bn'],
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
     ):
         super().__init__(model, criterion, attack=augment.attack, device=device, dtype=dtype, verbose=verbose)
-        if clean_weight < 0 or not dat_weight > 0:
-            raise ValueError(f'--adv-dat-clean-weight must be >= 0 and --adv-dat-weight > 0, got {clean_weight} and '
-                             f'{dat_weight} (--adv-method none trains without DAT examples).')
+        _check_loss_weights(clean_weight, dat_weight)
         if aux_bn and not dual_bn_layers(self.unwrapped_model):
             raise ValueError('DATTask(aux_bn=True) needs a model with auxiliary BNs; convert it with '
                              'DATTask.prepare_model (or timm_adv.layers.convert_dual_bn) first.')
@@ -157,7 +166,7 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
-        d = DAT_FLAG_DEFAULTS
+        d = cls.flag_defaults
         group.add_argument('--adv-dat-vqgan', default=d['adv_dat_vqgan'], metavar='VQGAN',
                            help=f'dat: the VQGAN discretiser, {_VQGAN_HELP} (required by --adv-method dat); a preset '
                                 f'(vq-f8) reads its weights from $TIMM_ADV_HOME/vqgan/<preset>/ (default '
@@ -166,15 +175,17 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
                            help='dat: architecture of a bare weights file given to --adv-dat-vqgan (a .ckpt without a '
                                 'config beside it): a preset (vq-f8) or a taming / latent-diffusion yaml')
         group.add_argument('--adv-dat-start-prob', type=float, default=d['adv_dat_start_prob'], metavar='P',
-                           help='dat: probability (one draw per batch) of the random start (default: 0.8)')
+                           help='dat: probability (one draw per batch) of the random start (default: %(default)s)')
         group.add_argument('--adv-dat-start-on-sphere', action=argparse.BooleanOptionalAction,
                            default=d['adv_dat_start_on_sphere'],
                            help='dat: random start on the eps sphere, as the official code; --no-... draws it inside '
                                 'the ball (default: sphere)')
         group.add_argument('--adv-dat-clean-weight', type=bounded_type('--adv-dat-clean-weight', float, 0),
-                           default=d['adv_dat_clean_weight'], metavar='W', help='dat: weight of CE(clean) (default: 1)')
+                           default=d['adv_dat_clean_weight'], metavar='W',
+                           help='dat: weight of CE(clean) (default: %(default)s)')
         group.add_argument('--adv-dat-weight', type=bounded_type('--adv-dat-weight', float, 0),
-                           default=d['adv_dat_weight'], metavar='W', help='dat: weight of CE(DAT examples) (default: 1)')
+                           default=d['adv_dat_weight'], metavar='W',
+                           help='dat: weight of CE(DAT examples) (default: %(default)s)')
         group.add_argument('--adv-dat-aux-bn', action=argparse.BooleanOptionalAction,
                            default=d['adv_dat_aux_bn'],
                            help='dat: route the DAT examples through auxiliary BatchNorms (AdvProp-style), dropped '
@@ -214,17 +225,17 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
         if not getattr(args, 'adv_dat_vqgan', None):
             raise ValueError(f'--adv-method dat needs a VQGAN: pass --adv-dat-vqgan {_VQGAN_HELP}; on small images '
                              f'fit one first (python -m timm_adv.vqgan fit).')
-        prob = _dat_setting(args, 'adv_dat_start_prob')
+        prob = cls.setting(args, 'adv_dat_start_prob')
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f'--adv-dat-start-prob must be in [0, 1], got {prob}.')
-        if not _dat_setting(args, 'adv_dat_weight') > 0:
-            raise ValueError('--adv-dat-weight must be > 0 (--adv-method none trains without DAT examples).')
-        if _dat_setting(args, 'adv_dat_vqgan_chunk') and _dat_setting(args, 'adv_dat_vqgan_memory_gb'):
+        _check_loss_weights(cls.setting(args, 'adv_dat_clean_weight'), cls.setting(args, 'adv_dat_weight'))
+        if cls.setting(args, 'adv_dat_vqgan_chunk') and cls.setting(args, 'adv_dat_vqgan_memory_gb'):
             raise ValueError('--adv-dat-vqgan-memory-gb sets the automatic chunk, which --adv-dat-vqgan-chunk N '
                              'replaces: drop one of them.')
-        if _dat_setting(args, 'adv_dat_official_bn') and getattr(args, 'adv_bn_mode', None) not in (None, 'train_update'):
+        bn_mode = getattr(args, 'adv_bn_mode', None)
+        if cls.setting(args, 'adv_dat_official_bn') and bn_mode not in (None, 'train_update'):
             raise ValueError(f'--adv-dat-official-bn runs the attack in --adv-bn-mode train_update (as the official '
-                             f'code), not {args.adv_bn_mode}: drop one of them.')
+                             f'code), not {bn_mode}: drop one of them.')
 
     @classmethod
     def prepare_model(cls, model: nn.Module, args: Optional[argparse.Namespace] = None) -> nn.Module:
@@ -233,7 +244,7 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
         if args is None:
             return model
         check_vqgan_input_size(cls.create_vqgan(args), resolve_data_config(vars(args), model=model)['input_size'])
-        if not _dat_setting(args, 'adv_dat_aux_bn'):
+        if not cls.setting(args, 'adv_dat_aux_bn'):
             return model
         model = convert_dual_bn(model)
         if not dual_bn_layers(model):
@@ -251,12 +262,12 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
         ``--adv-dat-vqgan-channels-last`` says otherwise); with ``input_size`` its chunk is set too.
         """
         cls.check_args(args)
-        vqgan = _load_vqgan(args.adv_dat_vqgan, _dat_setting(args, 'adv_dat_vqgan_config'),
-                            _dat_setting(args, 'adv_dat_vqgan_bf16'), _dat_setting(args, 'adv_dat_vqgan_compile'))
+        vqgan = _load_vqgan(args.adv_dat_vqgan, cls.setting(args, 'adv_dat_vqgan_config'),
+                            cls.setting(args, 'adv_dat_vqgan_bf16'), cls.setting(args, 'adv_dat_vqgan_compile'))
         if device is None:
             return vqgan
         device = torch.device(device)
-        channels_last = _dat_setting(args, 'adv_dat_vqgan_channels_last')
+        channels_last = cls.setting(args, 'adv_dat_vqgan_channels_last')
         vqgan.set_channels_last(device.type == 'cpu' if channels_last is None else channels_last)
         if input_size is not None:
             vqgan.chunk_size = _vqgan_chunk(args, vqgan, input_size, device)
@@ -267,16 +278,15 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
         input_size = resolve_data_config(vars(args), model=model)['input_size']
         vqgan = cls.create_vqgan(args, device or torch.device('cpu'), input_size)
         check_vqgan_input_size(vqgan, input_size)
-        official_bn = _dat_setting(args, 'adv_dat_official_bn')
+        official_bn = cls.setting(args, 'adv_dat_official_bn')
         attack = cls.attack_from_args(
-            args, mean, std, start_prob=_dat_setting(args, 'adv_dat_start_prob'),
-            start_on_sphere=_dat_setting(args, 'adv_dat_start_on_sphere'))
-        if official_bn and getattr(args, 'adv_bn_mode', None) is None:
-            attack.bn_mode = 'train_update'
+            args, mean, std, bn_mode='train_update' if official_bn else None,
+            start_prob=cls.setting(args, 'adv_dat_start_prob'),
+            start_on_sphere=cls.setting(args, 'adv_dat_start_on_sphere'))
         return cls(model, criterion, DiscreteAdversarialAugment(vqgan, attack),
-                   clean_weight=_dat_setting(args, 'adv_dat_clean_weight'),
-                   dat_weight=_dat_setting(args, 'adv_dat_weight'),
-                   aux_bn=_dat_setting(args, 'adv_dat_aux_bn'), official_bn=official_bn, device=device)
+                   clean_weight=cls.setting(args, 'adv_dat_clean_weight'),
+                   dat_weight=cls.setting(args, 'adv_dat_weight'),
+                   aux_bn=cls.setting(args, 'adv_dat_aux_bn'), official_bn=official_bn, device=device)
 
     def ideal_cost(self) -> Dict[str, float]:
         cost = super().ideal_cost()

@@ -31,13 +31,16 @@ from timm.utils import unwrap_model
 from timm_adv.utils import CheckpointError
 from .registry import get_method
 
-__all__ = ['KD_ARGS', 'KD_PROJECTION_KEY', 'DistillationMixin', 'add_kd_args', 'check_kd_args', 'create_teacher',
-           'distilled_method', 'kd_kl_loss', 'prepare_kd_model', 'resolve_kd_weights']
+__all__ = ['KD_ARGS', 'KD_DEFAULTS', 'KD_PROJECTION_KEY', 'DistillationMixin', 'add_kd_args', 'check_kd_args',
+           'create_teacher', 'distilled_method', 'kd_kl_loss', 'prepare_kd_model', 'resolve_kd_weights']
 
 #: Destinations of the distillation flags (timm's, plus ``--kd-pretrained-path``).
 KD_ARGS = ('kd_model_name', 'kd_distill_type', 'kd_loss_type', 'distill_loss_weight', 'task_loss_weight',
            'kd_temperature', 'kd_student_feature_dim', 'kd_teacher_feature_dim', 'kd_token_distill_type',
            'kd_pretrained_path')
+
+#: Defaults of the ``--kd-*`` flags (timm train.py's) and of :meth:`DistillationMixin.set_teacher`.
+KD_DEFAULTS = dict(kd_distill_type='logit', kd_loss_type='kl', kd_temperature=4.0, kd_token_distill_type='soft')
 
 #: Attribute of the student holding feature distillation's projection (student dim -> teacher dim) while training.
 KD_PROJECTION_KEY = 'kd_projection'
@@ -49,25 +52,26 @@ def add_kd_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--kd-model-name', default=None, type=str,
                        help='teacher model for knowledge distillation: a timm name (pretrained weights), '
                             'local-dir:/path or hf-hub:org/name (default: none, no distillation)')
-    group.add_argument('--kd-distill-type', default='logit', choices=('logit', 'feature', 'token'),
+    d = KD_DEFAULTS
+    group.add_argument('--kd-distill-type', default=d['kd_distill_type'], choices=('logit', 'feature', 'token'),
                        help='distillation type: logit (method logits vs teacher logits), feature (pooled pre-logits, MSE) '
-                            'or token (a distilled DeiT\'s dist head) (default: logit)')
-    group.add_argument('--kd-loss-type', default='kl', type=str,
-                       help='logit distillation loss; only kl (default: kl)')
+                            'or token (a distilled DeiT\'s dist head) (default: %(default)s)')
+    group.add_argument('--kd-loss-type', default=d['kd_loss_type'], type=str,
+                       help='logit distillation loss; only kl (default: %(default)s)')
     group.add_argument('--distill-loss-weight', default=None, type=float,
                        help='weight of the distillation loss; with both weights: task_w * task + distill_w * distill; '
                             'with only --task-loss-weight: task_w * task + (1 - task_w) * distill (default: 1.0)')
     group.add_argument('--task-loss-weight', default=None, type=float,
                        help='weight of the task loss (the method\'s own loss); see --distill-loss-weight (default: 1.0)')
-    group.add_argument('--kd-temperature', default=4.0, type=float,
-                       help='softmax temperature of the distillation loss (default: 4.0)')
+    group.add_argument('--kd-temperature', default=d['kd_temperature'], type=float,
+                       help='softmax temperature of the distillation loss (default: %(default)s)')
     group.add_argument('--kd-student-feature-dim', default=None, type=int,
                        help='feature distillation: student feature dimension (default: the student\'s num_features)')
     group.add_argument('--kd-teacher-feature-dim', default=None, type=int,
                        help='feature distillation: teacher feature dimension (default: the teacher\'s num_features)')
-    group.add_argument('--kd-token-distill-type', default='soft', choices=('soft', 'hard'),
+    group.add_argument('--kd-token-distill-type', default=d['kd_token_distill_type'], choices=('soft', 'hard'),
                        help='token distillation: soft (KL with --kd-temperature) or hard (CE with the teacher\'s argmax) '
-                            '(default: soft)')
+                            '(default: %(default)s)')
     group.add_argument('--kd-pretrained-path', default=None, type=str, metavar='PATH',
                        help='timm-adv: teacher weights from a file (safetensors, or a checkpoint read with '
                             'weights_only) instead of --kd-model-name\'s pretrained weights (default: none)')
@@ -185,7 +189,9 @@ def prepare_kd_model(model: nn.Module, args: argparse.Namespace,
         >>> model = prepare_kd_model(get_method(args.adv_method).prepare_model(model, args), args, teacher)
         >>> task = create_task(model, criterion, args, mean=mean, std=std, device=device, teacher=teacher)
     """
-    kind = getattr(args, 'kd_distill_type', 'logit') if getattr(args, 'kd_model_name', None) else 'logit'
+    kind = KD_DEFAULTS['kd_distill_type']
+    if getattr(args, 'kd_model_name', None):
+        kind = getattr(args, 'kd_distill_type', kind)
     if kind == 'token' and not (hasattr(model, 'head_dist') and hasattr(model, 'set_distilled_training')):
         raise ValueError(f'--kd-distill-type token needs a student with a distillation head (head_dist, e.g. '
                          f'--model deit_tiny_distilled_patch16_224); {type(model).__name__} has none. Use '
@@ -229,11 +235,11 @@ class DistillationMixin:
             teacher: DistillationTeacher,
             mean: Sequence[float],
             std: Sequence[float],
-            temperature: float = 4.0,
+            temperature: float = KD_DEFAULTS['kd_temperature'],
             distill_loss_weight: Optional[float] = None,
             task_loss_weight: Optional[float] = None,
-            distill_type: str = 'logit',
-            token_distill_type: str = 'soft',
+            distill_type: str = KD_DEFAULTS['kd_distill_type'],
+            token_distill_type: str = KD_DEFAULTS['kd_token_distill_type'],
     ) -> None:
         """Attaches ``teacher``; ``mean`` / ``std`` are the student's input normalisation (the loader's)."""
         self.teacher = teacher.requires_grad_(False).eval()

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from timm_adv.attacks import BN_MODES, NORMS
+from timm_adv.utils.errors import flag_errors
 from .arg_types import bounded_type, eps_type
 from .distill import add_kd_args, check_kd_args, distilled_method
 from .registry import get_method, list_methods
@@ -81,7 +82,8 @@ def check_adv_args(args: argparse.Namespace, explicit: Optional[Mapping[str, str
             A method flag set for a method that does not read it is an error: the common attack flags
             the task class does not list in ``uses_args``, and the flags other methods' ``add_args`` create.
 
-    An unset ``--adv-val-samples`` is resolved here: 500 with an adversarial method, 0 with ``none``.
+    Unset flags with per-method defaults are resolved here: ``--adv-val-samples`` (500 with an adversarial
+    method, 0 with ``none``) and ``--adv-co-guard`` (the method's :attr:`~AdversarialTask.co_guard_default`).
 
     Example:
         >>> check_adv_args(args, explicit_args(parser, argv))
@@ -91,7 +93,10 @@ def check_adv_args(args: argparse.Namespace, explicit: Optional[Mapping[str, str
     explicit = explicit or {}
     if args.adv_val_samples is None:  # plain training validates as timm's train.py does, adding no attack
         args.adv_val_samples = 0 if args.adv_method == 'none' else 500
-    method.check_args(args)
+    if getattr(args, 'adv_co_guard', False) is None:
+        args.adv_co_guard = method.co_guard_default
+    with flag_errors(method.param_flags):
+        method.check_args(args)
     check_kd_args(args, explicit)
     if args.adv_val_samples < 0:
         raise ValueError(f'--adv-val-samples must be >= 0, got {args.adv_val_samples}.')
@@ -139,7 +144,8 @@ def create_task(
         >>> task = create_task(model, nn.CrossEntropyLoss(), args, mean=(0.5,) * 3, std=(0.5,) * 3)
     """
     method = get_method(args.adv_method)
-    if getattr(args, 'kd_model_name', None):
-        return distilled_method(method).from_args(model, criterion, args, mean=mean, std=std, device=device,
-                                                  teacher=teacher)
-    return method.from_args(model, criterion, args, mean=mean, std=std, device=device)
+    with flag_errors(method.param_flags):  # errors of the attack & co. name the flags the user typed
+        if getattr(args, 'kd_model_name', None):
+            return distilled_method(method).from_args(model, criterion, args, mean=mean, std=std, device=device,
+                                                      teacher=teacher)
+        return method.from_args(model, criterion, args, mean=mean, std=std, device=device)

@@ -27,6 +27,12 @@ class FGSMRSTask(PGDTrainingTask):
         >>> task = FGSMRSTask(model, nn.CrossEntropyLoss(), attack)
     """
 
+    paper = 'Fast is better than free: Revisiting adversarial training (Wong et al., ICLR 2020)'
+    url = 'https://arxiv.org/abs/2001.03994'
+    citation = ('@inproceedings{wong2020fast,\n  title = {Fast is better than free: Revisiting adversarial '
+                'training},\n  author = {Wong, Eric and Rice, Leslie and Kolter, J. Zico},\n  booktitle = {ICLR},\n'
+                '  year = {2020}\n}')
+
     uses_args = PGDTrainingTask.uses_args + ('adv_clean_weight',)
     attack_defaults = dict(eps=8 / 255, steps=1, step_size=lambda eps: FGSM_RS_STEP_RATIO * eps, norm='linf',
                            random_start=True)

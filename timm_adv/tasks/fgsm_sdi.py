@@ -44,9 +44,13 @@ from timm_adv.models import create_sdi_generator
 from .base import AdversarialTask, top1
 from .registry import register_method
 
-__all__ = ['FGSMSDITask', 'smooth_targets', 'smoothed_cross_entropy']
+__all__ = ['FGSMSDITask', 'SDI_DEFAULTS', 'smooth_targets', 'smoothed_cross_entropy']
 
 _logger = logging.getLogger(__name__)
+
+#: ``--adv-sdi-*`` defaults: the official settings (``add_args``, ``from_args`` and ``__init__`` read them).
+SDI_DEFAULTS: Dict[str, Any] = dict(adv_sdi_every=20, adv_sdi_lr=1e-3, adv_sdi_weight_decay=5e-4, adv_sdi_width=64,
+                                    adv_sdi_label_confidence=0.5, adv_sdi_clamp=True)
 
 
 def smooth_targets(target: torch.Tensor, num_classes: int, confidence: float = 0.5) -> torch.Tensor:
@@ -113,12 +117,19 @@ class FGSMSDITask(AdversarialTask):
         >>> task(x, y)['loss'].backward()
     """
 
+    paper = 'Boosting Fast Adversarial Training with Learnable Adversarial Initialization (Jia et al., IEEE TIP 2022)'
+    url = 'https://arxiv.org/abs/2110.05007'
+    citation = ('@article{jia2022boosting,\n  title = {Boosting Fast Adversarial Training with Learnable Adversarial '
+                'Initialization},\n  author = {Jia, Xiaojun and Zhang, Yong and Wu, Baoyuan and Wang, Jue and Cao, '
+                'Xiaochun},\n  journal = {IEEE Transactions on Image Processing},\n  year = {2022}\n}')
+
     default_bn_mode = 'train'
     #: One L-inf step from the generator's start: steps, norm, random start and targeting are fixed.
     uses_args = ('adv_eps', 'adv_step_size', 'adv_bn_mode')
     attack_defaults = dict(eps=8 / 255, steps=1, norm='linf', random_start=False)
     #: Fast single-step methods are prone to catastrophic overfitting: guard them by default.
     co_guard_default = True
+    flag_defaults = SDI_DEFAULTS
 
     def __init__(
             self,
@@ -126,10 +137,10 @@ class FGSMSDITask(AdversarialTask):
             criterion: Optional[Union[nn.Module, Callable]],
             attack: PGDAttack,
             generator: nn.Module,
-            generator_lr: float = 1e-3,
-            generator_weight_decay: float = 5e-4,
-            generator_every: int = 20,
-            label_confidence: float = 0.5,
+            generator_lr: float = SDI_DEFAULTS['adv_sdi_lr'],
+            generator_weight_decay: float = SDI_DEFAULTS['adv_sdi_weight_decay'],
+            generator_every: int = SDI_DEFAULTS['adv_sdi_every'],
+            label_confidence: float = SDI_DEFAULTS['adv_sdi_label_confidence'],
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
@@ -161,33 +172,34 @@ class FGSMSDITask(AdversarialTask):
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
-        group.add_argument('--adv-sdi-every', type=int, default=20, metavar='K',
-                           help='fgsm-sdi: update the initialisation generator every K batches (default: 20)')
-        group.add_argument('--adv-sdi-lr', type=float, default=1e-3, metavar='LR',
-                           help='fgsm-sdi: generator Adam learning rate (default: 1e-3)')
-        group.add_argument('--adv-sdi-weight-decay', type=float, default=5e-4, metavar='WD',
-                           help='fgsm-sdi: generator Adam weight decay (default: 5e-4)')
-        group.add_argument('--adv-sdi-width', type=int, default=64, metavar='C',
-                           help='fgsm-sdi: generator hidden channels (default: 64)')
-        group.add_argument('--adv-sdi-label-confidence', type=float, default=0.5, metavar='P',
+        d = cls.flag_defaults
+        group.add_argument('--adv-sdi-every', type=int, default=d['adv_sdi_every'], metavar='K',
+                           help='fgsm-sdi: update the initialisation generator every K batches (default: %(default)s)')
+        group.add_argument('--adv-sdi-lr', type=float, default=d['adv_sdi_lr'], metavar='LR',
+                           help='fgsm-sdi: generator Adam learning rate (default: %(default)s)')
+        group.add_argument('--adv-sdi-weight-decay', type=float, default=d['adv_sdi_weight_decay'], metavar='WD',
+                           help='fgsm-sdi: generator Adam weight decay (default: %(default)s)')
+        group.add_argument('--adv-sdi-width', type=int, default=d['adv_sdi_width'], metavar='C',
+                           help='fgsm-sdi: generator hidden channels (default: %(default)s)')
+        group.add_argument('--adv-sdi-label-confidence', type=float, default=d['adv_sdi_label_confidence'],
+                           metavar='P',
                            help='fgsm-sdi: probability the label-smoothed target keeps on the true class, the '
-                                "official 'factor' (default: 0.5)")
-        group.add_argument('--adv-sdi-clamp', action=argparse.BooleanOptionalAction, default=True,
+                                "official 'factor' (default: %(default)s)")
+        group.add_argument('--adv-sdi-clamp', action=argparse.BooleanOptionalAction, default=d['adv_sdi_clamp'],
                            help='fgsm-sdi: keep adversarial images in [0, 1]; --no-adv-sdi-clamp is the official '
                                 'code (default: clamp)')
 
     @classmethod
     def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'FGSMSDITask':
-        attack = cls.attack_from_args(args, mean, std)
-        attack.clamp = getattr(args, 'adv_sdi_clamp', True)
+        attack = cls.attack_from_args(args, mean, std, clamp=cls.setting(args, 'adv_sdi_clamp'))
         generator = create_sdi_generator(
-            eps=attack.eps, in_chans=getattr(args, 'in_chans', None) or 3, width=getattr(args, 'adv_sdi_width', 64))
+            eps=attack.eps, in_chans=getattr(args, 'in_chans', None) or 3, width=cls.setting(args, 'adv_sdi_width'))
         return cls(
             model, criterion, attack, generator,
-            generator_lr=getattr(args, 'adv_sdi_lr', 1e-3),
-            generator_weight_decay=getattr(args, 'adv_sdi_weight_decay', 5e-4),
-            generator_every=getattr(args, 'adv_sdi_every', 20),
-            label_confidence=getattr(args, 'adv_sdi_label_confidence', 0.5),
+            generator_lr=cls.setting(args, 'adv_sdi_lr'),
+            generator_weight_decay=cls.setting(args, 'adv_sdi_weight_decay'),
+            generator_every=cls.setting(args, 'adv_sdi_every'),
+            label_confidence=cls.setting(args, 'adv_sdi_label_confidence'),
             device=device,
         )
 

@@ -32,36 +32,44 @@ from timm_adv.data import create_bank_loader
 from timm_adv.layers import split_projection_head_state, strip_projection_head
 from timm_adv.models import (BANK_DTYPES, KNN_BACKENDS, KNN_VOTES, FeatureBank, KNNClassifier, build_feature_bank,
                              check_knn_settings)
-from .arg_types import bounded_type
+from .arg_types import ATTACK_FLAGS, bounded_type
 from .base import AdversarialTask
 
-__all__ = ['KNN_ARGS', 'RepresentationTask', 'add_knn_args', 'bank_loader_from_args', 'check_label_free_args']
+__all__ = ['KNN_ARGS', 'KNN_DEFAULTS', 'KNN_FLAGS', 'RepresentationTask', 'add_knn_args', 'bank_loader_from_args',
+           'check_label_free_args']
 
 _logger = logging.getLogger(__name__)
 
+#: Defaults of the kNN / InfoNCE flags (:func:`add_knn_args`), the task's ``__init__`` and :meth:`knn_kwargs`.
+KNN_DEFAULTS = dict(adv_knn_k=75, adv_knn_temperature=0.07, adv_knn_backend='torch', adv_knn_vote='weighted',
+                    adv_knn_bank_dtype='float32', adv_knn_bank_samples=None, adv_nce_temperature=0.2)
+#: Parameters of the kNN settings (:func:`~timm_adv.models.check_knn_settings`) -> the flags that set them.
+KNN_FLAGS = {'k': '--adv-knn-k', 'temperature': '--adv-knn-temperature', 'backend': '--adv-knn-backend',
+             'vote': '--adv-knn-vote'}
 #: Destinations of the kNN / InfoNCE flags that ``contrastive`` creates (:func:`add_knn_args`) and ``ssat`` reads too.
-KNN_ARGS = ('adv_knn_k', 'adv_knn_temperature', 'adv_knn_backend', 'adv_knn_bank_samples', 'adv_nce_temperature',
-            'adv_knn_vote', 'adv_knn_bank_dtype')
+KNN_ARGS = tuple(KNN_DEFAULTS)
 
 
 def add_knn_args(group: argparse._ArgumentGroup) -> None:
     """The kNN and InfoNCE flags shared by ``contrastive`` and ``ssat``."""
-    group.add_argument('--adv-knn-k', type=bounded_type('--adv-knn-k', int, 1), default=75, metavar='K',
-                       help='contrastive, ssat: neighbours of the kNN classifier (default: 75)')
-    group.add_argument('--adv-knn-temperature', type=float, default=0.07, metavar='T',
-                       help='contrastive, ssat: kNN vote weight exp(cos / T) (default: 0.07)')
-    group.add_argument('--adv-knn-backend', choices=KNN_BACKENDS, default='torch',
-                       help='contrastive, ssat: exact kNN search in torch or faiss-cpu (default: torch)')
-    group.add_argument('--adv-knn-vote', choices=KNN_VOTES, default='weighted',
+    d = KNN_DEFAULTS
+    group.add_argument('--adv-knn-k', type=bounded_type('--adv-knn-k', int, 1), default=d['adv_knn_k'], metavar='K',
+                       help='contrastive, ssat: neighbours of the kNN classifier (default: %(default)s)')
+    group.add_argument('--adv-knn-temperature', type=float, default=d['adv_knn_temperature'], metavar='T',
+                       help='contrastive, ssat: kNN vote weight exp(cos / T) (default: %(default)s)')
+    group.add_argument('--adv-knn-backend', choices=KNN_BACKENDS, default=d['adv_knn_backend'],
+                       help='contrastive, ssat: exact kNN search in torch or faiss-cpu (default: %(default)s)')
+    group.add_argument('--adv-knn-vote', choices=KNN_VOTES, default=d['adv_knn_vote'],
                        help="contrastive, ssat: similarity-weighted vote exp(cos / T), differentiable (PGD can attack "
-                            "it), or DkNN's unweighted count (default: weighted)")
-    group.add_argument('--adv-knn-bank-dtype', choices=tuple(BANK_DTYPES), default='float32',
+                            "it), or DkNN's unweighted count (default: %(default)s)")
+    group.add_argument('--adv-knn-bank-dtype', choices=tuple(BANK_DTYPES), default=d['adv_knn_bank_dtype'],
                        help='contrastive, ssat: storage dtype of the feature bank; similarities stay float32 '
-                            '(default: float32; float16 halves an ImageNet bank)')
-    group.add_argument('--adv-knn-bank-samples', type=bounded_type('--adv-knn-bank-samples', int, 1), default=None,
-                       metavar='N', help='contrastive, ssat: bank of N evenly spaced training images (default: all)')
-    group.add_argument('--adv-nce-temperature', type=float, default=0.2, metavar='T',
-                       help='contrastive, ssat: InfoNCE temperature (default: 0.2)')
+                            '(default: %(default)s; float16 halves an ImageNet bank)')
+    group.add_argument('--adv-knn-bank-samples', type=bounded_type('--adv-knn-bank-samples', int, 1),
+                       default=d['adv_knn_bank_samples'], metavar='N',
+                       help='contrastive, ssat: bank of N evenly spaced training images (default: all)')
+    group.add_argument('--adv-nce-temperature', type=float, default=d['adv_nce_temperature'], metavar='T',
+                       help='contrastive, ssat: InfoNCE temperature (default: %(default)s)')
 
 
 def bank_loader_from_args(args: argparse.Namespace, model: nn.Module, device: Optional[torch.device] = None):
@@ -105,6 +113,8 @@ class RepresentationTask(AdversarialTask):
     compile_note = ('the training forward is compiled; the kNN classifier (the per-epoch validation, the bank '
                     "refresh and ssat's kNN-guided attack) runs the eager backbone.")
     output_is_logits = False  # training output is features
+    param_flags = {**ATTACK_FLAGS, **KNN_FLAGS}
+    flag_defaults = KNN_DEFAULTS
 
     def __init__(
             self,
@@ -114,12 +124,12 @@ class RepresentationTask(AdversarialTask):
             attack=None,
             mean=None,
             std=None,
-            knn_k: int = 75,
-            knn_temperature: float = 0.07,
-            knn_backend: str = 'torch',
-            knn_vote: str = 'weighted',
-            bank_dtype: torch.dtype = torch.float32,
-            nce_temperature: float = 0.2,
+            knn_k: int = KNN_DEFAULTS['adv_knn_k'],
+            knn_temperature: float = KNN_DEFAULTS['adv_knn_temperature'],
+            knn_backend: str = KNN_DEFAULTS['adv_knn_backend'],
+            knn_vote: str = KNN_DEFAULTS['adv_knn_vote'],
+            bank_dtype: torch.dtype = BANK_DTYPES[KNN_DEFAULTS['adv_knn_bank_dtype']],
+            nce_temperature: float = KNN_DEFAULTS['adv_nce_temperature'],
             amp_autocast: Optional[Callable] = None,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
@@ -165,10 +175,10 @@ class RepresentationTask(AdversarialTask):
             dtype = torch.bfloat16 if getattr(args, 'amp_dtype', None) == 'bfloat16' or device_type == 'cpu' \
                 else torch.float16
             autocast = partial(torch.autocast, device_type=device_type, dtype=dtype)
-        return dict(knn_k=args.adv_knn_k, knn_temperature=args.adv_knn_temperature, knn_backend=args.adv_knn_backend,
-                    knn_vote=getattr(args, 'adv_knn_vote', 'weighted'),
-                    bank_dtype=BANK_DTYPES[getattr(args, 'adv_knn_bank_dtype', 'float32')],
-                    nce_temperature=args.adv_nce_temperature, amp_autocast=autocast)
+        return dict(knn_k=cls.setting(args, 'adv_knn_k'), knn_temperature=cls.setting(args, 'adv_knn_temperature'),
+                    knn_backend=cls.setting(args, 'adv_knn_backend'), knn_vote=cls.setting(args, 'adv_knn_vote'),
+                    bank_dtype=BANK_DTYPES[cls.setting(args, 'adv_knn_bank_dtype')],
+                    nce_temperature=cls.setting(args, 'adv_nce_temperature'), amp_autocast=autocast)
 
     @property
     def bank_loader(self):

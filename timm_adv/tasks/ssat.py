@@ -60,10 +60,20 @@ class SSATTask(RepresentationTask):
         >>> task(x, y)['loss'].backward()
     """
 
+    paper = 'Self-Supervised Adversarial Training (Chen et al., ICASSP 2020)'
+    url = 'https://arxiv.org/abs/1911.06470'
+    citation = ('@inproceedings{chen2020self,\n  title = {Self-Supervised Adversarial Training},\n  author = {Chen, '
+                'Kejiang and Chen, Yuefeng and Zhou, Hang and Mao, Xiaofeng and Li, Yuhong and He, Yuan and Xue, '
+                'Hui and Zhang, Weiming and Yu, Nenghai},\n  booktitle = {ICASSP},\n  year = {2020}\n}')
+
     # the guides set the direction of the attack, so --adv-targeted has nothing to choose
     uses_args = tuple(a for a in ATTACK_ARGS if a != 'adv_targeted') + KNN_ARGS
 
     attack_defaults = dict(eps=0.03, steps=10, step_size=lambda eps: eps / 6, norm='linf', random_start=True)
+    param_flags = {**RepresentationTask.param_flags, 'num_guides': '--adv-ssat-guides',
+                   'guide_mode': '--adv-ssat-guide-mode'}
+    #: The paper's 300 guides, nearest the image.
+    flag_defaults = {**RepresentationTask.flag_defaults, 'adv_ssat_guides': 300, 'adv_ssat_guide_mode': 'class'}
 
     def __init__(self, model: nn.Module, bank_loader, num_classes: int, attack: KNNGuidedAttack, **kwargs):
         super().__init__(model, bank_loader, num_classes, attack=attack, **kwargs)
@@ -71,11 +81,13 @@ class SSATTask(RepresentationTask):
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
-        group.add_argument('--adv-ssat-guides', type=bounded_type('--adv-ssat-guides', int, 1), default=300,
-                           metavar='M', help='ssat: guide samples of the nearest wrong class per image (default: 300)')
-        group.add_argument('--adv-ssat-guide-mode', choices=GUIDE_MODES, default='class',
+        d = cls.flag_defaults
+        group.add_argument('--adv-ssat-guides', type=bounded_type('--adv-ssat-guides', int, 1),
+                           default=d['adv_ssat_guides'], metavar='M',
+                           help='ssat: guide samples of the nearest wrong class per image (default: %(default)s)')
+        group.add_argument('--adv-ssat-guide-mode', choices=GUIDE_MODES, default=d['adv_ssat_guide_mode'],
                            help="ssat: guides nearest the image (class) or nearest the nearest wrong-class bank entry "
-                                "(neighbours, the official notebook's guide=2) (default: class)")
+                                "(neighbours, the official notebook's guide=2) (default: %(default)s)")
 
     @classmethod
     def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'SSATTask':
@@ -87,8 +99,8 @@ class SSATTask(RepresentationTask):
                             'weights. Pass the contrastive run with --pretrained --pretrained-path '
                             '<stage1>/last.pth.tar.')
         guided: PGDAttack = cls.attack_from_args(args, mean, std)
-        attack = KNNGuidedAttack(guided, num_guides=getattr(args, 'adv_ssat_guides', 300),
-                                 guide_mode=getattr(args, 'adv_ssat_guide_mode', 'class'))
+        attack = KNNGuidedAttack(guided, num_guides=cls.setting(args, 'adv_ssat_guides'),
+                                 guide_mode=cls.setting(args, 'adv_ssat_guide_mode'))
         return cls(model, bank_loader_from_args(args, model, device), args.num_classes, attack, mean=mean, std=std,
                    device=device, **cls.knn_kwargs(args, device))
 

@@ -19,6 +19,8 @@ class StandardTask(AdversarialTask):
     It reports the loss only, like timm's classification task, so ``summary.csv`` has timm's columns.
     """
 
+    paper = 'Standard training (no adversarial examples)'
+
     uses_args = ()
 
     @classmethod
@@ -51,12 +53,20 @@ class PGDTrainingTask(AdversarialTask):
         >>> task(x, y)['loss'].backward()
     """
 
+    paper = 'Towards Deep Learning Models Resistant to Adversarial Attacks (Madry et al., ICLR 2018)'
+    url = 'https://arxiv.org/abs/1706.06083'
+    citation = ('@inproceedings{madry2018towards,\n  title = {Towards Deep Learning Models Resistant to Adversarial '
+                'Attacks},\n  author = {Madry, Aleksander and Makelov, Aleksandar and Schmidt, Ludwig and Tsipras, '
+                'Dimitris and Vladu, Adrian},\n  booktitle = {ICLR},\n  year = {2018}\n}')
+    #: Madry et al. train on adversarial examples only.
+    flag_defaults = dict(adv_clean_weight=0.0)
+
     def __init__(
             self,
             model: nn.Module,
             criterion: Union[nn.Module, Callable],
             attack: PGDAttack,
-            clean_weight: float = 0.0,
+            clean_weight: float = flag_defaults['adv_clean_weight'],
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
@@ -68,13 +78,14 @@ class PGDTrainingTask(AdversarialTask):
 
     @classmethod
     def add_args(cls, group: argparse._ArgumentGroup) -> None:
-        group.add_argument('--adv-clean-weight', type=float, default=0.0, metavar='W',
-                           help='pgd: weight of the clean loss, (1-W)*CE(adv) + W*CE(clean) (default: 0)')
+        group.add_argument('--adv-clean-weight', type=float, default=cls.flag_defaults['adv_clean_weight'],
+                           metavar='W',
+                           help='pgd: weight of the clean loss, (1-W)*CE(adv) + W*CE(clean) (default: %(default)s)')
 
     @classmethod
     def from_args(cls, model, criterion, args, mean=None, std=None, device=None) -> 'PGDTrainingTask':
         return cls(model, criterion, attack=cls.attack_from_args(args, mean, std),
-                   clean_weight=getattr(args, 'adv_clean_weight', 0.0), device=device)
+                   clean_weight=cls.setting(args, 'adv_clean_weight'), device=device)
 
     def ideal_cost(self) -> Dict[str, float]:
         cost = super().ideal_cost()

@@ -2,7 +2,8 @@ from .checkpoint import (
     CheckpointError, check_state_dict_matches, checkpoint_state_dict, load_training_checkpoint, read_checkpoint,
     state_dict_mismatch,
 )
-from .args import explicit_args, flag_name
+from .args import bounded_type, explicit_args, flag_name
+from .errors import ParameterError, flag_errors
 from .files import atomic_write, check_writable, file_sha256
 from .optim import check_layer_decay, sync_lookahead
 from .rng import ReplayCheckpointSaver, gather_rng_states, get_rng_state, set_rng_state

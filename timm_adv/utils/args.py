@@ -1,4 +1,4 @@
-"""Which command-line flags the user actually set.
+"""Command-line helpers: which flags the user actually set, and number types that name their flag.
 
 A flag left at its default and the same value typed explicitly are different requests: only the
 second one can be "ignored". The parser is run a second time with every default suppressed, so a
@@ -6,9 +6,9 @@ destination appears only when a flag for it was typed (abbreviations and aliases
 argparse itself), never by comparing values with defaults.
 """
 import argparse
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
-__all__ = ['explicit_args', 'flag_name']
+__all__ = ['bounded_type', 'explicit_args', 'flag_name']
 
 
 def flag_name(parser: argparse.ArgumentParser, dest: str) -> str:
@@ -53,15 +53,20 @@ def explicit_args(
     """
     saved_defaults = {id(a): a.default for a in parser._actions}
     saved_parser_defaults = dict(parser._defaults)
+    # --help is left to the real parse: its text shows the defaults (``%(default)s``) suppressed here
+    helps = {s: a for s, a in parser._option_string_actions.items() if isinstance(a, argparse._HelpAction)}
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     parser._defaults.clear()
+    for option in helps:
+        del parser._option_string_actions[option]
     try:
         typed, _ = parser.parse_known_args(argv, argparse.Namespace())
     finally:
         for action in parser._actions:
             action.default = saved_defaults[id(action)]
         parser._defaults.update(saved_parser_defaults)
+        parser._option_string_actions.update(helps)
     explicit = {dest: flag_name(parser, dest) for dest in vars(typed)}
     if config:
         for dest, value in config.items():
@@ -72,3 +77,20 @@ def explicit_args(
                 explicit[dest] = f'{flag_name(parser, dest)} (from {config_name})'
     return explicit
 
+
+def bounded_type(flag: str, cast: type, minimum) -> Callable[[str], float]:
+    """Parses ``cast(value)`` and requires it to be ``>= minimum``.
+
+    Example:
+        >>> parser.add_argument('--adv-steps', type=bounded_type('--adv-steps', int, 1))
+    """
+    def _parse(value):
+        try:
+            out = cast(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{flag} must be a {cast.__name__}, got {value!r}.') from None
+        if not out >= minimum:
+            raise argparse.ArgumentTypeError(f'{flag} must be >= {minimum}, got {value}.')
+        return out
+    _parse.__name__ = cast.__name__
+    return _parse

@@ -1,8 +1,8 @@
 """VQGAN discretiser on taming-transformers: load published checkpoints, fit one to small images.
 
     >>> from timm_adv.vqgan import create_vqgan
-    >>> vq = create_vqgan('/work/artifacts/vqgan_mnist')       # folder written by `python -m timm_adv.vqgan fit`
-    >>> x_rec = vq.reconstruct(images)                         # images in [0, 1] -> codebook-snapped images
+    >>> vq = create_vqgan('vqgan_mnist')  # the folder `python -m timm_adv.vqgan fit --out vqgan_mnist` wrote
+    >>> x_rec = vq.reconstruct(images)    # images in [0, 1] -> codebook-snapped images
 """
 from .config import VQGAN_PRESETS, VQGANConfig, list_vqgan_presets, load_vqgan_config
 from .discretizer import VQGANDiscretizer, compare_precision

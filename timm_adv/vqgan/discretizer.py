@@ -34,7 +34,7 @@ class VQGANDiscretizer(nn.Module):
         chunk_size: Images per encoder / decoder pass; None runs the whole batch at once.
 
     Example:
-        >>> vq = create_vqgan('/work/artifacts/vqgan_mnist')
+        >>> vq = create_vqgan('vqgan_mnist')
         >>> codes = vq.encode(images)            # LongTensor (B, H / f, W / f)
         >>> images_rec = vq.decode(codes)        # == vq.reconstruct(images), in [0, 1]
     """
@@ -174,7 +174,7 @@ def compare_precision(discretizer: VQGANDiscretizer, x: torch.Tensor) -> Dict[st
     rounding from code flips in the encoder.
 
     Example:
-        >>> compare_precision(create_vqgan('/work/artifacts/vqgan_mnist'), images)['code_agreement']
+        >>> compare_precision(create_vqgan('vqgan_mnist'), images)['code_agreement']
     """
     saved = discretizer.bf16
     try:

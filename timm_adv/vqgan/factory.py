@@ -231,7 +231,7 @@ def create_vqgan(name_or_path: str, device: Optional[Union[str, torch.device]] =
         ValueError: Unknown name, missing files, unreadable weights, weights that do not fit the config.
 
     Example:
-        >>> vq = create_vqgan('/work/artifacts/vqgan_mnist')
+        >>> vq = create_vqgan('vqgan_mnist')
         >>> vq = create_vqgan('vq-f8', 'cuda', checkpoint_path='vq-f8/model.ckpt', bf16=True)
         >>> vq = create_vqgan('hf-hub:me/vqgan_mnist')
     """

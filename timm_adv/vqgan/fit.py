@@ -37,7 +37,7 @@ from torchvision import transforms
 from torchvision.utils import save_image
 
 from timm_adv.data import DEFAULT_DATASET, create_dataset, spread_subset
-from timm_adv.tasks.arg_types import bounded_type
+from timm_adv.utils.args import bounded_type
 from timm_adv.utils.files import atomic_write
 
 from .config import VQGANConfig
