@@ -19,6 +19,7 @@ from urllib.parse import urlparse, urlunparse
 
 import torch
 from torch.distributed import PrefixStore, Store
+from torch.distributed.constants import default_pg_timeout
 from torch.distributed.rendezvous import register_rendezvous_handler, rendezvous
 from timm.utils.distributed import init_distributed_device_so
 
@@ -67,7 +68,8 @@ def agree_on_attempt(store: Store, rank: int, world_size: int, timeout: timedelt
     raise TimeoutError(f'rank {rank}: rank 0 of this attempt did not answer within {timeout} (torchrun restart)')
 
 
-def _elastic_rendezvous(url: str, timeout: timedelta = timedelta(minutes=30), **kwargs) -> Iterator[Tuple[Store, int, int]]:
+def _elastic_rendezvous(url: str, timeout: timedelta = default_pg_timeout,
+                        **kwargs) -> Iterator[Tuple[Store, int, int]]:
     # torch's env:// rendezvous on the agent's store, narrowed to this attempt's namespace
     env_url = urlunparse(urlparse(url)._replace(scheme='env'))
     store, rank, world_size = next(rendezvous(env_url, timeout=timeout, **kwargs))
