@@ -45,6 +45,10 @@ def agree_on_attempt(store: Store, rank: int, world_size: int, timeout: timedelt
 
     Raises:
         TimeoutError: The other ranks did not all answer within ``timeout``.
+
+    Example:
+        >>> name = agree_on_attempt(agent_store, rank, world_size, timedelta(minutes=30))
+        >>> group_store = PrefixStore(f'my_run/{name}/', agent_store)  # no key of an earlier attempt in it
     """
     store = PrefixStore('timm_adv/attempt/', store)
     if rank == 0:
