@@ -48,9 +48,9 @@ from timm_adv.tasks.arg_types import bounded_type
 from timm_adv.utils import (CheckpointError, CheckpointWriteError, Preempted, PreemptionHandler, RecoverySaver,
                             ResumableBatches, check_compile_args, check_layer_decay, check_state_dict_matches,
                             check_timm_args, check_writable, checkpoint_position, checkpoint_state_dict,
-                            create_wandb_logger, explicit_args, gather_rng_states, read_checkpoint,
-                            resolve_auto_resume, save_recovery, scrub, set_rng_state, split_config_keys,
-                            start_epoch_rng, sync_lookahead)
+                            create_wandb_logger, explicit_args, gather_rng_states, init_distributed_device,
+                            read_checkpoint, resolve_auto_resume, save_recovery, scrub, set_rng_state,
+                            split_config_keys, start_epoch_rng, sync_lookahead)
 
 _logger = logging.getLogger('train')
 
@@ -411,7 +411,7 @@ def setup_device(args):
     if torch.cuda.is_available():  # timm's train.py speed defaults
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    device = torch.device(utils.init_distributed_device(args))
+    device = init_distributed_device(args)  # timm's, restart-safe under torchrun
     if args.distributed:
         _logger.info(f'Training in distributed mode, process {args.rank}/{args.world_size}, device {device}.')
     utils.random_seed(args.seed, args.rank)

@@ -3,15 +3,18 @@ continues at the next batch, bitwise equal to an uninterrupted run (CPU)."""
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
+import threading
+import time
+from datetime import timedelta
 
 import pytest
 import torch
+from torch.distributed import TCPStore
 
 import train
-from timm_adv.utils import Preempted, PreemptionHandler, find_resume_checkpoint
+from timm_adv.utils import Preempted, PreemptionHandler, agree_on_attempt, find_resume_checkpoint
 
 # FGSM-SDI (its generator, the generator's Adam and its every-2-batches schedule resume too), EMA, per-update
 # LR, timm's default augmentation in a loader worker and random erasing in this process (the prefetcher's)
@@ -107,46 +110,51 @@ def test_resume_auto_skips_corrupt_files_and_needs_an_experiment(tmp_path, capsy
     assert e.value.code == 2 and '--resume auto finds the run by its folder: add --experiment' in capsys.readouterr().err
 
 
-def _torchrun(repo_root, script, *argv, restarts=0, attempts=2):
-    # With the static rendezvous the agent's store outlives a restart, so a restarted worker can read the address
-    # its peer had before (gloo: 'connectFullMesh ... Connection refused'); that costs a restart (hence several)
-    # or, rarely, the launch, which is tried again (--resume auto continues what it wrote). Nothing else is retried.
-    for attempt in range(attempts):
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--max-restarts', str(restarts),
-               '--master_port', str(_free_port()), os.path.join(repo_root, *script), *argv]
-        env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=repo_root)
-        proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-        try:
-            log, _ = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the workers too, not only the launcher
-            log, _ = proc.communicate()
-            log += '\n(timed out)'
-        if proc.returncode == 0:
-            return log
-        if 'connectFullMesh' not in log and not log.endswith('(timed out)'):
-            break
-    raise AssertionError(log[-3000:])
+def test_restarted_group_agrees_on_a_new_attempt_despite_the_old_keys():
+    # ranks as threads on one store, as torchrun's agent keeps it across restarts: each restart must agree on a
+    # new name whichever rank starts first, never on the name the store still holds from the attempt before
+    server = TCPStore('127.0.0.1', 0, None, True, timedelta(seconds=30), wait_for_workers=False)
+    names = []
+    for delays in ([0, 0, 0], [0.3, 0, 0.1], [0, 0.3, 0]):  # rank 0 late: the others first read the old name
+        found = {}
+
+        def rank(r):
+            time.sleep(delays[r])
+            client = TCPStore('127.0.0.1', server.port, None, False, timedelta(seconds=30))
+            found[r] = agree_on_attempt(client, r, 3, timedelta(seconds=30))
+
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(found) == 3 and len(set(found.values())) == 1, found
+        names.append(found[0])
+    assert len(set(names)) == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(os.environ.get('TIMM_ADV_TEST_RESTARTS') != '1',
-                    reason='torchrun restarts of gloo workers sometimes hang (the static rendezvous keeps its store); '
-                           'opt in with TIMM_ADV_TEST_RESTARTS=1')
 def test_lost_rank_restarts_the_group_from_the_recovery_checkpoint(tmp_path, repo_root):
+    # c10d rendezvous (--standalone), the one multi-node runs use; the static one (--master-port) keeps its store
+    # across restarts too. One restart allowed: the group must come back at the first try.
     argv = ['--model', 'test_resnet', '-b', '16', '--train-num-samples', '128', '--val-num-samples', '32',
             '--adv-val-samples', '0', '--lr', '0.1', '--warmup-epochs', '0', '--workers', '0', '--log-interval', '1000',
             '--epochs', '1', '--recovery-interval', '1', '--output', str(tmp_path), '--resume', 'auto']
-    _torchrun(repo_root, ['train.py'], *argv, '--experiment', 'whole')
-    log = _torchrun(repo_root, ['tests', 'lost_rank_worker.py'], '2', *argv, '--experiment', 'lost', restarts=3)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--max-restarts',
+           '1', os.path.join(repo_root, 'tests', 'lost_rank_worker.py'), '2', *argv]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=repo_root)
+    proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers too, not only the launcher
+        log = proc.communicate()[0] + '\n(timed out)'
+    assert proc.returncode == 0, log[-3000:]
+    assert 'failed (exitcode: -9) local_rank: 1' in log, log[-3000:]  # the kill happened, and only once:
+    assert log.count('--resume auto: continuing from') == 2, log[-3000:]  # both ranks of the restart resumed
     # rank 1 died before its third batch: the restarted group continued after the second
     assert f'continuing from {tmp_path / "lost" / "recovery-0-1.pth.tar"}' in log, log[-3000:]
     whole, lost = _load(tmp_path / 'whole' / 'last.pth.tar'), _load(tmp_path / 'lost' / 'last.pth.tar')
+    assert whole['epoch'] == lost['epoch'] == 0
     for k, v in whole['state_dict'].items():
         assert torch.equal(v, lost['state_dict'][k]), k
