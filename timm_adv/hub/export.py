@@ -241,15 +241,8 @@ def export_from_task(
         >>> task, args, data_config = task_from_checkpoint('run/last.pth.tar')
         >>> export_from_task(task, 'hub/resnet10t.pgd_mnist', data_config, train_args=args)
     """
-    task = task_or_model if hasattr(task_or_model, 'export_model') else None
-    reference = task_or_model if task is None else (
-        task.export_reference() if hasattr(task, 'export_reference') else task.unwrapped_model)
-    plain = task.export_model() if task is not None else task_or_model
-    architecture = architecture or getattr(plain, 'pretrained_cfg', {}).get('architecture') \
-        or (getattr(train_args, 'model', None) if train_args is not None else None)
-    if not architecture or not timm.is_model(architecture):
-        raise ExportError(f'Cannot export: {architecture!r} is not a timm architecture. Pass architecture= with the '
-                          f'timm model name the weights belong to.')
+    task, reference, plain = _export_parts(task_or_model)
+    architecture = _resolve_architecture(plain, architecture, train_args)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ExportError(f'Export folder {out_dir!r} exists and is not empty; choose a new --out or pass --overwrite.')
     if sample is None:
@@ -257,8 +250,47 @@ def export_from_task(
     plain.eval()
     reference.eval()
     _check_plain_state_dict(plain, architecture, task)
-
     data_config = dict(data_config)
+    model_config = _model_config(plain, data_config, task, label_names, license, train_args, metadata, model_args)
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix='.export-', dir=parent)
+    try:
+        _write_folder(plain, staging, architecture, data_config, model_config, train_args)
+        loaded, diff = _verify_outputs(reference, staging, sample, atol, architecture, task)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+    _logger.info(f'Exported plain {architecture} to {out_dir} (max |output diff| {diff:.2e} on {sample.shape[0]} samples)')
+    return ExportedModel(loaded, out_dir, architecture, data_config, diff)
+
+
+def _export_parts(task_or_model) -> Tuple[Any, nn.Module, nn.Module]:
+    """``(task or None, reference model, plain model)``: what is compared with what."""
+    task = task_or_model if hasattr(task_or_model, 'export_model') else None
+    if task is None:
+        return None, task_or_model, task_or_model
+    reference = task.export_reference() if hasattr(task, 'export_reference') else task.unwrapped_model
+    return task, reference, task.export_model()
+
+
+def _resolve_architecture(plain: nn.Module, architecture: Optional[str], train_args) -> str:
+    """The timm architecture name: given, from the model's ``pretrained_cfg``, or the training ``--model``."""
+    architecture = architecture or getattr(plain, 'pretrained_cfg', {}).get('architecture') \
+        or (getattr(train_args, 'model', None) if train_args is not None else None)
+    if not architecture or not timm.is_model(architecture):
+        raise ExportError(f'Cannot export: {architecture!r} is not a timm architecture. Pass architecture= with the '
+                          f'timm model name the weights belong to.')
+    return architecture
+
+
+def _model_config(plain: nn.Module, data_config: Mapping, task, label_names, license: str, train_args,
+                  metadata: Optional[Mapping], model_args: Optional[Mapping]) -> Dict:
+    """``config.json`` entries beyond timm's own: ``pretrained_cfg``, labels, model args, training metadata."""
     num_classes = plain.num_classes
     if num_classes == 0 and label_names is not None:  # a feature model: the names label its kNN bank's classes
         metadata = dict(metadata or {}, bank_label_names=list(label_names))
@@ -276,44 +308,43 @@ def export_from_task(
         model_config['label_names'] = list(label_names)
     if model_args:  # timm < 1.0.31 writes only the model_args it is given
         model_config['model_args'] = dict(model_args)
+    return model_config
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix='.export-', dir=parent)
-    try:
-        plain_cpu = plain.to('cpu')
-        if getattr(plain_cpu, 'pretrained_cfg', None) is None or 'architecture' not in plain_cpu.pretrained_cfg:
-            plain_cpu.pretrained_cfg = dict(getattr(plain_cpu, 'pretrained_cfg', None) or {}, architecture=architecture)
-        save_kwargs = {}
-        if 'data_config' in inspect.signature(save_for_hf).parameters:  # timm >= 1.0.28 resolves it itself
-            save_kwargs['data_config'] = {k: data_config[k] for k in ('input_size', 'crop_pct', 'interpolation')}
-        save_for_hf(plain_cpu, staging, model_config=model_config, safe_serialization=True, **save_kwargs)
-        with open(os.path.join(staging, 'config.json')) as f:
-            written = json.load(f)
-        if written.get('architecture') != architecture:
-            raise ExportError(f'The model reports architecture {written.get("architecture")!r}, expected '
-                              f'{architecture!r}; pass architecture= explicitly.')
-        if train_args is not None:
-            with open(os.path.join(staging, 'training_args.yaml'), 'w') as f:
-                yaml.safe_dump(scrub({k: _plain(v) for k, v in vars(train_args).items()}), f, default_flow_style=False)
-        loaded = create_model(f'local-dir:{staging}', pretrained=True)
-        diff = compare_outputs(reference, loaded, sample)
-        with torch.no_grad():
-            scale = 1.0 + float(reference(sample.to(next(reference.parameters()).device)).abs().max())
-        if not diff <= atol * scale:
-            fix = (f"the method's export_model() ({type(task).__name__}) must return a model whose eval outputs "
-                   f"equal the trained model's" if task is not None else
-                   'the model holds parts that a plain timm model does not rebuild; export through its task')
-            raise ExportError(f'Refusing to export: the plain {architecture} loaded from the folder changes the '
-                              f'outputs on a sample batch (max |diff| {diff:.3g} > {atol * scale:.3g}). Fix: {fix}.')
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        if os.path.isdir(staging):
-            shutil.rmtree(staging)
-    _logger.info(f'Exported plain {architecture} to {out_dir} (max |output diff| {diff:.2e} on {sample.shape[0]} samples)')
-    return ExportedModel(loaded, out_dir, architecture, data_config, diff)
+
+def _write_folder(plain: nn.Module, folder: str, architecture: str, data_config: Mapping, model_config: Mapping,
+                  train_args) -> None:
+    """Writes the weights and ``config.json`` with timm's ``save_for_hf`` (and ``training_args.yaml``)."""
+    plain_cpu = plain.to('cpu')
+    if getattr(plain_cpu, 'pretrained_cfg', None) is None or 'architecture' not in plain_cpu.pretrained_cfg:
+        plain_cpu.pretrained_cfg = dict(getattr(plain_cpu, 'pretrained_cfg', None) or {}, architecture=architecture)
+    save_kwargs = {}
+    if 'data_config' in inspect.signature(save_for_hf).parameters:  # timm >= 1.0.28 resolves it itself
+        save_kwargs['data_config'] = {k: data_config[k] for k in ('input_size', 'crop_pct', 'interpolation')}
+    save_for_hf(plain_cpu, folder, model_config=model_config, safe_serialization=True, **save_kwargs)
+    with open(os.path.join(folder, 'config.json')) as f:
+        written = json.load(f)
+    if written.get('architecture') != architecture:
+        raise ExportError(f'The model reports architecture {written.get("architecture")!r}, expected '
+                          f'{architecture!r}; pass architecture= explicitly.')
+    if train_args is not None:
+        with open(os.path.join(folder, 'training_args.yaml'), 'w') as f:
+            yaml.safe_dump(scrub({k: _plain(v) for k, v in vars(train_args).items()}), f, default_flow_style=False)
+
+
+def _verify_outputs(reference: nn.Module, folder: str, sample: torch.Tensor, atol: float, architecture: str,
+                    task) -> Tuple[nn.Module, float]:
+    """Loads the folder as users will and refuses it if its outputs differ from the trained model's."""
+    loaded = create_model(f'local-dir:{folder}', pretrained=True)
+    diff = compare_outputs(reference, loaded, sample)
+    with torch.no_grad():
+        scale = 1.0 + float(reference(sample.to(next(reference.parameters()).device)).abs().max())
+    if not diff <= atol * scale:
+        fix = (f"the method's export_model() ({type(task).__name__}) must return a model whose eval outputs "
+               f"equal the trained model's" if task is not None else
+               'the model holds parts that a plain timm model does not rebuild; export through its task')
+        raise ExportError(f'Refusing to export: the plain {architecture} loaded from the folder changes the '
+                          f'outputs on a sample batch (max |diff| {diff:.3g} > {atol * scale:.3g}). Fix: {fix}.')
+    return loaded, diff
 
 
 def _check_plain_state_dict(plain: nn.Module, architecture: str, task) -> None:
