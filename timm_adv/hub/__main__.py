@@ -32,6 +32,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--knn-bank', action='store_true',
                    help='contrastive / ssat feature models: also write knn_bank.safetensors (the training split '
                         'embedded with the exported weights)')
+    p.add_argument('--evaluate', action='store_true',
+                   help="evaluate the export with validate.py on the run's validation split (clean, PGD at --eval-eps, "
+                        'optionally AutoAttack) and put the figures, their command and the accuracy-vs-eps plot in the card')
+    p.add_argument('--eval-eps', nargs='+', default=None, metavar='EPS',
+                   help="with --evaluate: PGD radii (default: half, one and one and a half times the run's "
+                        'validation eps)')
+    p.add_argument('--eval-samples', type=int, default=1000, metavar='N',
+                   help='with --evaluate: images attacked at each eps (default: 1000)')
+    p.add_argument('--eval-steps', type=int, default=20, metavar='K', help='with --evaluate: PGD steps (default: 20)')
+    p.add_argument('--eval-autoattack', type=int, default=0, metavar='N',
+                   help='with --evaluate: also run AutoAttack (standard, largest --eval-eps) on N images (default: 0, '
+                        'off; hours on a CPU for a few hundred)')
 
     p = sub.add_parser('import', help='published robust model (RobustBench, EasyRobust) -> verified plain-timm Hub '
                                       'folder with model card')
@@ -79,15 +91,48 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_eval_flags(parser: argparse.ArgumentParser, args) -> None:
+    if args.command != 'export' or args.evaluate:
+        return
+    given = [flag for flag, value, default in (('--eval-eps', args.eval_eps, None), ('--eval-samples', args.eval_samples, 1000),
+                                               ('--eval-steps', args.eval_steps, 20),
+                                               ('--eval-autoattack', args.eval_autoattack, 0)) if value != default]
+    if given:
+        parser.error(f'{", ".join(given)} only apply with --evaluate; add --evaluate or drop them.')
+
+
+def _eval_eps(args, exported_meta: dict) -> list:
+    """--eval-eps, or 0.5 / 1 / 1.5 times the robust validation eps of the run."""
+    from timm_adv.attacks import parse_eps
+    if args.eval_eps:
+        return [parse_eps(e, '--eval-eps') for e in args.eval_eps]
+    robust = ((exported_meta.get('validation') or {}).get('protocol') or {}).get('robust') or {}
+    eps = robust.get('eps') or exported_meta.get('method_args', {}).get('adv_eps') or 8 / 255
+    return [round(eps * f, 6) for f in (0.5, 1.0, 1.5)]
+
+
 def _export(args) -> dict:
     import os
-    from .export import export_checkpoint
+    import shlex
+    from .export import METADATA_KEY, export_checkpoint
     from .model_card import write_model_card
+    from .pipeline import evaluate_export
     exported, train_args = export_checkpoint(args.checkpoint, args.out, use_ema=args.use_ema, license=args.license,
                                              overwrite=args.overwrite, knn_bank=args.knn_bank)
     run_name = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) or train_args.model
     repo_id = args.repo_id or f'timm-adv/{run_name}'
-    card = write_model_card(args.out, repo_id)
+    card_kwargs = {}
+    if args.evaluate:
+        with open(os.path.join(args.out, 'config.json')) as f:
+            meta = json.load(f).get(METADATA_KEY, {})
+        evaluation = evaluate_export(args.out, train_args, _eval_eps(args, meta), samples=args.eval_samples,
+                                     steps=args.eval_steps, autoattack_samples=args.eval_autoattack)
+        # shown as run inside the export folder: the card names no path of this machine
+        paths = {args.out: '.', f'local-dir:{args.out}': 'local-dir:.', getattr(train_args, 'data_dir', None): 'DATA_DIR'}
+        shown = [paths.get(a, a) for a in evaluation['command']]
+        card_kwargs = dict(report=evaluation['report'], plots=evaluation['plots'],
+                           validate_command='python ' + ' '.join(shlex.quote(a) for a in shown))
+    card = write_model_card(args.out, repo_id, **card_kwargs)
     return dict(folder=args.out, architecture=exported.architecture, max_abs_diff=exported.max_abs_diff,
                 model_card=card)
 
@@ -107,7 +152,9 @@ def _compare(args) -> dict:
 
 def main(argv=None) -> dict:
     utils.setup_default_logging()
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_eval_flags(parser, args)
     from . import cache, pipeline, publish
     try:
         if args.command == 'export':

@@ -82,9 +82,13 @@ def task_from_checkpoint(path: str, use_ema: bool = False, device: str = 'cpu', 
         >>> task, train_args, data_config = task_from_checkpoint('output/train/run/last.pth.tar')
         >>> plain = task.export_model()
     """
+    return _task_from_state(read_checkpoint(path, flag), path, use_ema, device, flag)
+
+
+def _task_from_state(checkpoint: Any, path: str, use_ema: bool, device: str, flag: str):
+    """:func:`task_from_checkpoint` of a checkpoint already read from ``path``."""
     from timm_adv.data import apply_bundled_defaults
     from timm_adv.tasks import get_method
-    checkpoint = read_checkpoint(path, flag)
     if not isinstance(checkpoint, Mapping) or checkpoint.get('args') is None:
         raise ExportError(f'{flag} {path!r} holds no training arguments (it was not written by timm-adv train.py); '
                           f'export a live model with timm_adv.hub.export_from_task(model, ...) instead.')
@@ -162,7 +166,7 @@ def _training_metadata(train_args: Optional[argparse.Namespace], task, extra: Op
             meta['details'] = dict(task.card_details())
     if train_args is not None:
         args = vars(train_args)
-        meta['method_args'] = {k: _plain(v) for k, v in sorted(args.items()) if k.startswith('adv_')}
+        meta['method_args'] = _method_args(train_args)
         meta['base_weights'] = _base_weights(train_args)
         meta['dataset'] = args.get('dataset') or args.get('data_dir')
         meta['recipe'] = {k: _plain(args.get(k)) for k in (
@@ -174,6 +178,13 @@ def _training_metadata(train_args: Optional[argparse.Namespace], task, extra: Op
     if extra:
         meta.update(extra)
     return scrub(meta)  # published: no tokens, home folders or host names
+
+
+def _method_args(train_args) -> Dict[str, Any]:
+    """The ``--adv-*`` settings the run's method reads (not every method's options), as plain values."""
+    from timm_adv.tasks import method_arg_dests
+    dests = method_arg_dests(train_args.adv_method)
+    return {k: _plain(v) for k, v in sorted(vars(train_args).items()) if k in dests}
 
 
 def _base_weights(train_args) -> str:
@@ -369,6 +380,16 @@ def _check_plain_state_dict(plain: nn.Module, architecture: str, task) -> None:
                           f"task's export_model() hook.")
 
 
+def _run_validation(state: Mapping, path: str, train_args, task, use_ema: bool) -> Optional[Dict]:
+    """The checkpoint epoch's validation figures and protocol as ``train.py`` recorded them, when they are the
+    exported weights' (with a validated EMA they are the EMA's; None otherwise)."""
+    from timm_adv.evaluation import read_validation
+    ema_validated = bool(getattr(train_args, 'model_ema', False)) and not getattr(train_args, 'model_ema_force_cpu', False)
+    if use_ema != ema_validated:
+        return None
+    return read_validation(state, path, default_eps=task.attack_defaults.get('eps', 8 / 255))
+
+
 def export_checkpoint(
         checkpoint: str,
         out_dir: str,
@@ -387,7 +408,8 @@ def export_checkpoint(
     Example:
         >>> exported, train_args = export_checkpoint('output/train/run/last.pth.tar', 'hub/resnet10t.pgd_mnist')
     """
-    task, train_args, data_config = task_from_checkpoint(checkpoint, use_ema=use_ema)
+    state = read_checkpoint(checkpoint, '--checkpoint')
+    task, train_args, data_config = _task_from_state(state, checkpoint, use_ema, 'cpu', '--checkpoint')
     if knn_bank and not hasattr(task, 'feature_bank'):
         raise ExportError(f'--knn-bank: {checkpoint!r} is a {train_args.adv_method!r} run, not a feature model '
                           f'(--adv-method contrastive or ssat); export it without --knn-bank.')
@@ -395,6 +417,9 @@ def export_checkpoint(
         label_names = label_names_for(getattr(train_args, 'dataset', None), train_args.num_classes)
     meta = dict(metadata or {})
     meta.setdefault('checkpoint', os.path.basename(checkpoint) + (' (EMA weights)' if use_ema else ''))
+    validation = _run_validation(state, checkpoint, train_args, task, use_ema)
+    if validation is not None:
+        meta.setdefault('validation', validation)
     exported = export_from_task(task, out_dir, data_config, architecture=train_args.model, label_names=label_names,
                                 license=license, train_args=train_args, metadata=meta, overwrite=overwrite)
     if knn_bank:
