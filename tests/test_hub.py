@@ -2,6 +2,7 @@
 import argparse
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -657,3 +658,47 @@ def test_card_shows_the_method_settings_the_run_validation_and_a_fresh_evaluatio
     assert '![accuracy vs eps](accuracy_vs_eps.png)' in card and (out / 'accuracy_vs_eps.png').read_bytes()[:4] == b'\x89PNG'
     command = next(line for line in card.splitlines() if line.startswith('python validate.py'))
     assert str(tmp_path) not in command and str(image_folder) not in command
+
+
+# ---------------------------------------------------------------- progress of long evaluations
+
+def test_long_evaluations_log_progress_with_the_time_left(monkeypatch, caplog, digit_folder, tmp_path):
+    import validate
+    import timm_adv.utils.progress as progress
+    with caplog.at_level(logging.INFO):  # short runs stay quiet at the default interval
+        log = progress.ProgressLog(3, 'Quick')
+        for _ in range(3):
+            log.update()
+    assert not [r for r in caplog.records if r.getMessage().startswith('Quick')]
+    pytest.importorskip('pyautoattack')
+    monkeypatch.setattr(progress, 'DEFAULT_INTERVAL_S', 0.0)
+    results = tmp_path / 'results.json'
+    with caplog.at_level(logging.INFO):
+        validate.main(['--model', 'test_resnet', '--no-pretrained', '--data-dir', str(digit_folder), *FOLDER_FLAGS,
+                       '-b', '8', '--attack', 'pgd', '--eps', '0.05', '0.1', '--steps', '1',
+                       '--corruptions-generated', '--corruptions', 'fog', '--severities', '1', '2',
+                       '--autoattack', 'custom', '--aa-attacks', 'apgd-ce', '--aa-iters', '2', '--aa-samples', '4',
+                       '--results-file', str(results), '--results-format', 'json'])
+    lines = [r.getMessage() for r in caplog.records]
+
+    def has(prefix, *parts):
+        return any(line.startswith(prefix) and all(p in line for p in parts) for line in lines)
+    assert has('PGD accuracy vs eps: 1/2 eps (50%)', 'elapsed', 'left', 'eps=0.05 done')
+    assert has('Attack eps=0.1: 1/2 batches (50%)', 'left', 'acc@1')
+    assert has('Generated corruptions: 1/2 settings (50%)', 'left', 'fog severity 1: top-1')
+    assert has('AutoAttack: ', 'model calls of the budget', 'left at most', 'running apgd-ce')
+    assert json.load(open(results))[0]['aa_samples'] == 4  # the machine-readable output is untouched
+
+
+def test_demo_plot_merges_the_runs_results_files(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, 'tools'))
+    import plot_demo
+    row = dict(model='resnet10t', top1=98.0, attack='pgd', steps=20)
+    for name, rows in (('plain', [dict(row, eps='0.05 0.1', **{'pgd20_top1@0.05': 40.0, 'pgd20_top1@0.1': 1.0})]),
+                       ('pgd-at', [dict(row, eps='0.1', pgd20_top1=94.0)])):
+        (tmp_path / f'{name}-validate.json').write_text(json.dumps(rows))
+    (tmp_path / 'pgd-at-validate-eps0.15.json').write_text(json.dumps([dict(row, eps='0.15', pgd20_top1=80.0)]))
+    assert plot_demo.demo_curves(str(tmp_path)) == {'plain': [(0.0, 98.0), (0.05, 40.0), (0.1, 1.0)],
+                                                    'pgd-at': [(0.0, 98.0), (0.1, 94.0), (0.15, 80.0)]}
+    path = plot_demo.main([str(tmp_path), '--out', str(tmp_path / 'img' / 'demo.png')])
+    assert open(path, 'rb').read(4) == b'\x89PNG'
