@@ -1,6 +1,7 @@
 """Command line: ``python -m timm_adv.hub {export,import,zoo,publish,cache,compare,pipeline} ...``.
 
     python -m timm_adv.hub export output/train/run/last.pth.tar --out hub/run --repo-id me/resnet10t.pgd_mnist
+    python -m timm_adv.hub preview output/train/dat_run/last.pth.tar --out dat_preview.png
     python -m timm_adv.hub import robustbench:Salman2020Do_50_2 --weights Salman2020Do_50_2.pt --out hub/wrn50_2
     python -m timm_adv.hub zoo --source easyrobust
     python -m timm_adv.hub publish hub/run --repo-id me/resnet10t.pgd_mnist --dry-run
@@ -44,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--eval-autoattack', type=int, default=0, metavar='N',
                    help='with --evaluate: also run AutoAttack (standard, largest --eval-eps) on N images (default: 0, '
                         'off; hours on a CPU for a few hundred)')
+
+    p = sub.add_parser('preview', help="a DAT run's training examples: clean / VQGAN reconstruction / DAT example grid")
+    p.add_argument('checkpoint', help='timm-adv training checkpoint of an --adv-method dat run')
+    p.add_argument('--out', default='dat_preview.png', help='PNG to write (default: dat_preview.png)')
+    p.add_argument('--num-images', type=int, default=6, metavar='N',
+                   help='evenly spaced validation images, one column each (default: 6)')
 
     p = sub.add_parser('import', help='published robust model (RobustBench, EasyRobust) -> verified plain-timm Hub '
                                       'folder with model card')
@@ -137,6 +144,24 @@ def _export(args) -> dict:
                 model_card=card)
 
 
+def _preview(args) -> dict:
+    import os
+    import tempfile
+    from timm_adv.tasks import AdversarialTask
+    from .export import ExportError, task_from_checkpoint, validation_batch
+    if args.num_images < 1:
+        raise ValueError(f'--num-images must be >= 1, got {args.num_images}.')
+    task, train_args, data_config = task_from_checkpoint(args.checkpoint)
+    if type(task).card_images is AdversarialTask.card_images:
+        raise ExportError(f'{args.checkpoint!r} is an --adv-method {train_args.adv_method} run; the preview shows the '
+                          f'training examples of a dat run.')
+    x, y = validation_batch(train_args, data_config, args.num_images)
+    with tempfile.TemporaryDirectory() as folder:
+        (caption, name), = task.card_images(x, y, folder).items()
+        os.replace(os.path.join(folder, name), args.out)
+    return dict(preview=args.out, images=int(x.shape[0]), rows=caption)
+
+
 def _compare(args) -> dict:
     import timm
     from timm.data import resolve_data_config
@@ -159,6 +184,8 @@ def main(argv=None) -> dict:
     try:
         if args.command == 'export':
             result = _export(args)
+        elif args.command == 'preview':
+            result = _preview(args)
         elif args.command == 'import':
             from .zoo_import import import_zoo_model
             result = import_zoo_model(args.model, args.out, weights=args.weights, repo_id=args.repo_id,

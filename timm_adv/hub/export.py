@@ -22,10 +22,10 @@ import yaml
 from timm.data import resolve_data_config
 from timm.models import create_model, save_for_hf
 
-from timm_adv.utils import check_state_dict_matches, checkpoint_state_dict, read_checkpoint, scrub
+from timm_adv.utils import atomic_write, check_state_dict_matches, checkpoint_state_dict, read_checkpoint, scrub
 
 __all__ = ['ExportError', 'ExportedModel', 'task_from_checkpoint', 'export_from_task', 'export_checkpoint',
-           'sample_batch', 'compare_outputs', 'label_names_for', 'METADATA_KEY']
+           'sample_batch', 'compare_outputs', 'label_names_for', 'validation_batch', 'METADATA_KEY']
 
 _logger = logging.getLogger(__name__)
 
@@ -380,6 +380,41 @@ def _check_plain_state_dict(plain: nn.Module, architecture: str, task) -> None:
                           f"task's export_model() hook.")
 
 
+def validation_batch(train_args, data_config: Mapping, num_images: int = 6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``num_images`` evenly spaced images of the run's validation split, normalised as in training, and labels.
+
+    Example:
+        >>> x, y = validation_batch(train_args, data_config, 6)
+    """
+    from timm.data import create_transform
+    from timm_adv.data import create_dataset, spread_subset
+    dataset = create_dataset(getattr(train_args, 'dataset', None), root=getattr(train_args, 'data_dir', None),
+                             split=getattr(train_args, 'val_split', None) or 'validation')
+    subset = spread_subset(dataset, num_images)
+    subset.transform = create_transform(**{k: data_config[k] for k in ('input_size', 'interpolation', 'mean', 'std',
+                                                                       'crop_pct')}, is_training=False)
+    images, labels = zip(*(subset[i] for i in range(len(subset))))
+    return torch.stack(images), torch.as_tensor(labels)
+
+
+def _add_card_images(task, train_args, data_config: Mapping, folder: str) -> None:
+    """The method's pictures for the card (``task.card_images``), listed in ``config.json`` for the card."""
+    from timm_adv.tasks import AdversarialTask
+    if type(task).card_images is AdversarialTask.card_images:  # the method draws none: no data to read
+        return
+    try:
+        x, y = validation_batch(train_args, data_config)
+    except (OSError, ValueError, RuntimeError) as e:  # the validation data is not on this machine
+        _logger.warning(f'No card pictures: the validation split cannot be read here ({e}).')
+        return
+    images = task.card_images(x, y, folder)
+    path = os.path.join(folder, 'config.json')
+    with open(path) as f:
+        config = json.load(f)
+    config[METADATA_KEY]['card_images'] = images
+    atomic_write(path, lambda tmp: open(tmp, 'w').write(json.dumps(config, indent=2)))
+
+
 def _run_validation(state: Mapping, path: str, train_args, task, use_ema: bool) -> Optional[Dict]:
     """The checkpoint epoch's validation figures and protocol as ``train.py`` recorded them, when they are the
     exported weights' (with a validated EMA they are the EMA's; None otherwise)."""
@@ -422,6 +457,7 @@ def export_checkpoint(
         meta.setdefault('validation', validation)
     exported = export_from_task(task, out_dir, data_config, architecture=train_args.model, label_names=label_names,
                                 license=license, train_args=train_args, metadata=meta, overwrite=overwrite)
+    _add_card_images(task, train_args, data_config, out_dir)
     if knn_bank:
         from timm_adv.models import BANK_FILE, save_feature_bank
         # the task's model holds the exported weights (the EMA ones with use_ema)

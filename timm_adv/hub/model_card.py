@@ -210,6 +210,8 @@ def render_model_card(
     if feature_model:
         lines.append(_knn_usage(folder, repo_id, meta))
     lines.append('## Training\n')
+    for caption, file in meta.get('card_images', {}).items():
+        lines.append(f'![{caption}]({file})\n\n{caption}.\n')
     if train_command:
         lines.append('Exact command:\n\n```bash\n' + train_command + '\n```\n')
     if os.path.isfile(os.path.join(folder, 'training_args.yaml')):
