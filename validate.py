@@ -629,16 +629,17 @@ def _evaluate_attacks(args, model, dataset, loader, make_loader, data_config, ev
         _logger.info(f'Attacking with {attack}')
         if args.knn:
             _evaluate_knn_attacks(args, model, eps, attack, attack_loader, eval_kwargs, results, report)
-        else:
-            real = create_real_labels(attack_set, args.real_labels) if args.real_labels else None
-            adv = evaluate_accuracy(model, attack_loader, attack=attack, log_prefix=f'Attack eps={eps:.4g}',
-                                    on_output=real and (lambda logits, _: real.add_result(logits)), **eval_kwargs)
-            if real is not None:
-                adv = _real_label_scores(real, adv)
-            results[_attack_key(args, eps)] = round(adv['top1'], 4)
-            report.setdefault('pgd', []).append(dict(
-                attack=args.attack, eps=eps, norm=args.norm, steps=attack.steps, step_size=attack.step_size,
-                restarts=attack.restarts, samples=adv['samples'], top1=adv['top1']))
+            progress.update(detail=f'eps={eps:.4g} done')
+            continue
+        real = create_real_labels(attack_set, args.real_labels) if args.real_labels else None
+        adv = evaluate_accuracy(model, attack_loader, attack=attack, log_prefix=f'Attack eps={eps:.4g}',
+                                on_output=real and (lambda logits, _: real.add_result(logits)), **eval_kwargs)
+        if real is not None:
+            adv = _real_label_scores(real, adv)
+        results[_attack_key(args, eps)] = round(adv['top1'], 4)
+        report.setdefault('pgd', []).append(dict(
+            attack=args.attack, eps=eps, norm=args.norm, steps=attack.steps, step_size=attack.step_size,
+            restarts=attack.restarts, samples=adv['samples'], top1=adv['top1']))
         progress.update(detail=f'eps={eps:.4g} done')
     results['eps'] = ' '.join(f'{e:.6g}' for e in args.eps)
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m timm_adv.hub {export,import,zoo,publish,cache,compare,pipeline} ...``.
+"""Command line: ``python -m timm_adv.hub {export,preview,import,zoo,publish,cache,compare,pipeline} ...``.
 
     python -m timm_adv.hub export output/train/run/last.pth.tar --out hub/run --repo-id me/resnet10t.pgd_mnist
     python -m timm_adv.hub preview output/train/dat_run/last.pth.tar --out dat_preview.png

@@ -412,7 +412,11 @@ def _add_card_images(task, train_args, data_config: Mapping, folder: str) -> Non
     with open(path) as f:
         config = json.load(f)
     config[METADATA_KEY]['card_images'] = images
-    atomic_write(path, lambda tmp: open(tmp, 'w').write(json.dumps(config, indent=2)))
+
+    def write(tmp: str) -> None:
+        with open(tmp, 'w') as f:
+            json.dump(config, f, indent=2)
+    atomic_write(path, write)
 
 
 def _run_validation(state: Mapping, path: str, train_args, task, use_ema: bool) -> Optional[Dict]:
