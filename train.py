@@ -39,7 +39,7 @@ from timm_adv.data import (DEFAULT_DATASET, UnreadableImageError, apply_bundled_
                            create_train_loaders, default_workers, format_recipe, is_bundled, is_fine_tuning,
                            is_iterable_dataset, resolve_dataset_name, set_loader_epoch, unreadable_image_message)
 from timm_adv.evaluation import (add_overfit_guard_args, check_overfit_guard_args, create_overfit_guard, evaluate_accuracy,
-                                 evaluate_robust_accuracy)
+                                 evaluate_robust_accuracy, validation_protocol)
 from timm_adv.loss import create_train_criterion
 from timm_adv.models import load_mae_weights, resolve_mae_weights, warn_mae_normalisation
 from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
@@ -804,6 +804,7 @@ def train(args, state) -> dict:
     saver, wandb_logger = _create_saver(args, state) if utils.is_primary(args) else (None, None)
 
     eval_metrics = {}
+    protocol = validation_protocol(args, state['loader_eval'], state['loader_robust'], state['val_attack'])
     if state['resume_rng'] is not None:
         set_rng_state(state['resume_rng'])  # where the killed run stood after saving this checkpoint
     for epoch in range(state['start_epoch'], num_epochs):
@@ -834,8 +835,9 @@ def train(args, state) -> dict:
             if wandb_logger is not None:
                 wandb_logger.log_epoch(epoch, train_metrics, eval_metrics, lr=sum(lrs) / len(lrs), step_cost=step_cost)
             saver.rng_states = rng_states
+            saver.validation = dict(epoch=epoch, metrics=dict(eval_metrics), protocol=protocol)  # for the model card
             saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
-            saver.rng_states = None  # recovery checkpoints are saved mid-epoch
+            saver.rng_states = saver.validation = None  # recovery checkpoints are saved mid-epoch
         stop = state['preemption'].requested() if state.get('preemption') is not None else 0
         if stop:  # signalled during validation: last.pth.tar is the recovery point
             raise Preempted(stop)

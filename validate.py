@@ -42,7 +42,7 @@ from timm_adv.evaluation.labels import ClassMetrics, create_real_labels, read_va
 from timm_adv.evaluation.model_wrap import DtypeModel, wrap_eval_model
 from timm_adv.evaluation.protocols import PROTOCOLS, image_list_subset, read_image_list, robustbench_image_list
 from timm_adv.models import BANK_DTYPES, KNN_BACKENDS, KNN_VOTES, build_feature_bank, import_faiss, load_feature_bank
-from timm_adv.utils import explicit_args, load_training_checkpoint
+from timm_adv.utils import ProgressLog, explicit_args, load_training_checkpoint
 
 _logger = logging.getLogger('validate')
 
@@ -616,6 +616,9 @@ def _evaluate_attacks(args, model, dataset, loader, make_loader, data_config, ev
     results['norm'] = args.norm
     results['steps'] = 1 if args.attack == 'fgsm' else args.steps
     results['restarts'] = 1 if args.attack == 'fgsm' else args.restarts
+    # a line after each eps with the time left (one eps: its batches report progress)
+    progress = ProgressLog(len(args.eps), f'{args.attack.upper()} accuracy vs eps', unit='eps',
+                           interval=0 if len(args.eps) > 1 else None)
     for eps in args.eps:
         torch.manual_seed(args.seed)
         if args.attack == 'fgsm':
@@ -628,6 +631,7 @@ def _evaluate_attacks(args, model, dataset, loader, make_loader, data_config, ev
         _logger.info(f'Attacking with {attack}')
         if args.knn:
             _evaluate_knn_attacks(args, model, eps, attack, attack_loader, eval_kwargs, results, report)
+            progress.update(detail=f'eps={eps:.4g} done')
             continue
         real = create_real_labels(attack_set, args.real_labels) if args.real_labels else None
         adv = evaluate_accuracy(model, attack_loader, attack=attack, log_prefix=f'Attack eps={eps:.4g}',
@@ -638,6 +642,7 @@ def _evaluate_attacks(args, model, dataset, loader, make_loader, data_config, ev
         report.setdefault('pgd', []).append(dict(
             attack=args.attack, eps=eps, norm=args.norm, steps=attack.steps, step_size=attack.step_size,
             restarts=attack.restarts, samples=adv['samples'], top1=adv['top1']))
+        progress.update(detail=f'eps={eps:.4g} done')
     results['eps'] = ' '.join(f'{e:.6g}' for e in args.eps)
 
 

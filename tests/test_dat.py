@@ -348,3 +348,29 @@ def test_train_learns_resumes_exactly_and_exports_plain(digit_folder, vqgan_dir,
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(plain(x), ref.eval()(x), atol=1e-5)
+
+
+def test_preview_grid_cli_and_model_card(digit_folder, vqgan_dir, vqgan, tmp_path):
+    """The preview command's clean / VQGAN reconstruction / DAT grid, and the card of a DAT export embeds it."""
+    from timm_adv.augment import dat_preview_grid
+    from timm_adv.hub import export_checkpoint, render_model_card
+    from timm_adv.hub.__main__ import main as hub_main
+    from timm_adv.hub.export import task_from_checkpoint, validation_batch
+    train.main(_train_argv(digit_folder, vqgan_dir, tmp_path, 'run', 1))
+    ckpt = str(tmp_path / 'run' / 'last.pth.tar')
+    png = tmp_path / 'preview.png'
+    hub_main(['preview', ckpt, '--out', str(png), '--num-images', '4'])
+    assert Image.open(png).size == (4 * 34 + 2, 3 * 34 + 2)  # 4 columns, 3 rows of 32 px, 2 px padding
+    task, train_args, data_config = task_from_checkpoint(ckpt)
+    x, y = validation_batch(train_args, data_config, 4)
+    grid = dat_preview_grid(task.augment, task.unwrapped_model, x, y)
+    mean, std = (torch.tensor(data_config[k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
+    assert torch.allclose(grid[:4], (x * std + mean).clamp(0, 1), atol=1e-6)          # clean
+    assert torch.allclose(grid[4:8], vqgan.reconstruct(grid[:4]), atol=1e-5)          # its reconstruction
+    assert grid[8:].min() >= 0 and grid[8:].max() <= 1 and not torch.equal(grid[8:], grid[:4])  # DAT examples
+    folder = tmp_path / 'export'
+    export_checkpoint(ckpt, str(folder))
+    assert Image.open(folder / 'dat_preview.png').size[1] == 3 * 34 + 2
+    card = render_model_card(str(folder), 'me/test_resnet.dat')
+    assert '![Rows, top to bottom: clean, VQGAN reconstruction, DAT adversarial example' in card
+    assert '(dat_preview.png)' in card

@@ -328,3 +328,33 @@ def test_report_table_holds_independently_computed_numbers(tmp_path, digit_folde
         clean = model(torch.stack([clean_tf(raw[i][0]) for i in range(16)])).argmax(1)
     expected_clean = 100.0 * (clean == torch.tensor(labels)).float().mean().item()
     assert rows['Clean'][1] == 16 and rows['Clean'][2] == pytest.approx(expected_clean, abs=0.005)
+
+
+# ---------------------------------------------------------------- progress of long evaluations
+
+def test_long_evaluations_log_progress_with_the_time_left(monkeypatch, caplog, digit_folder, tmp_path):
+    import validate
+    import timm_adv.utils.progress as progress
+    with caplog.at_level(logging.INFO):  # short runs stay quiet at the default interval
+        log = progress.ProgressLog(3, 'Quick')
+        for _ in range(3):
+            log.update()
+    assert not [r for r in caplog.records if r.getMessage().startswith('Quick')]
+    pytest.importorskip('pyautoattack')
+    monkeypatch.setattr(progress, 'DEFAULT_INTERVAL_S', 0.0)
+    results = tmp_path / 'results.json'
+    with caplog.at_level(logging.INFO):
+        validate.main(['--model', 'test_resnet', '--no-pretrained', '--data-dir', str(digit_folder), *FOLDER_FLAGS,
+                       '-b', '8', '--attack', 'pgd', '--eps', '0.05', '0.1', '--steps', '1',
+                       '--corruptions-generated', '--corruptions', 'fog', '--severities', '1', '2',
+                       '--autoattack', 'custom', '--aa-attacks', 'apgd-ce', '--aa-iters', '2', '--aa-samples', '4',
+                       '--results-file', str(results), '--results-format', 'json'])
+    lines = [r.getMessage() for r in caplog.records]
+
+    def has(prefix, *parts):
+        return any(line.startswith(prefix) and all(p in line for p in parts) for line in lines)
+    assert has('PGD accuracy vs eps: 1/2 eps (50%)', 'elapsed', 'left', 'eps=0.05 done')
+    assert has('Attack eps=0.1: 1/2 batches (50%)', 'left', 'acc@1')
+    assert has('Generated corruptions: 1/2 settings (50%)', 'left', 'fog severity 1: top-1')
+    assert has('AutoAttack: ', 'model calls of the budget', 'left at most', 'running apgd-ce')
+    assert json.load(open(results))[0]['aa_samples'] == 4  # the machine-readable output is untouched

@@ -310,3 +310,55 @@ def test_model_card_shows_measured_table_and_plots(exported, tmp_path):
     assert 'Madry' in text and '@inproceedings{madry2018towards' in text and 'library_name: timm' in text
     written = save_report(report, str(tmp_path))
     assert open(written['accuracy_vs_eps'], 'rb').read(4) == b'\x89PNG'
+
+
+# ---------------------------------------------------------------- model cards people trust
+
+def test_card_shows_the_method_settings_the_run_validation_and_a_fresh_evaluation(image_folder, tmp_path, capsys):
+    import csv
+    import train
+    from timm_adv.hub.__main__ import main as hub_main
+    train.main(['--data-dir', str(image_folder), '--model', 'test_resnet', '--num-classes', '10', '--img-size', '32',
+                '--adv-method', 'pgd', '--adv-eps', '0.1', '--adv-steps', '1', '-b', '8', '--epochs', '1',
+                '--warmup-epochs', '0', '--workers', '0', '--no-aug', '--adv-val-samples', '8', '--adv-val-steps', '2',
+                '--output', str(tmp_path), '--experiment', 'run'])
+    ckpt = str(tmp_path / 'run' / 'last.pth.tar')
+    with pytest.raises(SystemExit):  # evaluation settings without --evaluate
+        hub_main(['export', ckpt, '--out', str(tmp_path / 'x'), '--eval-samples', '4'])
+    assert '--eval-samples only apply with --evaluate' in capsys.readouterr().err
+    out = tmp_path / 'export'
+    hub_main(['export', ckpt, '--out', str(out), '--evaluate', '--eval-samples', '4', '--eval-steps', '1',
+              '--eval-eps', '0.05', '0.1'])
+    card = (out / 'README.md').read_text()
+    # only the PGD run's own settings: no other method's options
+    assert '| adv_eps | 0.1 |' in card and '| adv_steps | 1 |' in card
+    assert not any(k in card for k in ('adv_advbn', 'adv_dat', 'adv_contrastive', 'adv_knn', 'adv_sdi', 'adv_ssat'))
+    # the run's last validation with its protocol, as summary.csv has it
+    with open(tmp_path / 'run' / 'summary.csv') as f:
+        row = list(csv.DictReader(f))[-1]
+    assert 'Not evaluated yet' not in card and '### Validation during training' in card
+    assert f"| Clean | {image_folder.name}, split 'validation' | 20 | {float(row['eval_top1']):.2f} |" in card
+    assert (f"| PGD-2 | linf eps=0.1, step=0.125, random start, evenly spaced subset | 8 | "
+            f"{float(row['eval_pgd_top1']):.2f} |") in card
+    # --evaluate: validate.py's figures on the export, its command and the plot
+    report = json.load(open(out / 'robustness.json'))
+    assert [p['eps'] for p in report['pgd']] == [0.05, 0.1] and report['pgd'][0]['samples'] == 4
+    assert '### Evaluation of the exported weights' in card and '--model local-dir:. --pretrained --data-dir DATA_DIR' in card
+    assert f'| PGD-1 | linf eps=0.1, step=0.1, restarts=1 | 4 | {report["pgd"][1]["top1"]:.2f} |' in card
+    assert '![accuracy vs eps](accuracy_vs_eps.png)' in card and (out / 'accuracy_vs_eps.png').read_bytes()[:4] == b'\x89PNG'
+    command = next(line for line in card.splitlines() if line.startswith('python validate.py'))
+    assert str(tmp_path) not in command and str(image_folder) not in command
+
+
+def test_demo_plot_merges_the_runs_results_files(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, 'tools'))
+    import plot_demo
+    row = dict(model='resnet10t', top1=98.0, attack='pgd', steps=20)
+    for name, rows in (('plain', [dict(row, eps='0.05 0.1', **{'pgd20_top1@0.05': 40.0, 'pgd20_top1@0.1': 1.0})]),
+                       ('pgd-at', [dict(row, eps='0.1', pgd20_top1=94.0)])):
+        (tmp_path / f'{name}-validate.json').write_text(json.dumps(rows))
+    (tmp_path / 'pgd-at-validate-eps0.15.json').write_text(json.dumps([dict(row, eps='0.15', pgd20_top1=80.0)]))
+    assert plot_demo.demo_curves(str(tmp_path)) == {'plain': [(0.0, 98.0), (0.05, 40.0), (0.1, 1.0)],
+                                                    'pgd-at': [(0.0, 98.0), (0.1, 94.0), (0.15, 80.0)]}
+    path = plot_demo.main([str(tmp_path), '--out', str(tmp_path / 'img' / 'demo.png')])
+    assert open(path, 'rb').read(4) == b'\x89PNG'

@@ -15,3 +15,4 @@ from .bulk import list_bulk_models, run_with_retry, write_results
 from .labels import ClassMetrics, create_real_labels, dataset_filenames, read_valid_labels
 from .model_wrap import DtypeModel, wrap_eval_model
 from .protocols import PROTOCOLS, image_list_subset, read_image_list, robustbench_image_list
+from .validation_record import read_validation, validation_protocol, validation_rows

@@ -13,6 +13,7 @@ from timm.data import create_dataset, create_loader
 
 from timm_adv.attacks import PGDAttack
 from timm_adv.data import spread_subset
+from timm_adv.utils import ProgressLog
 
 __all__ = ['evaluate_accuracy', 'evaluate_folder']
 
@@ -61,6 +62,8 @@ def evaluate_accuracy(
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss_sum, count
     start = time.time()
+    # attacked evaluations run for minutes to hours: a line every 30 s with the time left
+    progress = ProgressLog(len(loader), log_prefix, logger=_logger) if attack is not None and _has_len(loader) else None
     for batch_idx, (input, target) in enumerate(loader):
         if isinstance(input, dict):  # NaFlex batches: patches, coordinates, validity (clean evaluation only)
             if attack is not None or channels_last:
@@ -96,6 +99,8 @@ def evaluate_accuracy(
         if log_interval and (batch_idx % log_interval == 0):
             _logger.info(f'{log_prefix}: [{batch_idx:>4d}/{len(loader)}] acc@1 {100 * totals[0] / totals[3]:.2f} '
                          f'({int(totals[3])} samples, {totals[3] / (time.time() - start):.1f} samples/s)')
+        if progress is not None:
+            progress.update(detail=f'acc@1 {100 * totals[0] / totals[3]:.2f}')
     if dist.is_available() and dist.is_initialized():
         reduced = totals.to(device if device is not None else 'cpu')
         dist.all_reduce(reduced)
@@ -107,6 +112,14 @@ def evaluate_accuracy(
         'loss': float(totals[2] / n),
         'samples': int(totals[3]),
     }
+
+
+def _has_len(loader) -> bool:
+    try:
+        len(loader)
+    except TypeError:
+        return False
+    return True
 
 
 def evaluate_folder(

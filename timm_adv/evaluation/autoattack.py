@@ -14,9 +14,10 @@ import torch
 import torch.nn as nn
 
 from timm_adv.attacks import PixelNormalizer
+from timm_adv.utils import ProgressLog
 
-__all__ = ['PixelSpaceModel', 'AUTOATTACK_VERSIONS', 'AUTOATTACK_ATTACKS', 'attack_iterations', 'collect_samples',
-           'evaluate_autoattack', 'import_autoattack']
+__all__ = ['PixelSpaceModel', 'AUTOATTACK_VERSIONS', 'AUTOATTACK_ATTACKS', 'attack_iterations', 'attack_budgets',
+           'collect_samples', 'evaluate_autoattack', 'import_autoattack']
 
 _logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def evaluate_autoattack(
         n_iter: Optional[int] = None,
         amp_autocast: Callable = nullcontext,
         channels_last: bool = False,
+        progress_interval: Optional[float] = None,
 ) -> Dict:
     """Robust accuracy under official AutoAttack on a fixed subset (the first N samples of the loader).
 
@@ -122,6 +124,9 @@ def evaluate_autoattack(
             official 100.
         amp_autocast: Autocast context factory for the model's forward passes.
         channels_last: Feed the model channels-last input.
+        progress_interval: Seconds between progress lines (default: 30; the running attack, the model calls
+            made, and the time left if every attack used its whole budget: an upper bound, attacks stop on
+            fooled samples).
 
     Returns:
         Dict with the settings, ``clean_top1`` and ``robust_top1`` on the subset (percent), the
@@ -167,7 +172,7 @@ def evaluate_autoattack(
     _logger.info(f'AutoAttack {version} ({", ".join(adversary.attacks_to_run)}), {norm} eps={eps:.4g}, '
                  f'{x.shape[0]} samples, pyautoattack {pyautoattack.__version__}')
     start = time.time()
-    per_attack = _run_logged(adversary, x, y, batch_size)
+    per_attack = _run_logged(adversary, x, y, batch_size, pixel_model, progress_interval)
     clean_top1 = 100.0 * per_attack.pop('clean')
     robust_top1 = 100.0 * per_attack.pop('final')
     iterations = attack_iterations(adversary)
@@ -196,34 +201,75 @@ def attack_iterations(adversary) -> Dict[str, int]:
             for name in adversary.attacks_to_run}
 
 
-class _AccuracyRecorder(logging.Handler):
-    """Reads the per-attack robust accuracies that AutoAttack reports through its logger."""
+def attack_budgets(adversary) -> Dict[str, int]:
+    """Model calls per batch each attack of an AutoAttack object makes when no sample is fooled early.
 
-    def __init__(self):
+    APGD calls the model once per iteration (plus its start) per restart and target class, FAB twice per
+    iteration, Square once per query.
+
+    Example:
+        >>> attack_budgets(AutoAttack(model, eps=8 / 255))['apgd-t']
+        909
+    """
+    apgd, apgd_t, fab, square = adversary.apgd, adversary.apgd_targeted, adversary.fab, adversary.square
+    apgd_calls = apgd.n_restarts * (apgd.n_iter + 1)
+    calls = {'apgd-ce': apgd_calls, 'apgd-dlr': apgd_calls,
+             'apgd-t': apgd_t.n_target_classes * apgd_t.n_restarts * (apgd_t.n_iter + 1),
+             'fab': fab.n_restarts * 2 * fab.n_iter, 'fab-t': fab.n_target_classes * 2 * fab.n_iter,
+             'square': square.n_restarts * square.n_queries}
+    return {name: int(calls[name]) for name in adversary.attacks_to_run}
+
+
+class _AccuracyRecorder(logging.Handler):
+    """Reads the per-attack robust accuracies that AutoAttack reports through its logger, and counts the
+    model calls for progress lines with an estimate of the time left."""
+
+    def __init__(self, adversary, num_samples: int, batch_size: int, interval: Optional[float]):
         super().__init__(logging.DEBUG)
         self.accuracy: Dict[str, float] = {}
+        self.budgets = attack_budgets(adversary)
+        self.batches = -(-num_samples // batch_size)
+        self.interval = interval
+        self.progress: Optional[ProgressLog] = None  # from the first attack on (not the input checks)
+        self.attack, self.finished = '', 0
+
+    def on_forward(self, *_) -> None:
+        if self.progress is not None:
+            self.progress.update(detail=f'running {self.attack}')
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         _logger.info(f'[autoattack] {message}')
         if message.startswith('initial accuracy: '):
             self.accuracy['clean'] = float(message.split(': ')[1].rstrip('%')) / 100
+            self.progress = ProgressLog(sum(self.budgets.values()) * self.batches, 'AutoAttack',
+                                        unit='model calls of the budget', interval=self.interval, logger=_logger,
+                                        left='left at most')
+        elif message.startswith('running '):
+            self.attack = message[len('running '):]
         elif message.startswith('robust accuracy after '):
             name = message[len('robust accuracy after '):].split(':')[0].lower()
             self.accuracy[name] = float(message.split(': ')[1].split('%')[0]) / 100
+            # an attack that stopped early on fooled samples leaves its budget unused: count it as done
+            self.finished += self.budgets.get(name, 0) * self.batches
+            if self.progress is not None:
+                self.progress.done = max(self.progress.done, self.finished)
 
 
-def _run_logged(adversary, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Dict[str, float]:
+def _run_logged(adversary, x: torch.Tensor, y: torch.Tensor, batch_size: int, pixel_model: nn.Module,
+                progress_interval: Optional[float]) -> Dict[str, float]:
     """Runs the evaluation, relaying AutoAttack's progress lines and collecting its accuracies."""
     aa_logger = adversary.logger
-    recorder = _AccuracyRecorder()
+    recorder = _AccuracyRecorder(adversary, x.shape[0], batch_size, progress_interval)
     old_level, old_propagate = aa_logger.level, aa_logger.propagate
     aa_logger.addHandler(recorder)
     aa_logger.setLevel(logging.DEBUG)
     aa_logger.propagate = False
+    hook = pixel_model.register_forward_hook(recorder.on_forward)
     try:
         x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
     finally:
+        hook.remove()
         aa_logger.removeHandler(recorder)
         aa_logger.setLevel(old_level)
         aa_logger.propagate = old_propagate

@@ -25,6 +25,7 @@ from timm.data import create_transform
 from torchvision import transforms
 
 from timm_adv.data import spread_subset
+from timm_adv.utils import ProgressLog
 from .accuracy import evaluate_accuracy, evaluate_folder
 
 __all__ = ['IMAGENET_C_CORRUPTIONS', 'ALEXNET_ERRORS', 'SEVERITIES', 'CorruptionFolderError', 'compute_mce',
@@ -304,13 +305,14 @@ def evaluate_generated_corruptions(
     if num_samples is not None:
         dataset = spread_subset(dataset, num_samples)
     top1: Dict[str, Dict[int, float]] = {}
+    progress = _settings_progress('Generated corruptions', corruptions, severities)
     for c in corruptions:
         top1[c] = {}
         for s in severities:
             top1[c][s] = _accuracy(model, CorruptedDataset(dataset, c, s, data_config, seed=seed), batch_size,
                                    workers, device, f'{c}-{s}', amp_autocast=amp_autocast,
                                    channels_last=channels_last)
-            _logger.info(f'Generated corruption {c} severity {s}: top-1 {top1[c][s]:.2f}%')
+            progress.update(detail=f'{c} severity {s}: top-1 {top1[c][s]:.2f}%')
     report = _summarise(top1, source='generated', samples=len(dataset))
     report['note'] = GENERATED_NOTE
     report['package'] = f'imagecorruptions {_version("imagecorruptions")}'
@@ -369,6 +371,7 @@ def evaluate_corruption_folder(
     paths = scan_corruption_folder(root, corruptions, severities)
     top1: Dict[str, Dict[int, float]] = {}
     samples = 0
+    progress = _settings_progress('ImageNet-C folder', corruptions, severities)
     for c in corruptions:
         top1[c] = {}
         for s in severities:
@@ -380,12 +383,17 @@ def evaluate_corruption_folder(
                                      amp_autocast=amp_autocast, channels_last=channels_last, transform=transform)
             top1[c][s] = result['top1']
             samples = max(samples, result['samples'])
-            _logger.info(f'{c} severity {s}: top-1 {top1[c][s]:.2f}% ({result["samples"]} images)')
+            progress.update(detail=f'{c} severity {s}: top-1 {top1[c][s]:.2f}% ({result["samples"]} images)')
     report = _summarise(top1, source='folder', samples=samples)
     report['root'] = root
     report['protocol'] = protocol
     report['transform'] = FOLDER_PROTOCOLS[protocol]
     return report
+
+
+def _settings_progress(desc: str, corruptions: Sequence[str], severities: Sequence[int]) -> ProgressLog:
+    """A line after each (corruption, severity) setting, with the time the rest of the sweep should take."""
+    return ProgressLog(len(corruptions) * len(severities), desc, unit='settings', interval=0, logger=_logger)
 
 
 def _check_severities(severities: Sequence[int], flag: str) -> None:

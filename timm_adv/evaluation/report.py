@@ -14,10 +14,10 @@ Report layout (every key optional)::
 import json
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 __all__ = ['format_eps', 'report_rows', 'report_to_markdown', 'save_report', 'plot_accuracy_vs_eps',
-           'plot_corruption_severity', 'save_plots']
+           'plot_corruption_severity', 'save_plots', 'results_accuracy_vs_eps', 'plot_robustness_comparison']
 
 _logger = logging.getLogger(__name__)
 
@@ -127,6 +127,20 @@ def _pyplot():
     return plt
 
 
+def _save_accuracy_axes(plt, fig, ax, path: str, xlabel: str, title: str, legend: Optional[Dict] = None) -> str:
+    """Labels a top-1 (0-100 %) plot, saves it as a PNG and closes it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel('top-1 accuracy (%)')
+    ax.set_title(title, fontsize=9)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(**(legend or dict(fontsize=8)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy_vs_eps(report: Dict, path: str) -> Optional[str]:
     """Top-1 against eps for each PGD/FGSM setting (eps 0 is the clean accuracy). None if < 2 eps."""
     groups: Dict[str, list] = {}
@@ -146,16 +160,44 @@ def plot_accuracy_vs_eps(report: Dict, path: str) -> Optional[str]:
     if aa:
         ax.scatter([aa['eps']], [aa['robust_top1']], marker='*', s=120, color='k', zorder=3,
                    label=f'AutoAttack {aa["version"]}')
-    ax.set_xlabel('eps (pixel scale [0, 1])')
-    ax.set_ylabel('top-1 accuracy (%)')
-    ax.set_title(f'Accuracy vs eps: {report.get("model", "")}', fontsize=9)
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_accuracy_axes(plt, fig, ax, path, 'eps (pixel scale [0, 1])', f'Accuracy vs eps: {report.get("model", "")}')
+
+
+def results_accuracy_vs_eps(rows: List[Dict]) -> List[Tuple[float, float]]:
+    """``(eps, top1)`` points of ``validate.py --results-file`` rows (eps 0: clean top-1), sorted by eps.
+
+    Rows of several runs of one model (e.g. one eps each) merge into one curve.
+
+    Example:
+        >>> results_accuracy_vs_eps(json.load(open('pgd-at-validate.json')))
+        [(0.0, 98.8), (0.05, 97.1), (0.1, 94.6)]
+    """
+    points = {}
+    for row in rows:
+        points[0.0] = row['top1']
+        eps = [float(e) for e in str(row.get('eps', '')).split()]
+        name = 'fgsm' if row.get('attack') == 'fgsm' else f'pgd{row.get("steps")}'
+        for e in eps:
+            key = f'{name}_top1' if len(eps) == 1 else f'{name}_top1@{e:.4g}'
+            if key in row:
+                points[e] = row[key]
+    return sorted(points.items())
+
+
+def plot_robustness_comparison(curves: Dict[str, List[Tuple[float, float]]], path: str, title: str = '',
+                               xlabel: str = 'eps (L-inf, pixel scale [0, 1])') -> str:
+    """Top-1 against eps for several models side by side (e.g. plain vs adversarially trained).
+
+    Example:
+        >>> plot_robustness_comparison({'plain': [(0, 98.3), (0.1, 1.1)], 'pgd-at': [(0, 98.8), (0.1, 94.6)]},
+        ...                            'docs/images/demo_robustness.png')
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, points in curves.items():
+        ax.plot([e for e, _ in points], [a for _, a in points], marker='o', label=label)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return _save_accuracy_axes(plt, fig, ax, path, xlabel, title)
 
 
 def plot_corruption_severity(report: Dict, path: str) -> Optional[str]:
@@ -171,17 +213,9 @@ def plot_corruption_severity(report: Dict, path: str) -> Optional[str]:
         if clean is not None:
             points = [(0, clean)] + points
         ax.plot([s for s, _ in points], [a for _, a in points], marker='.', label=c)
-    ax.set_xlabel('severity (0 = clean)')
-    ax.set_ylabel('top-1 accuracy (%)')
     title = 'ImageNet-C folder' if corr['source'] == 'folder' else 'regenerated corruptions (imagecorruptions)'
-    ax.set_title(f'Accuracy vs severity, {title}', fontsize=9)
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_accuracy_axes(plt, fig, ax, path, 'severity (0 = clean)', f'Accuracy vs severity, {title}',
+                               legend=dict(fontsize=6, ncol=2))
 
 
 def save_plots(report: Dict, out_dir: str) -> Dict[str, str]:

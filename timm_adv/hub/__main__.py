@@ -1,6 +1,7 @@
-"""Command line: ``python -m timm_adv.hub {export,import,zoo,publish,cache,compare,pipeline} ...``.
+"""Command line: ``python -m timm_adv.hub {export,preview,import,zoo,publish,cache,compare,pipeline} ...``.
 
     python -m timm_adv.hub export output/train/run/last.pth.tar --out hub/run --repo-id me/resnet10t.pgd_mnist
+    python -m timm_adv.hub preview output/train/dat_run/last.pth.tar --out dat_preview.png
     python -m timm_adv.hub import robustbench:Salman2020Do_50_2 --weights Salman2020Do_50_2.pt --out hub/wrn50_2
     python -m timm_adv.hub zoo --source easyrobust
     python -m timm_adv.hub publish hub/run --repo-id me/resnet10t.pgd_mnist --dry-run
@@ -32,6 +33,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--knn-bank', action='store_true',
                    help='contrastive / ssat feature models: also write knn_bank.safetensors (the training split '
                         'embedded with the exported weights)')
+    p.add_argument('--evaluate', action='store_true',
+                   help="evaluate the export with validate.py on the run's validation split (clean, PGD at --eval-eps, "
+                        'optionally AutoAttack) and put the figures, their command and the accuracy-vs-eps plot in the card')
+    p.add_argument('--eval-eps', nargs='+', default=None, metavar='EPS',
+                   help="with --evaluate: PGD radii (default: half, one and one and a half times the run's "
+                        'validation eps)')
+    p.add_argument('--eval-samples', type=int, default=1000, metavar='N',
+                   help='with --evaluate: images attacked at each eps (default: 1000)')
+    p.add_argument('--eval-steps', type=int, default=20, metavar='K', help='with --evaluate: PGD steps (default: 20)')
+    p.add_argument('--eval-autoattack', type=int, default=0, metavar='N',
+                   help='with --evaluate: also run AutoAttack (standard, largest --eval-eps) on N images (default: 0, '
+                        'off; hours on a CPU for a few hundred)')
+
+    p = sub.add_parser('preview', help="a DAT run's training examples: clean / VQGAN reconstruction / DAT example grid")
+    p.add_argument('checkpoint', help='timm-adv training checkpoint of an --adv-method dat run')
+    p.add_argument('--out', default='dat_preview.png', help='PNG to write (default: dat_preview.png)')
+    p.add_argument('--num-images', type=int, default=6, metavar='N',
+                   help='evenly spaced validation images, one column each (default: 6)')
 
     p = sub.add_parser('import', help='published robust model (RobustBench, EasyRobust) -> verified plain-timm Hub '
                                       'folder with model card')
@@ -79,17 +98,68 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_eval_flags(parser: argparse.ArgumentParser, args) -> None:
+    if args.command != 'export' or args.evaluate:
+        return
+    given = [flag for flag, value, default in (('--eval-eps', args.eval_eps, None), ('--eval-samples', args.eval_samples, 1000),
+                                               ('--eval-steps', args.eval_steps, 20),
+                                               ('--eval-autoattack', args.eval_autoattack, 0)) if value != default]
+    if given:
+        parser.error(f'{", ".join(given)} only apply with --evaluate; add --evaluate or drop them.')
+
+
+def _eval_eps(args, exported_meta: dict) -> list:
+    """--eval-eps, or 0.5 / 1 / 1.5 times the robust validation eps of the run."""
+    from timm_adv.attacks import parse_eps
+    if args.eval_eps:
+        return [parse_eps(e, '--eval-eps') for e in args.eval_eps]
+    robust = ((exported_meta.get('validation') or {}).get('protocol') or {}).get('robust') or {}
+    eps = robust.get('eps') or exported_meta.get('method_args', {}).get('adv_eps') or 8 / 255
+    return [round(eps * f, 6) for f in (0.5, 1.0, 1.5)]
+
+
 def _export(args) -> dict:
     import os
-    from .export import export_checkpoint
+    import shlex
+    from .export import METADATA_KEY, export_checkpoint
     from .model_card import write_model_card
+    from .pipeline import evaluate_export
     exported, train_args = export_checkpoint(args.checkpoint, args.out, use_ema=args.use_ema, license=args.license,
                                              overwrite=args.overwrite, knn_bank=args.knn_bank)
     run_name = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) or train_args.model
     repo_id = args.repo_id or f'timm-adv/{run_name}'
-    card = write_model_card(args.out, repo_id)
+    card_kwargs = {}
+    if args.evaluate:
+        with open(os.path.join(args.out, 'config.json')) as f:
+            meta = json.load(f).get(METADATA_KEY, {})
+        evaluation = evaluate_export(args.out, train_args, _eval_eps(args, meta), samples=args.eval_samples,
+                                     steps=args.eval_steps, autoattack_samples=args.eval_autoattack)
+        # shown as run inside the export folder: the card names no path of this machine
+        paths = {args.out: '.', f'local-dir:{args.out}': 'local-dir:.', getattr(train_args, 'data_dir', None): 'DATA_DIR'}
+        shown = [paths.get(a, a) for a in evaluation['command']]
+        card_kwargs = dict(report=evaluation['report'], plots=evaluation['plots'],
+                           validate_command='python ' + ' '.join(shlex.quote(a) for a in shown))
+    card = write_model_card(args.out, repo_id, **card_kwargs)
     return dict(folder=args.out, architecture=exported.architecture, max_abs_diff=exported.max_abs_diff,
                 model_card=card)
+
+
+def _preview(args) -> dict:
+    import os
+    import tempfile
+    from timm_adv.tasks import AdversarialTask
+    from .export import ExportError, task_from_checkpoint, validation_batch
+    if args.num_images < 1:
+        raise ValueError(f'--num-images must be >= 1, got {args.num_images}.')
+    task, train_args, data_config = task_from_checkpoint(args.checkpoint)
+    if type(task).card_images is AdversarialTask.card_images:
+        raise ExportError(f'{args.checkpoint!r} is an --adv-method {train_args.adv_method} run; the preview shows the '
+                          f'training examples of a dat run.')
+    x, y = validation_batch(train_args, data_config, args.num_images)
+    with tempfile.TemporaryDirectory() as folder:
+        (caption, name), = task.card_images(x, y, folder).items()
+        os.replace(os.path.join(folder, name), args.out)
+    return dict(preview=args.out, images=int(x.shape[0]), rows=caption)
 
 
 def _compare(args) -> dict:
@@ -107,11 +177,15 @@ def _compare(args) -> dict:
 
 def main(argv=None) -> dict:
     utils.setup_default_logging()
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_eval_flags(parser, args)
     from . import cache, pipeline, publish
     try:
         if args.command == 'export':
             result = _export(args)
+        elif args.command == 'preview':
+            result = _preview(args)
         elif args.command == 'import':
             from .zoo_import import import_zoo_model
             result = import_zoo_model(args.model, args.out, weights=args.weights, repo_id=args.repo_id,

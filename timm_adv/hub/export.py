@@ -23,11 +23,11 @@ from timm.data import resolve_data_config
 from timm.models import create_model, save_for_hf
 
 from timm_adv.tasks import AdversarialTask
-from timm_adv.utils import check_state_dict_matches, checkpoint_state_dict, read_checkpoint, scrub
+from timm_adv.utils import atomic_write, check_state_dict_matches, checkpoint_state_dict, read_checkpoint, scrub
 from timm_adv.version import __version__
 
 __all__ = ['ExportError', 'ExportedModel', 'task_from_checkpoint', 'export_from_task', 'export_checkpoint',
-           'sample_batch', 'compare_outputs', 'label_names_for', 'METADATA_KEY']
+           'sample_batch', 'compare_outputs', 'label_names_for', 'validation_batch', 'METADATA_KEY']
 
 _logger = logging.getLogger(__name__)
 
@@ -84,9 +84,13 @@ def task_from_checkpoint(path: str, use_ema: bool = False, device: str = 'cpu', 
         >>> task, train_args, data_config = task_from_checkpoint('output/train/run/last.pth.tar')
         >>> plain = task.export_model()
     """
+    return _task_from_state(read_checkpoint(path, flag), path, use_ema, device, flag)
+
+
+def _task_from_state(checkpoint: Any, path: str, use_ema: bool, device: str, flag: str):
+    """:func:`task_from_checkpoint` of a checkpoint already read from ``path``."""
     from timm_adv.data import apply_bundled_defaults
     from timm_adv.tasks import get_method
-    checkpoint = read_checkpoint(path, flag)
     if not isinstance(checkpoint, Mapping) or checkpoint.get('args') is None:
         raise ExportError(f'{flag} {path!r} holds no training arguments (it was not written by timm-adv train.py); '
                           f'export a live model with timm_adv.hub.export_from_task(model, ...) instead.')
@@ -163,7 +167,7 @@ def _training_metadata(train_args: Optional[argparse.Namespace], task, extra: Op
             meta['details'] = dict(task.card_details())
     if train_args is not None:
         args = vars(train_args)
-        meta['method_args'] = {k: _plain(v) for k, v in sorted(args.items()) if k.startswith('adv_')}
+        meta['method_args'] = _method_args(train_args)
         meta['base_weights'] = _base_weights(train_args)
         meta['dataset'] = args.get('dataset') or args.get('data_dir')
         meta['recipe'] = {k: _plain(args.get(k)) for k in (
@@ -175,6 +179,13 @@ def _training_metadata(train_args: Optional[argparse.Namespace], task, extra: Op
     if extra:
         meta.update(extra)
     return scrub(meta)  # published: no tokens, home folders or host names
+
+
+def _method_args(train_args) -> Dict[str, Any]:
+    """The ``--adv-*`` settings the run's method reads (not every method's options), as plain values."""
+    from timm_adv.tasks import method_arg_dests
+    dests = method_arg_dests(train_args.adv_method)
+    return {k: _plain(v) for k, v in sorted(vars(train_args).items()) if k in dests}
 
 
 def _base_weights(train_args) -> str:
@@ -242,14 +253,8 @@ def export_from_task(
         >>> task, args, data_config = task_from_checkpoint('run/last.pth.tar')
         >>> export_from_task(task, 'hub/resnet10t.pgd_mnist', data_config, train_args=args)
     """
-    task = task_or_model if isinstance(task_or_model, AdversarialTask) else None
-    reference = task_or_model if task is None else task.export_reference()
-    plain = task.export_model() if task is not None else task_or_model
-    architecture = architecture or getattr(plain, 'pretrained_cfg', {}).get('architecture') \
-        or (getattr(train_args, 'model', None) if train_args is not None else None)
-    if not architecture or not timm.is_model(architecture):
-        raise ExportError(f'Cannot export: {architecture!r} is not a timm architecture. Pass architecture= with the '
-                          f'timm model name the weights belong to.')
+    task, reference, plain = _export_parts(task_or_model)
+    architecture = _resolve_architecture(plain, architecture, train_args)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ExportError(f'Export folder {out_dir!r} exists and is not empty; choose a new --out or pass --overwrite.')
     if sample is None:
@@ -257,8 +262,45 @@ def export_from_task(
     plain.eval()
     reference.eval()
     _check_plain_state_dict(plain, architecture, task)
-
     data_config = dict(data_config)
+    model_config = _model_config(plain, data_config, task, label_names, license, train_args, metadata, model_args)
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix='.export-', dir=parent)
+    try:
+        _write_folder(plain, staging, architecture, data_config, model_config, train_args)
+        loaded, diff = _verify_outputs(reference, staging, sample, atol, architecture, task)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+    _logger.info(f'Exported plain {architecture} to {out_dir} (max |output diff| {diff:.2e} on {sample.shape[0]} samples)')
+    return ExportedModel(loaded, out_dir, architecture, data_config, diff)
+
+
+def _export_parts(task_or_model) -> Tuple[Any, nn.Module, nn.Module]:
+    """``(task or None, reference model, plain model)``: what is compared with what."""
+    if not isinstance(task_or_model, AdversarialTask):
+        return None, task_or_model, task_or_model
+    return task_or_model, task_or_model.export_reference(), task_or_model.export_model()
+
+
+def _resolve_architecture(plain: nn.Module, architecture: Optional[str], train_args) -> str:
+    """The timm architecture name: given, from the model's ``pretrained_cfg``, or the training ``--model``."""
+    architecture = architecture or getattr(plain, 'pretrained_cfg', {}).get('architecture') \
+        or (getattr(train_args, 'model', None) if train_args is not None else None)
+    if not architecture or not timm.is_model(architecture):
+        raise ExportError(f'Cannot export: {architecture!r} is not a timm architecture. Pass architecture= with the '
+                          f'timm model name the weights belong to.')
+    return architecture
+
+
+def _model_config(plain: nn.Module, data_config: Mapping, task, label_names, license: str, train_args,
+                  metadata: Optional[Mapping], model_args: Optional[Mapping]) -> Dict:
+    """``config.json`` entries beyond timm's own: ``pretrained_cfg``, labels, model args, training metadata."""
     num_classes = plain.num_classes
     if num_classes == 0 and label_names is not None:  # a feature model: the names label its kNN bank's classes
         metadata = dict(metadata or {}, bank_label_names=list(label_names))
@@ -269,51 +311,50 @@ def export_from_task(
         input_size=tuple(data_config['input_size']), mean=tuple(data_config['mean']), std=tuple(data_config['std']),
         crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode', 'center'),
         interpolation=data_config['interpolation'], license=license, num_classes=num_classes,
-        tag=(metadata or {}).get('tag') or f'timm_adv_{getattr(task, "method_name", "") or "export"}')
+        tag=(metadata or {}).get('tag') or f'timm_adv_{(task.method_name if task is not None else "") or "export"}')
     model_config = dict(pretrained_cfg=pretrained_cfg,
                         **{METADATA_KEY: _training_metadata(train_args, task, metadata)})
     if label_names:
         model_config['label_names'] = list(label_names)
     if model_args:  # timm < 1.0.31 writes only the model_args it is given
         model_config['model_args'] = dict(model_args)
+    return model_config
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix='.export-', dir=parent)
-    try:
-        plain_cpu = plain.to('cpu')
-        if getattr(plain_cpu, 'pretrained_cfg', None) is None or 'architecture' not in plain_cpu.pretrained_cfg:
-            plain_cpu.pretrained_cfg = dict(getattr(plain_cpu, 'pretrained_cfg', None) or {}, architecture=architecture)
-        save_kwargs = {}
-        if 'data_config' in inspect.signature(save_for_hf).parameters:  # timm >= 1.0.28 resolves it itself
-            save_kwargs['data_config'] = {k: data_config[k] for k in ('input_size', 'crop_pct', 'interpolation')}
-        save_for_hf(plain_cpu, staging, model_config=model_config, safe_serialization=True, **save_kwargs)
-        with open(os.path.join(staging, 'config.json')) as f:
-            written = json.load(f)
-        if written.get('architecture') != architecture:
-            raise ExportError(f'The model reports architecture {written.get("architecture")!r}, expected '
-                              f'{architecture!r}; pass architecture= explicitly.')
-        if train_args is not None:
-            with open(os.path.join(staging, 'training_args.yaml'), 'w') as f:
-                yaml.safe_dump(scrub({k: _plain(v) for k, v in vars(train_args).items()}), f, default_flow_style=False)
-        loaded = create_model(f'local-dir:{staging}', pretrained=True)
-        diff = compare_outputs(reference, loaded, sample)
-        with torch.no_grad():
-            scale = 1.0 + float(reference(sample.to(next(reference.parameters()).device)).abs().max())
-        if not diff <= atol * scale:
-            fix = (f"the method's export_model() ({type(task).__name__}) must return a model whose eval outputs "
-                   f"equal the trained model's" if task is not None else
-                   'the model holds parts that a plain timm model does not rebuild; export through its task')
-            raise ExportError(f'Refusing to export: the plain {architecture} loaded from the folder changes the '
-                              f'outputs on a sample batch (max |diff| {diff:.3g} > {atol * scale:.3g}). Fix: {fix}.')
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        if os.path.isdir(staging):
-            shutil.rmtree(staging)
-    _logger.info(f'Exported plain {architecture} to {out_dir} (max |output diff| {diff:.2e} on {sample.shape[0]} samples)')
-    return ExportedModel(loaded, out_dir, architecture, data_config, diff)
+
+def _write_folder(plain: nn.Module, folder: str, architecture: str, data_config: Mapping, model_config: Mapping,
+                  train_args) -> None:
+    """Writes the weights and ``config.json`` with timm's ``save_for_hf`` (and ``training_args.yaml``)."""
+    plain_cpu = plain.to('cpu')
+    if getattr(plain_cpu, 'pretrained_cfg', None) is None or 'architecture' not in plain_cpu.pretrained_cfg:
+        plain_cpu.pretrained_cfg = dict(getattr(plain_cpu, 'pretrained_cfg', None) or {}, architecture=architecture)
+    save_kwargs = {}
+    if 'data_config' in inspect.signature(save_for_hf).parameters:  # timm >= 1.0.28 resolves it itself
+        save_kwargs['data_config'] = {k: data_config[k] for k in ('input_size', 'crop_pct', 'interpolation')}
+    save_for_hf(plain_cpu, folder, model_config=model_config, safe_serialization=True, **save_kwargs)
+    with open(os.path.join(folder, 'config.json')) as f:
+        written = json.load(f)
+    if written.get('architecture') != architecture:
+        raise ExportError(f'The model reports architecture {written.get("architecture")!r}, expected '
+                          f'{architecture!r}; pass architecture= explicitly.')
+    if train_args is not None:
+        with open(os.path.join(folder, 'training_args.yaml'), 'w') as f:
+            yaml.safe_dump(scrub({k: _plain(v) for k, v in vars(train_args).items()}), f, default_flow_style=False)
+
+
+def _verify_outputs(reference: nn.Module, folder: str, sample: torch.Tensor, atol: float, architecture: str,
+                    task) -> Tuple[nn.Module, float]:
+    """Loads the folder as users will and refuses it if its outputs differ from the trained model's."""
+    loaded = create_model(f'local-dir:{folder}', pretrained=True)
+    diff = compare_outputs(reference, loaded, sample)
+    with torch.no_grad():
+        scale = 1.0 + float(reference(sample.to(next(reference.parameters()).device)).abs().max())
+    if not diff <= atol * scale:
+        fix = (f"the method's export_model() ({type(task).__name__}) must return a model whose eval outputs "
+               f"equal the trained model's" if task is not None else
+               'the model holds parts that a plain timm model does not rebuild; export through its task')
+        raise ExportError(f'Refusing to export: the plain {architecture} loaded from the folder changes the '
+                          f'outputs on a sample batch (max |diff| {diff:.3g} > {atol * scale:.3g}). Fix: {fix}.')
+    return loaded, diff
 
 
 def _check_plain_state_dict(plain: nn.Module, architecture: str, task) -> None:
@@ -338,6 +379,54 @@ def _check_plain_state_dict(plain: nn.Module, architecture: str, task) -> None:
                           f"task's export_model() hook.")
 
 
+def validation_batch(train_args, data_config: Mapping, num_images: int = 6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``num_images`` evenly spaced images of the run's validation split, normalised as in training, and labels.
+
+    Example:
+        >>> x, y = validation_batch(train_args, data_config, 6)
+    """
+    from timm.data import create_transform
+    from timm_adv.data import create_dataset, spread_subset
+    dataset = create_dataset(getattr(train_args, 'dataset', None), root=getattr(train_args, 'data_dir', None),
+                             split=getattr(train_args, 'val_split', None) or 'validation')
+    subset = spread_subset(dataset, num_images)
+    subset.transform = create_transform(**{k: data_config[k] for k in ('input_size', 'interpolation', 'mean', 'std',
+                                                                       'crop_pct')}, is_training=False)
+    images, labels = zip(*(subset[i] for i in range(len(subset))))
+    return torch.stack(images), torch.as_tensor(labels)
+
+
+def _add_card_images(task, train_args, data_config: Mapping, folder: str) -> None:
+    """The method's pictures for the card (``task.card_images``), listed in ``config.json`` for the card."""
+    if type(task).card_images is AdversarialTask.card_images:  # the method draws none: no data to read
+        return
+    try:
+        x, y = validation_batch(train_args, data_config)
+    except (OSError, ValueError, RuntimeError) as e:  # the validation data is not on this machine
+        _logger.warning(f'No card pictures: the validation split cannot be read here ({e}).')
+        return
+    images = task.card_images(x, y, folder)
+    path = os.path.join(folder, 'config.json')
+    with open(path) as f:
+        config = json.load(f)
+    config[METADATA_KEY]['card_images'] = images
+
+    def write(tmp: str) -> None:
+        with open(tmp, 'w') as f:
+            json.dump(config, f, indent=2)
+    atomic_write(path, write)
+
+
+def _run_validation(state: Mapping, path: str, train_args, task, use_ema: bool) -> Optional[Dict]:
+    """The checkpoint epoch's validation figures and protocol as ``train.py`` recorded them, when they are the
+    exported weights' (with a validated EMA they are the EMA's; None otherwise)."""
+    from timm_adv.evaluation import read_validation
+    ema_validated = bool(getattr(train_args, 'model_ema', False)) and not getattr(train_args, 'model_ema_force_cpu', False)
+    if use_ema != ema_validated:
+        return None
+    return read_validation(state, path, default_eps=task.attack_defaults.get('eps', 8 / 255))
+
+
 def export_checkpoint(
         checkpoint: str,
         out_dir: str,
@@ -356,7 +445,8 @@ def export_checkpoint(
     Example:
         >>> exported, train_args = export_checkpoint('output/train/run/last.pth.tar', 'hub/resnet10t.pgd_mnist')
     """
-    task, train_args, data_config = task_from_checkpoint(checkpoint, use_ema=use_ema)
+    state = read_checkpoint(checkpoint, '--checkpoint')
+    task, train_args, data_config = _task_from_state(state, checkpoint, use_ema, 'cpu', '--checkpoint')
     if knn_bank and not hasattr(task, 'feature_bank'):
         raise ExportError(f'--knn-bank: {checkpoint!r} is a {train_args.adv_method!r} run, not a feature model '
                           f'(--adv-method contrastive or ssat); export it without --knn-bank.')
@@ -364,8 +454,12 @@ def export_checkpoint(
         label_names = label_names_for(getattr(train_args, 'dataset', None), train_args.num_classes)
     meta = dict(metadata or {})
     meta.setdefault('checkpoint', os.path.basename(checkpoint) + (' (EMA weights)' if use_ema else ''))
+    validation = _run_validation(state, checkpoint, train_args, task, use_ema)
+    if validation is not None:
+        meta.setdefault('validation', validation)
     exported = export_from_task(task, out_dir, data_config, architecture=train_args.model, label_names=label_names,
                                 license=license, train_args=train_args, metadata=meta, overwrite=overwrite)
+    _add_card_images(task, train_args, data_config, out_dir)
     if knn_bank:
         from timm_adv.models import BANK_FILE, save_feature_bank
         # the task's model holds the exported weights (the EMA ones with use_ema)

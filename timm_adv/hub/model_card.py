@@ -76,6 +76,22 @@ def _knn_usage(folder: str, repo_id: str, meta: Mapping) -> str:
     return '\n'.join(text)
 
 
+def _validation_section(record: Mapping, checkpoint: Optional[str]) -> str:
+    """The run's own validation at the exported epoch: figures and the protocol they were measured with."""
+    from timm_adv.evaluation import validation_rows
+    source = ('the checkpoint' if record.get('source') == 'checkpoint' else
+              "the run's summary.csv, protocol from its training arguments")
+    text = [f'### Validation during training\n',
+            f'train.py validated every epoch; these are the figures of epoch {record.get("epoch")}, the exported '
+            f'checkpoint{" " + checkpoint if checkpoint else ""}, read from {source}. The robust figure '
+            'is PGD on a fixed evenly spaced subset of the split, the model in eval mode; eps in pixel units.\n',
+            '| Evaluation | Setting | Samples | Top-1 (%) |\n|---|---|---:|---:|']
+    for row in validation_rows(record):
+        samples = row['samples'] if row['samples'] is not None else 'whole split'
+        text.append(f'| {row["evaluation"]} | {row["setting"]} | {samples} | {row["top1"]:.2f} |')
+    return '\n'.join(text) + '\n'
+
+
 def render_model_card(
         folder: str,
         repo_id: str,
@@ -83,8 +99,12 @@ def render_model_card(
         hub_config: Optional[Mapping] = None,
         train_command: Optional[str] = None,
         plots: Optional[Mapping[str, str]] = None,
+        validate_command: Optional[str] = None,
 ) -> str:
     """The README.md text of an export folder.
+
+    The evaluation section shows the run's own last validation (figures and protocol, recorded by
+    ``train.py`` in the checkpoint) and, when given, the ``report`` of a fresh evaluation of the export.
 
     Args:
         folder: Export folder (its config.json supplies architecture, preprocessing and metadata).
@@ -93,6 +113,7 @@ def render_model_card(
         hub_config: The hub_configs YAML, for intended use, limits and reference numbers.
         train_command: The exact command that trained the weights.
         plots: Plot name -> file name inside ``folder``.
+        validate_command: The validate.py command that measured ``report``.
 
     Example:
         >>> text = render_model_card('hub/run', 'me/resnet10t.pgd_mnist', report=report)
@@ -141,6 +162,8 @@ def render_model_card(
     if feature_model:
         lines.append(_knn_usage(folder, repo_id, meta))
     lines.append('## Training\n')
+    for caption, file in meta.get('card_images', {}).items():
+        lines.append(f'![{caption}]({file})\n\n{caption}.\n')
     if train_command:
         lines.append('Exact command:\n\n```bash\n' + train_command + '\n```\n')
     if os.path.isfile(os.path.join(folder, 'training_args.yaml')):
@@ -154,15 +177,21 @@ def render_model_card(
         lines.append('| Hyper-parameter | Value |\n|---|---|\n' +
                      '\n'.join(f'| {k} | {v} |' for k, v in rows) + '\n')
     lines.append('## Evaluation\n')
+    if meta.get('validation'):
+        lines.append(_validation_section(meta['validation'], meta.get('checkpoint')))
     if report:
+        if meta.get('validation'):
+            lines.append('### Evaluation of the exported weights\n')
         lines.append(f'Measured by `timm_adv` on {report.get("dataset", "the validation split")}'
                      f'{" (" + report["split"] + " split)" if report.get("split") else ""}. '
                      'Top-1 accuracy in percent; attacks run on the exported model in eval mode; eps in pixel '
                      'units. AutoAttack is the official code (pyautoattack, fra31/auto-attack).\n')
+        if validate_command:
+            lines.append('Command:\n\n```bash\n' + validate_command + '\n```\n')
         lines.append(report_to_markdown(report) + '\n')
         for name, file in (plots or {}).items():
             lines.append(f'![{name.replace("_", " ")}]({file})\n')
-    else:
+    elif not meta.get('validation'):
         lines.append('Not evaluated yet.\n')
     reference = hub_config.get('paper_results')
     if reference:

@@ -30,11 +30,12 @@ import os
 import shlex
 import subprocess
 import sys
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import yaml
 
-__all__ = ['REQUIRED_KEYS', 'IMPORTED_KEYS', 'load_hub_config', 'train_command', 'validate_command', 'run_pipeline']
+__all__ = ['REQUIRED_KEYS', 'IMPORTED_KEYS', 'load_hub_config', 'train_command', 'validate_command', 'run_pipeline',
+           'evaluate_export']
 
 _logger = logging.getLogger(__name__)
 
@@ -177,6 +178,43 @@ def _run(argv: List[str], log_path: str) -> None:
             sys.stderr.write(line)
         if process.wait() != 0:
             raise RuntimeError(f'{argv[0]} failed (exit {process.returncode}); see {log_path}.')
+
+
+def evaluate_export(folder: str, train_args, eps: Sequence[float], samples: int = 1000, steps: int = 20,
+                    autoattack_samples: int = 0, log_path: Optional[str] = None) -> Dict:
+    """Evaluates an export folder with validate.py on its training run's validation split.
+
+    Clean top-1 on the whole split, PGD top-1 at each ``eps`` on ``samples`` evenly spaced images and,
+    with ``autoattack_samples``, official AutoAttack (standard) at the largest ``eps``. The report,
+    ``robustness.json`` / ``robustness.md`` and the accuracy-vs-eps plot are written into ``folder``.
+
+    Args:
+        folder: The export folder.
+        train_args: The run's training arguments (dataset, data dir, validation split).
+        eps: PGD radii in pixel units.
+        samples: Images attacked at each eps.
+        steps: PGD steps.
+        autoattack_samples: Images for AutoAttack (0: none).
+        log_path: validate.py's output (default: ``<folder>-validate.log`` beside the folder).
+
+    Returns:
+        Dict with ``report``, ``plots`` (name -> file in ``folder``) and ``command`` (the validate.py argv).
+
+    Example:
+        >>> evaluate_export('hub/run', train_args, eps=[0.05, 0.1, 0.15], samples=1000)['report']['pgd'][1]['top1']
+    """
+    evaluation = {'split': getattr(train_args, 'val_split', None), 'attack': 'pgd', 'eps': list(eps), 'steps': steps,
+                  'attack-samples': samples, 'workers': 0}
+    if autoattack_samples:
+        evaluation.update({'autoattack': 'standard', 'aa-eps': max(eps), 'aa-samples': autoattack_samples})
+    config = dict(dataset=getattr(train_args, 'dataset', None), data_dir=getattr(train_args, 'data_dir', None),
+                  evaluation=evaluation)
+    argv = validate_command(config, f'local-dir:{folder}', folder)
+    _run(argv, log_path or os.path.abspath(folder) + '-validate.log')  # beside the folder: not published
+    with open(os.path.join(folder, 'robustness.json')) as f:
+        report = json.load(f)
+    plots = {name: f'{name}.png' for name in ('accuracy_vs_eps',) if os.path.isfile(os.path.join(folder, f'{name}.png'))}
+    return dict(report=report, plots=plots, command=argv)
 
 
 def run_pipeline(config_path: str, out_dir: str, data_dir: Optional[str] = None, checkpoint: Optional[str] = None,

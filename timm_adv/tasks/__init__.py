@@ -7,7 +7,7 @@ from .fgsm_rs import FGSMRSTask
 from .fgsm_sdi import FGSMSDITask
 from .dat import DATTask
 from .distill import DistillationMixin, distilled_method
-from .factory import add_adv_args, check_adv_args, create_task, method_args
+from .factory import add_adv_args, check_adv_args, create_task, method_arg_dests, method_args
 from .representation import RepresentationTask
 from .contrastive import ContrastiveTask
 from .ssat import SSATTask

@@ -212,6 +212,13 @@ class AdversarialTask(ClassificationTask):
         """Extra ``label -> text`` rows for the exported model card (training-only parts worth naming)."""
         return {}
 
+    def card_images(self, x: torch.Tensor, target: torch.Tensor, folder: str) -> Dict[str, str]:
+        """Pictures for the exported model card, drawn from a few normalised validation images.
+
+        Writes them into ``folder``; returns ``caption -> file name`` (none by default).
+        """
+        return {}
+
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the training loop before each epoch."""
 

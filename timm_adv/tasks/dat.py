@@ -22,13 +22,15 @@ import contextlib
 import copy
 import functools
 import logging
+import os
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 from timm.data import resolve_data_config
 
-from timm_adv.augment import DiscreteAdversarialAugment, check_vqgan_input_size, compile_vqgan
+from timm_adv.augment import (PREVIEW_ROWS, DiscreteAdversarialAugment, check_vqgan_input_size, compile_vqgan,
+                              save_dat_preview)
 from timm_adv.layers import convert_dual_bn, dual_bn_layers, dual_bn_route, strip_aux_bn
 from timm_adv.utils import scrub
 from .arg_types import bounded_type
@@ -36,7 +38,10 @@ from .aux_bn_state import AuxBNStateMixin
 from .base import AdversarialTask, top1
 from .registry import register_method
 
-__all__ = ['DATTask', 'DAT_FLAG_DEFAULTS']
+__all__ = ['DATTask', 'DAT_FLAG_DEFAULTS', 'DAT_PREVIEW_FILE']
+
+#: The model card's picture of the clean, reconstructed and DAT images (:meth:`DATTask.card_images`).
+DAT_PREVIEW_FILE = 'dat_preview.png'
 
 _logger = logging.getLogger(__name__)
 
@@ -336,6 +341,13 @@ class DATTask(AuxBNStateMixin, AdversarialTask):
         return {'VQGAN (training only, not in the model)': (
             f'`{v.get("source")}`' + (f', sha256 {sha[:16]}' if sha else ', random weights') +
             f', f={v.get("downsample_factor")}, {v.get("n_embed")} codes')}
+
+    def card_images(self, x: torch.Tensor, target: torch.Tensor, folder: str) -> Dict[str, str]:
+        """``dat_preview.png``: the images, their VQGAN reconstructions and the DAT examples of the trained model."""
+        model = copy.deepcopy(self.unwrapped_model)  # the attack's BN mode may update statistics: not the trained ones
+        device = next(model.parameters()).device
+        save_dat_preview(self.augment, model, x.to(device), target.to(device), os.path.join(folder, DAT_PREVIEW_FILE))
+        return {f'Rows, top to bottom: {", ".join(PREVIEW_ROWS)} (the trained model attacked)': DAT_PREVIEW_FILE}
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         """The auxiliary BNs (if any) and the VQGAN's identity; never its weights."""

@@ -12,7 +12,7 @@ from .arg_types import bounded_type, eps_type
 from .distill import add_kd_args, check_kd_args, distilled_method
 from .registry import get_method, list_methods
 
-__all__ = ['add_adv_args', 'check_adv_args', 'create_task', 'method_args']
+__all__ = ['add_adv_args', 'check_adv_args', 'create_task', 'method_args', 'method_arg_dests']
 
 
 def add_adv_args(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +69,18 @@ def method_args(name: str) -> FrozenSet[str]:
     return frozenset(a.dest for a in scratch._actions)
 
 
+def method_arg_dests(name: str) -> FrozenSet[str]:
+    """Destinations of every flag the method ``name`` reads: the common attack flags its task class lists in
+    ``uses_args`` (with ``adv_attack_amp`` when it has a training attack) and the flags of its own ``add_args``.
+
+    Example:
+        >>> sorted(method_arg_dests('pgd'))[:3]
+        ['adv_attack_amp', 'adv_bn_mode', 'adv_clean_weight']
+    """
+    method = get_method(name)
+    return frozenset(method.uses_args) | method_args(name) | ({'adv_attack_amp'} if method.uses_args else set())
+
+
 def _methods_using(dest: str):
     return [n for n in list_methods() if dest in method_args(n) or dest in get_method(n).uses_args]
 
@@ -100,7 +112,7 @@ def check_adv_args(args: argparse.Namespace, explicit: Optional[Mapping[str, str
     check_kd_args(args, explicit)
     if args.adv_val_samples < 0:
         raise ValueError(f'--adv-val-samples must be >= 0, got {args.adv_val_samples}.')
-    used = set(method.uses_args) | method_args(args.adv_method)
+    used = method_arg_dests(args.adv_method)
     for dest, flag in explicit.items():
         users = _methods_using(dest)
         if dest in used or not users:

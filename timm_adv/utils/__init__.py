@@ -16,3 +16,4 @@ from .preemption import (
     ResumableBatches, find_resume_checkpoint, resolve_auto_resume, save_recovery, start_epoch_rng,
 )
 from .scrub import REDACTED, find_leaks, scrub, scrub_text
+from .progress import DEFAULT_INTERVAL_S, ProgressLog, format_duration

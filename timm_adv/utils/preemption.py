@@ -106,10 +106,13 @@ class RecoverySaver(ReplayCheckpointSaver):
     failed writes leave no partial file and raise :class:`CheckpointWriteError` (one line, naming the folder).
 
     The position travels in the saver's bookkeeping (``checkpoint['saver']['position']``), which timm
-    reads back with ``load_state_dict`` and ignores where it does not know the key.
+    reads back with ``load_state_dict`` and ignores where it does not know the key. So does the epoch's
+    validation record (:attr:`validation`: figures and protocol, ``checkpoint['saver']['validation']``),
+    which the model card reads.
     """
 
     position: Optional[Dict[str, Any]] = None
+    validation: Optional[Dict[str, Any]] = None
 
     def _save(self, save_path, epoch, metric=None):
         # timm writes a temporary file and renames it over ``last``: on failure only the temporary is partial
@@ -127,6 +130,8 @@ class RecoverySaver(ReplayCheckpointSaver):
         state = super().state_dict(epoch, metric)
         if self.position is not None:
             state['position'] = self.position
+        if self.validation is not None:
+            state['validation'] = self.validation
         return state
 
     def save_checkpoint(self, epoch, metric=None):
