@@ -1,5 +1,7 @@
 """The robustness evaluation library: corruptions, AutoAttack, distribution shift and reports, alone and through
 validate.py."""
+import json
+import logging
 import os
 import sys
 
