@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-import train
+from timm_adv.cli import train
 
 
 def main():

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import train
+from timm_adv.cli import train
 from timm_adv.attacks import PGDAttack, create_attack
 from timm_adv.evaluation import GuardRecord, OverfitGuard, detect_collapse
 from timm_adv.models import SDIGenerator, create_sdi_generator

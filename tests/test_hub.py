@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import train
+from timm_adv.cli import train
 from timm_adv.data import BundledMnist, TransformSubset, apply_bundled_defaults, spread_subset
 from timm_adv.evaluation import (ALEXNET_ERRORS, IMAGENET_A_INDICES, IMAGENET_C_CORRUPTIONS, IMAGENET_R_INDICES,
                                  SEVERITIES, CorruptedDataset, CorruptionFolderError, LogitSubset, PixelSpaceModel,
@@ -128,7 +128,7 @@ def test_offline_hub_cache_round_trip_and_validate(checkpoint, exported, tmp_pat
                           '--report-dir', str(tmp_path / 'report')], env=env, capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr[-2000:]
     hub = json.load(open(tmp_path / 'hub.json'))[0]
-    import validate
+    from timm_adv.cli import validate
     local = validate.main(['--model', f'local-dir:{folder}', *common])
     assert hub['top1'] == local['top1'] and hub['pgd2_top1'] == local['pgd2_top1'] and hub['samples'] == 32
     # ... and they are the trained model's numbers (its weights, not a fresh init)
@@ -278,7 +278,7 @@ def test_hub_configs_are_complete():
     argv = train_command(demo, '/tmp/out', 'exp')
     args, _ = train.parse_args(argv[1:])
     assert args.model == 'resnet10t' and args.adv_method == 'pgd' and args.adv_eps == 0.1 and args.epochs == 1
-    import validate
+    from timm_adv.cli import validate
     vargs = validate.parse_args(validate_command(demo, 'local-dir:/x', '/tmp/r')[1:])
     assert vargs.autoattack == 'standard' and vargs.corruptions_generated and vargs.eps == [0.05, 0.1, 0.2]
 
@@ -354,7 +354,7 @@ def test_corruption_folder_errors_and_evaluation(tmp_path):
 
 
 def test_validate_reports_incomplete_corruption_folder(tmp_path, capsys):
-    import validate
+    from timm_adv.cli import validate
     _image_folder(str(tmp_path / 'c' / 'fog' / '1'), ['0'])
     with pytest.raises(SystemExit) as exit_info:
         validate.main(['--model', 'test_resnet', '--num-samples', '4', '--workers', '0', '--corruption-dir',
@@ -475,7 +475,7 @@ FOLDER_FLAGS = ['--num-classes', '10', '--img-size', '32', '--crop-pct', '1.0', 
 
 
 def test_validate_passes_subset_amp_and_channels_last_to_every_evaluation(monkeypatch, digit_folder):
-    import validate
+    from timm_adv.cli import validate
     seen = {}
 
     def fake_autoattack(model, loader, **kwargs):
@@ -564,7 +564,7 @@ def test_autoattack_bad_input(monkeypatch):
     monkeypatch.setitem(sys.modules, 'pyautoattack', None)
     with pytest.raises(ImportError, match=r"pip install 'timm-adv\[eval\]'"):
         evaluate_autoattack(model, [], eps=0.1, mean=(0.5,), std=(0.5,))
-    import validate
+    from timm_adv.cli import validate
     with pytest.raises(SystemExit) as exit_info:  # before any evaluation work
         validate.main(['--model', 'test_resnet', '--num-samples', '4', '--workers', '0', '--autoattack', 'standard'])
     assert exit_info.value.code == 2
@@ -589,7 +589,7 @@ def test_shift_subsets_and_errors(tmp_path):
 
 
 def test_report_table_holds_independently_computed_numbers(tmp_path, digit_folder):
-    import validate
+    from timm_adv.cli import validate
     from timm.data import create_dataset
     from timm_adv.evaluation import CorruptedDataset
     validate.main(['--model', 'test_resnet', '--no-pretrained', '--data-dir', str(digit_folder), *FOLDER_FLAGS,

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import train
+from timm_adv.cli import train
 from timm_adv.utils import Preempted, PreemptionHandler, find_resume_checkpoint
 
 # FGSM-SDI (its generator, the generator's Adam and its every-2-batches schedule resume too), EMA, per-update

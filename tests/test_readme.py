@@ -5,8 +5,8 @@ import shlex
 
 import pytest
 
-import train
-import validate
+from timm_adv.cli import train
+from timm_adv.cli import validate
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
 SCRIPTS = {'train.py': train.parse_args, 'validate.py': validate.parse_args}
