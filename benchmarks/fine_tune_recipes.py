@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 
-import train  # noqa: E402
+from timm_adv.cli import train  # noqa: E402
 from timm_adv.data import create_bank_loader  # noqa: E402
 from timm_adv.evaluation import create_feature_model, create_knn_classifier, evaluate_accuracy  # noqa: E402
 from timm_adv.models import build_feature_bank  # noqa: E402

@@ -21,7 +21,7 @@ import timm
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train as train_script  # noqa: E402  (the same argument defaults as a real run)
+from timm_adv.cli import train as train_script  # noqa: E402  (the same argument defaults as a real run)
 from timm_adv.attacks import PixelNormalizer, input_gradient  # noqa: E402
 from timm_adv.data import DEFAULT_DATASET, apply_bundled_defaults  # noqa: E402
 from timm_adv.tasks import create_task, get_method, list_methods  # noqa: E402

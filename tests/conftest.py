@@ -105,7 +105,7 @@ def mae_file(tmp_path_factory):
 def run_killed_and_resumed(run, tmp_path, monkeypatch, args):
     """Runs ``run('full', *args)``, then the same run killed in its second epoch and resumed from its
     ``last.pth.tar``; ``run(name, *argv)`` is a test's ``train.main`` wrapper writing to ``tmp_path / name``."""
-    import train
+    from timm_adv.cli import train
     run('full', *args)
     real_train_one_epoch = train.train_one_epoch
 

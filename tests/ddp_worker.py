@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-import train
+from timm_adv.cli import train
 
 
 def main():

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-import train
+from timm_adv.cli import train
 
 
 def main():

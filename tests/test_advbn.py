@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.models.mlp_mixer import MlpMixer
 from timm.models.regnet import RegNet, RegNetCfg
 
-import train
+from timm_adv.cli import train
 
 from timm_adv.attacks import FeatureStatsAttack, perturb_feature_stats
 from timm_adv.layers import (
@@ -360,7 +360,7 @@ def _train_argv(data, out, *extra):
 
 
 def test_train_fine_tunes_resumes_and_exports(image_folder, tmp_path):
-    import train
+    from timm_adv.cli import train
     from timm_adv.hub import export_checkpoint
     from timm_adv.utils import read_checkpoint
     base = _model()

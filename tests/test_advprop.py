@@ -126,7 +126,7 @@ def test_soft_targets_and_untargeted(targeted):
 
 
 def test_default_loss_weights_are_one_plus_one():
-    import train
+    from timm_adv.cli import train
     args, _ = train.parse_args(['--adv-method', 'advprop'])
     model = AdvPropTask.prepare_model(_model(), args)
     task = AdvPropTask.from_args(model, nn.CrossEntropyLoss(), args, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -143,7 +143,7 @@ def test_default_loss_weights_are_one_plus_one():
 
 
 def test_default_attack_follows_the_paper():
-    import train
+    from timm_adv.cli import train
     args, _ = train.parse_args(['--adv-method', 'advprop'])
     attack = AdvPropTask.attack_from_args(args)
     assert (attack.eps, attack.steps, attack.step_size) == (1 / 255, 1, 1 / 255)
@@ -173,7 +173,7 @@ def _train_argv(data, out, *extra):
 
 
 def test_train_checkpoint_resume_and_export(image_folder, tmp_path):
-    import train
+    from timm_adv.cli import train
     from timm_adv.utils import load_training_checkpoint, read_checkpoint
     train.main(_train_argv(image_folder, tmp_path, '--epochs', '1'))
     run = tmp_path / 'run'
@@ -212,7 +212,7 @@ def test_train_checkpoint_resume_and_export(image_folder, tmp_path):
 
 
 def test_train_refuses_bn_free_model(image_folder, tmp_path, capsys):
-    import train
+    from timm_adv.cli import train
     argv = _train_argv(image_folder, tmp_path, '--epochs', '1')
     argv[argv.index('test_resnet')] = 'test_vit'
     with pytest.raises(SystemExit) as e:

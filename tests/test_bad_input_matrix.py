@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-import train
+from timm_adv.cli import train
 from timm_adv.tasks import list_methods
 from timm_adv.vqgan import VQGANConfig, VQModel, save_vqgan
 

@@ -12,7 +12,7 @@ import torch
 import torch._dynamo
 import torch.nn as nn
 
-import train
+from timm_adv.cli import train
 from timm_adv.attacks import create_attack
 from timm_adv.evaluation import evaluate_accuracy
 from timm_adv.tasks import add_adv_args, create_task, get_method

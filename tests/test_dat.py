@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import train
+from timm_adv.cli import train
 from timm_adv.attacks import create_attack
 from timm_adv.augment import DiscreteAdversarialAugment
 from timm_adv.data import BundledMnist

@@ -9,7 +9,7 @@ import torch
 import yaml
 from PIL import Image
 
-import train
+from timm_adv.cli import train
 from timm_adv.hub.pipeline import load_hub_config, train_command
 from timm_adv.vqgan import VQGANConfig, VQModel, load_vqgan_config, preset_folder, save_vqgan
 

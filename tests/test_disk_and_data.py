@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-import train
+from timm_adv.cli import train
 from timm_adv.utils import check_writable
 
 TINY = ['--model', 'test_resnet', '-b', '32', '--train-num-samples', '64', '--val-num-samples', '32',

@@ -114,7 +114,7 @@ def test_bad_combinations_are_refused(argv, message):
 
 
 def test_train_resume_and_export_hold_the_student_only(image_folder, teacher_dir, tmp_path):
-    import train
+    from timm_adv.cli import train
     from timm_adv.hub import export_checkpoint
     from timm_adv.utils import read_checkpoint
     argv = ['--data-dir', str(image_folder), '--model', 'test_resnet', '--num-classes', str(NUM_CLASSES),
@@ -290,7 +290,7 @@ def test_students_that_cannot_distil_are_refused(teacher_dir, kind, model, messa
 
 
 def test_feature_distillation_train_resume_and_export(image_folder, wide_teacher_dir, tmp_path):
-    import train
+    from timm_adv.cli import train
     from timm_adv.hub import export_checkpoint
     from timm_adv.tasks.distill import KD_PROJECTION_KEY
     from timm_adv.utils import read_checkpoint
@@ -340,7 +340,7 @@ def test_advprop_feature_distillation_pulls_both_halves_to_the_clean_teacher(wid
 
 
 def test_teacher_built_once_in_the_model_dtype(image_folder, wide_teacher_dir, tmp_path, monkeypatch):
-    import train
+    from timm_adv.cli import train
     from timm_adv.tasks import distill
     built = []
 

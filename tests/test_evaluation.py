@@ -65,7 +65,7 @@ def test_corruption_folder_errors_and_evaluation(tmp_path):
 
 
 def test_validate_reports_incomplete_corruption_folder(tmp_path, capsys):
-    import validate
+    from timm_adv.cli import validate
     _image_folder(str(tmp_path / 'c' / 'fog' / '1'), ['0'])
     with pytest.raises(SystemExit) as exit_info:
         validate.main(['--model', 'test_resnet', '--num-samples', '4', '--workers', '0', '--corruption-dir',
@@ -186,7 +186,7 @@ FOLDER_FLAGS = ['--num-classes', '10', '--img-size', '32', '--crop-pct', '1.0', 
 
 
 def test_validate_passes_subset_amp_and_channels_last_to_every_evaluation(monkeypatch, digit_folder):
-    import validate
+    from timm_adv.cli import validate
     seen = {}
 
     def fake_autoattack(model, loader, **kwargs):
@@ -275,7 +275,7 @@ def test_autoattack_bad_input(monkeypatch):
     monkeypatch.setitem(sys.modules, 'pyautoattack', None)
     with pytest.raises(ImportError, match=r"pip install 'timm-adv\[eval\]'"):
         evaluate_autoattack(model, [], eps=0.1, mean=(0.5,), std=(0.5,))
-    import validate
+    from timm_adv.cli import validate
     with pytest.raises(SystemExit) as exit_info:  # before any evaluation work
         validate.main(['--model', 'test_resnet', '--num-samples', '4', '--workers', '0', '--autoattack', 'standard'])
     assert exit_info.value.code == 2
@@ -300,7 +300,7 @@ def test_shift_subsets_and_errors(tmp_path):
 
 
 def test_report_table_holds_independently_computed_numbers(tmp_path, digit_folder):
-    import validate
+    from timm_adv.cli import validate
     from timm.data import create_dataset
     from timm_adv.evaluation import CorruptedDataset
     validate.main(['--model', 'test_resnet', '--no-pretrained', '--data-dir', str(digit_folder), *FOLDER_FLAGS,
@@ -335,7 +335,7 @@ def test_report_table_holds_independently_computed_numbers(tmp_path, digit_folde
 # ---------------------------------------------------------------- progress of long evaluations
 
 def test_long_evaluations_log_progress_with_the_time_left(monkeypatch, caplog, digit_folder, tmp_path):
-    import validate
+    from timm_adv.cli import validate
     import timm_adv.utils.progress as progress
     with caplog.at_level(logging.INFO):  # short runs stay quiet at the default interval
         log = progress.ProgressLog(3, 'Quick')

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import train
+from timm_adv.cli import train
 from timm_adv.attacks import create_attack
 from timm_adv.models import SDIGenerator, create_sdi_generator
 from timm_adv.tasks import FGSMSDITask, get_method

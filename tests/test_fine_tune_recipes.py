@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-import train
+from timm_adv.cli import train
 
 FROM_SCRATCH = dict(epochs=10, lr=0.05, weight_decay=5e-4)
 FINE_TUNE = dict(epochs=2, lr=0.01, weight_decay=1e-4, opt='sgd')

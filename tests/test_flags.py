@@ -4,8 +4,8 @@ import argparse
 import pytest
 import yaml
 
-import train
-import validate
+from timm_adv.cli import train
+from timm_adv.cli import validate
 from timm_adv.tasks import AdversarialTask, check_adv_args, get_method, list_methods, method_args, registry
 from timm_adv.utils import explicit_args
 

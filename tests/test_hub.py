@@ -11,7 +11,7 @@ import timm
 import torch
 import torch.nn as nn
 
-import train
+from timm_adv.cli import train
 from timm_adv.data import BundledMnist, apply_bundled_defaults, spread_subset
 from timm_adv.evaluation import save_report
 from timm_adv.hub import (ExportError, export_checkpoint, export_from_task, load_hub_config, method_reference,
@@ -123,7 +123,7 @@ def test_offline_hub_cache_round_trip_and_validate(checkpoint, exported, tmp_pat
                           '--report-dir', str(tmp_path / 'report')], env=env, capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr[-2000:]
     hub = json.load(open(tmp_path / 'hub.json'))[0]
-    import validate
+    from timm_adv.cli import validate
     local = validate.main(['--model', f'local-dir:{folder}', *common])
     assert hub['top1'] == local['top1'] and hub['pgd2_top1'] == local['pgd2_top1'] and hub['samples'] == 32
     # ... and they are the trained model's numbers (its weights, not a fresh init)
@@ -272,7 +272,7 @@ def test_hub_configs_are_complete():
     argv = train_command(demo, '/tmp/out', 'exp')
     args, _ = train.parse_args(argv[1:])
     assert args.model == 'resnet10t' and args.adv_method == 'pgd' and args.adv_eps == 0.1 and args.epochs == 1
-    import validate
+    from timm_adv.cli import validate
     vargs = validate.parse_args(validate_command(demo, 'local-dir:/x', '/tmp/r')[1:])
     assert vargs.autoattack == 'standard' and vargs.corruptions_generated and vargs.eps == [0.05, 0.1, 0.2]
 
@@ -316,7 +316,7 @@ def test_model_card_shows_measured_table_and_plots(exported, tmp_path):
 
 def test_card_shows_the_method_settings_the_run_validation_and_a_fresh_evaluation(image_folder, tmp_path, capsys):
     import csv
-    import train
+    from timm_adv.cli import train
     from timm_adv.hub.__main__ import main as hub_main
     train.main(['--data-dir', str(image_folder), '--model', 'test_resnet', '--num-classes', '10', '--img-size', '32',
                 '--adv-method', 'pgd', '--adv-eps', '0.1', '--adv-steps', '1', '-b', '8', '--epochs', '1',

@@ -14,7 +14,7 @@ import yaml
 from timm.layers import resample_abs_pos_embed
 from timm.optim import create_optimizer_v2
 
-import train
+from timm_adv.cli import train
 from conftest import mae_checkpoint, run_killed_and_resumed
 from timm_adv.attacks import create_attack
 from timm_adv.models import MAEWeights, is_mae_checkpoint, load_mae_weights, resolve_mae_weights

@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-import train  # train.py, called through main(argv)
+from timm_adv.cli import train  # train.py, called through main(argv)
 from timm_adv.hub import export_checkpoint, sample_batch, task_from_checkpoint
 from timm_adv.tasks import get_method, list_methods, method_args
 from timm_adv.utils import read_checkpoint

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.distributed import TCPStore
 
-import train
+from timm_adv.cli import train
 from timm_adv.utils import Preempted, PreemptionHandler, agree_on_attempt, find_resume_checkpoint
 
 # FGSM-SDI (its generator, the generator's Adam and its every-2-batches schedule resume too), EMA, per-update

@@ -11,8 +11,8 @@ import shlex
 
 import pytest
 
-import train
-import validate
+from timm_adv.cli import train
+from timm_adv.cli import validate
 from timm_adv.hub.__main__ import _parser as hub_parser
 from timm_adv.vqgan.__main__ import _parser as vqgan_parser
 

@@ -4,7 +4,7 @@ import logging
 import pytest
 import yaml
 
-import train
+from timm_adv.cli import train
 from timm_adv.data import apply_dataset_recipe, available_cpus, default_workers, format_recipe
 from timm_adv.utils import explicit_args
 

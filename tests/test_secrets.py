@@ -8,7 +8,7 @@ import timm
 import torch
 import torch.nn as nn
 
-import train
+from timm_adv.cli import train
 from timm_adv.hub import export_checkpoint, publish_folder, write_model_card
 from timm_adv.tasks.dat import DATTask
 from timm_adv.vqgan import VQGANConfig, VQModel, save_vqgan

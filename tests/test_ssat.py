@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import train
-import validate
+from timm_adv.cli import train
+from timm_adv.cli import validate
 from conftest import run_killed_and_resumed
 from timm_adv.attacks import create_knn_guided_attack, select_guides
 from timm_adv.data import BundledMnist, ViewAugment, create_bank_loader

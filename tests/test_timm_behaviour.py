@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 import torch
 
-import train
+from timm_adv.cli import train
 
 TINY = ['--model', 'test_resnet', '-b', '16', '--workers', '0', '--log-interval', '1000', '--epochs', '1',
         '--warmup-epochs', '0', '--lr', '0.05', '--train-num-samples', '32', '--val-num-samples', '16',
@@ -119,7 +119,7 @@ def test_cuda_speed_defaults_as_timm(tmp_path, monkeypatch):
 def test_validate_without_checkpoint_evaluates_the_pretrained_weights(tmp_path, monkeypatch):
     # timm's validate.py: no --checkpoint means pretrained; here from an offline Hub cache
     import timm
-    import validate
+    from timm_adv.cli import validate
     from huggingface_hub import constants
     from safetensors.torch import save_file
     from timm_adv.hub import populate_hf_cache

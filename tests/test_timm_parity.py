@@ -11,7 +11,7 @@ import yaml
 from timm.layers import SplitBatchNorm2d
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy
 
-import train
+from timm_adv.cli import train
 from timm_adv.utils import split_config_keys
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-import train
+from timm_adv.cli import train
 from conftest import run_killed_and_resumed
 
 FAST = ['--model', 'test_resnet', '--no-aug', '-b', '64', '--lr', '0.1', '--warmup-epochs', '0', '--workers', '0',

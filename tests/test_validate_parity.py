@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.models import save_for_hf
 
-import validate
+from timm_adv.cli import validate
 from timm_adv.data import BundledMnist, spread_subset
 from timm_adv.evaluation import list_bulk_models
 from timm_adv.hub import populate_hf_cache

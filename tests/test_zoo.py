@@ -162,7 +162,7 @@ def test_zoo_listing_cli(capsys):
 
 
 def test_imported_hub_configs():
-    import validate
+    from timm_adv.cli import validate
     paths = [os.path.join(REPO, 'hub_configs', p) for p in sorted(os.listdir(os.path.join(REPO, 'hub_configs')))]
     imported = [load_hub_config(p) for p in paths if load_hub_config(p, check_method=False)['status'] == 'imported']
     assert {c['source'].split(':')[0] for c in imported} == {'robustbench', 'easyrobust'}
@@ -210,7 +210,7 @@ def test_pipeline_imports_evaluates_and_writes_the_card(tmp_path, monkeypatch):
 
 def test_validate_protocol_preset_and_image_list(tmp_path, monkeypatch):
     import timm.data
-    import validate
+    from timm_adv.cli import validate
     from PIL import Image
     from timm_adv.evaluation import image_list_subset
     args = validate.parse_args(['--protocol', 'robustbench-imagenet'])
