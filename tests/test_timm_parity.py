@@ -55,7 +55,7 @@ def test_parser_takes_every_timm_train_flag():
     with open(os.path.join(DATA, 'timm_train_flags.txt')) as f:
         timm_flags = [line.strip() for line in f if line.strip() and not line.startswith('#')]
     ours = set()
-    for action in train._build_parser()._actions:
+    for action in train.build_parser()._actions:
         ours.update(action.option_strings or [action.dest])
     ours.update(train.config_parser._option_string_actions)
     missing = [flag for flag in timm_flags if flag not in ours]
@@ -67,7 +67,7 @@ def test_timm_args_yaml_loads_with_every_key(fake_wandb):
     path = os.path.join(DATA, 'timm_args.yaml')
     with open(path) as f:
         cfg = yaml.safe_load(f)
-    known = {a.dest for a in train._build_parser()._actions}
+    known = {a.dest for a in train.build_parser()._actions}
     dropped = sorted(set(cfg) - known)
     assert not dropped, f'keys of a timm args.yaml our train.py has no flag for: {dropped}'
     args, _ = train.parse_args(['-c', path])

@@ -1,11 +1,11 @@
-#!/usr/bin/env python3
-"""timm-adv training script: timm's train.py flags plus ``--adv-*`` adversarial training.
+"""timm-adv training: timm's train.py flags plus ``--adv-*`` adversarial training.
 
 Built from timm's library pieces (create_model, create_dataset/create_loader, create_optimizer_v2,
 create_scheduler_v2, ModelEmaV3 through the task, CheckpointSaver, timm.task). An adversarial
 method is a timm task chosen with ``--adv-method``; everything else reads like a timm command:
 
     python train.py --model resnet10t --adv-method pgd --adv-eps 8/255 --adv-steps 7 --epochs 8
+    timm-adv-train --model resnet10t --adv-method pgd --adv-eps 8/255 --adv-steps 7 --epochs 8  # installed
 
 Without ``--data-dir`` / ``--dataset`` it trains on the bundled offline dataset ``bundled/mnist``.
 Distributed training: ``torchrun --nproc_per_node N train.py ...`` (gloo on CPU, nccl on CUDA).
@@ -59,7 +59,7 @@ config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE
                            help='YAML config file specifying default arguments (a timm args.yaml works)')
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='timm-adv ImageNet-style training with adversarial methods')
 
     group = parser.add_argument_group('Dataset parameters')
@@ -278,7 +278,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     """Parses ``argv`` the way timm's train.py does: a YAML config sets defaults, flags override."""
-    parser = _build_parser()
+    parser = build_parser()
     args_config, remaining = config_parser.parse_known_args(argv)
     cfg = {}
     if args_config.config:
