@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import sysconfig
@@ -53,9 +54,9 @@ def venv(tmp_path_factory):
     _run([sys.executable, '-m', 'pip', '--python', python, 'install', '--no-deps', '--no-index', '--no-compile', '-q',
           wheel], root, None)
     # installed first, so pip saw an empty venv; this environment's packages come after the venv's own
-    site = _run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'], root, None).strip()
-    deps = dict.fromkeys(sysconfig.get_paths()[k] for k in ('purelib', 'platlib'))
-    with open(os.path.join(site, 'test_dependencies.pth'), 'w') as f:
+    venv_site = _run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'], root, None).strip()
+    deps = dict.fromkeys([*site.getsitepackages(), *(sysconfig.get_paths()[k] for k in ('purelib', 'platlib'))])
+    with open(os.path.join(venv_site, 'test_dependencies.pth'), 'w') as f:
         f.write('\n'.join(deps) + '\n')
     return venv
 
