@@ -18,7 +18,7 @@ def main():
     args, _ = train.parse_args(sys.argv[2:])
     state = train.setup(args)
     train.train(args, state)
-    task = state['task']
+    task = state.task
     snapshot = {'model': task.unwrapped_model.state_dict()}
     if hasattr(task, 'generator'):
         snapshot['generator'] = task.generator.state_dict()

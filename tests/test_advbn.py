@@ -381,11 +381,11 @@ def test_train_fine_tunes_resumes_and_exports(image_folder, tmp_path):
     args, _ = train.parse_args(_train_argv(image_folder, tmp_path, '--epochs', '2', '--experiment', 'run',
                                            '--resume', str(run / 'last.pth.tar')))
     state = train.setup(args)
-    restored = state['task'].unwrapped_model.state_dict()
+    restored = state.task.unwrapped_model.state_dict()
     assert all(torch.equal(restored[k], v) for k, v in {**ckpt['state_dict'], **aux}.items())
 
     exported, _ = export_checkpoint(str(run / 'last.pth.tar'), str(tmp_path / 'hub'))
     x, _ = _batch(4)
-    model = state['task'].unwrapped_model.eval()
+    model = state.task.unwrapped_model.eval()
     assert torch.equal(exported.model.eval()(x), model(x))
     assert exported.max_abs_diff == 0.0

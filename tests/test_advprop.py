@@ -187,8 +187,8 @@ def test_train_checkpoint_resume_and_export(image_folder, tmp_path):
     args, _ = train.parse_args(_train_argv(image_folder, tmp_path, '--epochs', '2', '--resume',
                                            str(run / 'last.pth.tar')))
     state = train.setup(args)
-    task = state['task']
-    assert state['start_epoch'] == 1
+    task = state.task
+    assert state.start_epoch == 1
     restored = task.unwrapped_model.state_dict()
     assert all(torch.equal(restored[k], v) for k, v in {**ckpt['state_dict'], **aux}.items())
     assert any(not torch.equal(v, restored[k.replace('.aux_bn.0.', '.')]) for k, v in aux.items()

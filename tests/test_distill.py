@@ -355,6 +355,6 @@ def test_teacher_built_once_in_the_model_dtype(image_folder, wide_teacher_dir, t
         '0', '--model-dtype', 'bfloat16', '--output', str(tmp_path), '--adv-method', 'pgd', '--adv-eps', '0.1',
         '--adv-steps', '1', '--kd-model-name', f'local-dir:{wide_teacher_dir}', '--kd-distill-type', 'feature'])
     state = train.setup(args)
-    assert len(built) == 1 and state['task'].teacher is built[0]  # feature dims read from the task's teacher
+    assert len(built) == 1 and state.task.teacher is built[0]  # feature dims read from the task's teacher
     assert {p.dtype for p in built[0].parameters()} == {torch.bfloat16}
     assert train.train(args, state)['loss'] > 0  # a bf16 student distils from the bf16 teacher

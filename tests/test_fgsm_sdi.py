@@ -423,7 +423,7 @@ def test_train_resume_restores_generator_and_both_optimizers(tiny_folder, tmp_pa
     args, _ = train.parse_args(_train_args(tiny_folder, tmp_path, 'part', 3, '--resume', str(part_last),
                                            '--no-resume-opt'))
     state = train.setup(args)
-    task = state['task']
-    assert state['start_epoch'] == 2 and not state['optimizer'].state and not task.generator_optimizer.state
+    task = state.task
+    assert state.start_epoch == 2 and not state.optimizer.state and not task.generator_optimizer.state
     for k, v in resumed['task_state']['generator'].items():
         assert torch.equal(v, task.generator.state_dict()[k]), k

@@ -66,7 +66,7 @@ def test_original_mae_checkpoint_loads_encoder_drops_decoder_new_head(mae_file, 
     assert is_mae_checkpoint(_load(path))
     caplog.set_level(logging.INFO)
     args, _ = train.parse_args(_fast(image_folder, tmp_path, 'x', '--pretrained', '--pretrained-path', str(path)))
-    model = train.setup(args)['task'].unwrapped_model
+    model = train.setup(args).task.unwrapped_model
     loaded = model.state_dict()
 
     encoder = [k for k in saved if k.startswith(('blocks.', 'patch_embed.', 'cls_token'))]
@@ -93,7 +93,7 @@ def test_initial_checkpoint_wins_over_mae_weights(mae_file, image_folder, tmp_pa
     torch.save({'state_dict': initial}, tmp_path / 'initial.pth')
     args, _ = train.parse_args(_fast(image_folder, tmp_path, 'x', '--pretrained', '--pretrained-path', str(path),
                                      '--initial-checkpoint', str(tmp_path / 'initial.pth')))
-    loaded = train.setup(args)['task'].unwrapped_model.state_dict()
+    loaded = train.setup(args).task.unwrapped_model.state_dict()
     assert set(loaded) == set(initial)
     mixed = [k for k in initial if not torch.equal(loaded[k], initial[k])]
     assert not mixed, f'tensors not from --initial-checkpoint: {mixed[:3]}'
@@ -170,9 +170,9 @@ def test_layer_decay_scales_in_the_optimizer_param_groups(image_folder, tmp_path
                                      'linear', '--layer-decay', '0.65', '--weight-decay', '0.05', '--grad-accum-steps', '4',
                                      '--head-init-bias', '-2.5'))
     state = train.setup(args)
-    assert torch.equal(state['task'].unwrapped_model.head.bias, torch.full((10,), -2.5))  # timm's --head-init-bias
+    assert torch.equal(state.task.unwrapped_model.head.bias, torch.full((10,), -2.5))  # timm's --head-init-bias
     assert args.lr == pytest.approx(4e-3 * 16 * 4 / 256)  # linear scaling counts the accumulated batch (timm)
-    model, optimizer = state['task'].unwrapped_model, state['optimizer']
+    model, optimizer = state.task.unwrapped_model, state.optimizer
     names = {id(p): n for n, p in model.named_parameters()}
 
     def mae_layer_id(name):  # MAE's util/lr_decay.py: embeddings 0, block i -> i + 1, the rest num_layers + 1

@@ -14,7 +14,7 @@ def _parse(*argv):
 
 
 def test_explicit_args_counts_typed_flags_even_at_their_default():
-    parser = train._build_parser()
+    parser = train.build_parser()
     # -b 128, --smoothing 0.1 and --adv-method none are timm / timm-adv defaults, typed on purpose
     given = set(explicit_args(parser, ['-b', '128', '--smoothing', '0.1', '--adv-method', 'none', '--no-aug']))
     assert given == {'batch_size', 'smoothing', 'adv_method', 'no_aug'}

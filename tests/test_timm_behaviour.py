@@ -69,7 +69,7 @@ def test_lookahead_weights_are_synced_before_validation_and_saving(tmp_path, mon
     real = train.validate_epoch
 
     def checking(task, *a, **k):
-        optimizer = state['optimizer']._base_optimizer
+        optimizer = state.optimizer._base_optimizer
         model = task.unwrapped_model
         synced.append(all(torch.equal(p, optimizer.state[p]['lookahead_slow_buff'])
                           for p in model.parameters() if 'lookahead_slow_buff' in optimizer.state[p]))
@@ -82,8 +82,8 @@ def test_lookahead_weights_are_synced_before_validation_and_saving(tmp_path, mon
     state = train.setup(args)
     train.train(args, state)
     assert synced == [True]
-    assert any(state['optimizer']._base_optimizer.state[p].get('lookahead_slow_buff') is not None
-               for p in state['task'].unwrapped_model.parameters())
+    assert any(state.optimizer._base_optimizer.state[p].get('lookahead_slow_buff') is not None
+               for p in state.task.unwrapped_model.parameters())
 
 
 def test_second_order_optimizer_trains(tmp_path):
@@ -97,7 +97,7 @@ def test_log_lr_is_the_mean_over_param_groups(tmp_path, caplog):
                                 '--layer-decay', '0.5', '--log-interval', '1', '--output', str(tmp_path),
                                 '--experiment', 'lr'])
     state = train.setup(args)
-    lrs = [g['lr'] for g in state['optimizer'].param_groups]
+    lrs = [g['lr'] for g in state.optimizer.param_groups]
     with caplog.at_level(logging.INFO, logger='train'):
         train.train(args, state)
     logged = re.findall(r'LR: (\S+)', caplog.text)

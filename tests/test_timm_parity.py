@@ -55,7 +55,7 @@ def test_parser_takes_every_timm_train_flag():
     with open(os.path.join(DATA, 'timm_train_flags.txt')) as f:
         timm_flags = [line.strip() for line in f if line.strip() and not line.startswith('#')]
     ours = set()
-    for action in train._build_parser()._actions:
+    for action in train.build_parser()._actions:
         ours.update(action.option_strings or [action.dest])
     ours.update(train.config_parser._option_string_actions)
     missing = [flag for flag in timm_flags if flag not in ours]
@@ -67,7 +67,7 @@ def test_timm_args_yaml_loads_with_every_key(fake_wandb):
     path = os.path.join(DATA, 'timm_args.yaml')
     with open(path) as f:
         cfg = yaml.safe_load(f)
-    known = {a.dest for a in train._build_parser()._actions}
+    known = {a.dest for a in train.build_parser()._actions}
     dropped = sorted(set(cfg) - known)
     assert not dropped, f'keys of a timm args.yaml our train.py has no flag for: {dropped}'
     args, _ = train.parse_args(['-c', path])
@@ -127,10 +127,10 @@ def test_log_wandb_without_the_package_names_the_extra(monkeypatch, capsys):
 def test_bce_loss_trains_under_attack_on_a_subset(tmp_path):
     args, state = _setup(tmp_path, '--experiment', 'bce', '--bce-loss', '--bce-target-thresh', '0.2',
                          '--bce-pos-weight', '2', '--smoothing', '0', *PGD1)
-    criterion = state['task'].criterion
+    criterion = state.task.criterion
     assert isinstance(criterion, BinaryCrossEntropy)  # timm's script would fall back to CE at --smoothing 0
     assert criterion.target_threshold == 0.2 and float(criterion.pos_weight) == 2.0
-    assert len(state['loader_train'].dataset) == 32 and len(state['loader_eval'].dataset) == 16
+    assert len(state.loaders.train.dataset) == 32 and len(state.loaders.eval.dataset) == 16
     metrics = train.train(args, state)
     row = _summary(tmp_path / 'bce' / 'summary.csv')[0]
     assert float(row['train_top1_adv']) >= 0 and 'pgd_top1' in metrics
@@ -139,11 +139,11 @@ def test_bce_loss_trains_under_attack_on_a_subset(tmp_path):
 def test_augmix_jsd_split_bn_without_attack(tmp_path):
     args, state = _setup(tmp_path, '--experiment', 'augmix', '--aug-splits', '3', '--jsd-loss', '--split-bn',
                          '--aa', 'augmix-m1-w1', '--reprob', '0.25', '--resplit')
-    task = state['task']
+    task = state.task
     assert isinstance(task.criterion, JsdCrossEntropy) and task.criterion.num_splits == 3
     bns = [m for m in task.unwrapped_model.modules() if isinstance(m, SplitBatchNorm2d)]
     assert bns and all(m.num_splits == 3 for m in bns)
-    input, target = next(iter(state['loader_train']))
+    input, target = next(iter(state.loaders.train))
     assert input.shape[0] == 3 * 16 and torch.equal(target[:16], target[16:32])  # clean + 2 AugMix views
     train.train(args, state)
     assert len(_summary(tmp_path / 'augmix' / 'summary.csv')) == 1
@@ -168,22 +168,22 @@ def test_layer_decay_min_and_no_opt_scales(tmp_path):
                         '--layer-decay-no-opt-scale', '0.2')
 
     def scales(state):
-        return {g['lr_scale'] for g in state['optimizer'].param_groups}
+        return {g['lr_scale'] for g in state.optimizer.param_groups}
     assert min(scales(plain)) < 0.2
     assert min(scales(clamped)) == pytest.approx(0.3)  # clamped up, so nothing fell under the no-opt scale
     _, frozen = _setup(tmp_path, '--experiment', 'ld3', *common, '--layer-decay-no-opt-scale', '0.2')
     assert min(scales(frozen)) >= 0.2
-    assert any(not p.requires_grad for p in frozen['task'].unwrapped_model.parameters())
+    assert any(not p.requires_grad for p in frozen.task.unwrapped_model.parameters())
 
 
 def test_model_dtype_torchscript_and_drop_connect(tmp_path):
     args, state = _setup(tmp_path, '--experiment', 'bf16', '--model-dtype', 'bfloat16', '--torchscript',
                          '--drop-connect', '0.1', *PGD1)
     assert args.drop_path == 0.1
-    model = state['task'].unwrapped_model
+    model = state.task.unwrapped_model
     assert isinstance(model, torch.jit.ScriptModule)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert next(iter(state['loader_train']))[0].dtype == torch.bfloat16
+    assert next(iter(state.loaders.train))[0].dtype == torch.bfloat16
     assert 'pgd_top1' in train.train(args, state)  # the attack backpropagates through the scripted bf16 model
 
 
@@ -192,11 +192,11 @@ def test_scheduled_sizes_and_augmentation_flags_reach_timm_loader(tmp_path):
     args, state = _setup(tmp_path, '-c', str(tmp_path / 'aug.yaml'), '--experiment', 'vr', '--train-img-sizes', '24', '32', '--train-batch-sizes', '16',
                          '8', '--variable-batch-loss-scale', 'sqrt', '--grayscale-prob', '0.5',
                          '--gaussian-blur-prob', '0.5', '--color-jitter-prob', '0.5')
-    sizes = {tuple(input.shape[-2:]) + (input.shape[0],) for input, _ in state['loader_train']}
+    sizes = {tuple(input.shape[-2:]) + (input.shape[0],) for input, _ in state.loaders.train}
     assert sizes <= {(24, 24, 16), (32, 32, 8)} and len(sizes) == 2
-    assert state['batch_size_reference'] == pytest.approx(12.0)
-    assert train._batch_loss_scale(args, 8, state['batch_size_reference']) == pytest.approx((8 / 12) ** 0.5)
-    transforms = repr(state['loader_train'].dataset.transforms[0])
+    assert state.loaders.batch_size_reference == pytest.approx(12.0)
+    assert train._batch_loss_scale(args, 8, state.loaders.batch_size_reference) == pytest.approx((8 / 12) ** 0.5)
+    transforms = repr(state.loaders.train.dataset.transforms[0])
     assert 'RandomGrayscale' in transforms and 'GaussianBlur' in transforms
 
 

@@ -26,7 +26,7 @@ def test_parser_takes_every_timm_validate_flag():
     with open(os.path.join(DATA, 'timm_validate_flags.txt')) as f:
         timm_flags = [line.strip() for line in f if line.strip() and not line.startswith('#')]
     ours = set()
-    for action in validate._build_parser()._actions:
+    for action in validate.build_parser()._actions:
         ours.update(action.option_strings or [action.dest])
     missing = [flag for flag in timm_flags if flag not in ours]
     assert not missing, f'timm validate.py flags our validate.py lacks: {missing}'

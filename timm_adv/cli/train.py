@@ -1,11 +1,11 @@
-#!/usr/bin/env python3
-"""timm-adv training script: timm's train.py flags plus ``--adv-*`` adversarial training.
+"""timm-adv training: timm's train.py flags plus ``--adv-*`` adversarial training.
 
 Built from timm's library pieces (create_model, create_dataset/create_loader, create_optimizer_v2,
 create_scheduler_v2, ModelEmaV3 through the task, CheckpointSaver, timm.task). An adversarial
 method is a timm task chosen with ``--adv-method``; everything else reads like a timm command:
 
     python train.py --model resnet10t --adv-method pgd --adv-eps 8/255 --adv-steps 7 --epochs 8
+    timm-adv-train --model resnet10t --adv-method pgd --adv-eps 8/255 --adv-steps 7 --epochs 8  # installed
 
 Without ``--data-dir`` / ``--dataset`` it trains on the bundled offline dataset ``bundled/mnist``.
 Distributed training: ``torchrun --nproc_per_node N train.py ...`` (gloo on CPU, nccl on CUDA).
@@ -18,8 +18,11 @@ import sys
 import time
 from collections import OrderedDict, defaultdict
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -32,25 +35,27 @@ from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_
 from timm.models import create_model, load_checkpoint, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.scheduler.scheduler import Scheduler
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 
-from timm_adv.attacks import create_attack, unwrap_ddp
-from timm_adv.data import (DEFAULT_DATASET, UnreadableImageError, apply_bundled_defaults, apply_dataset_recipe,
-                           create_train_loaders, default_workers, format_recipe, is_bundled, is_fine_tuning,
-                           is_iterable_dataset, resolve_dataset_name, set_loader_epoch, unreadable_image_message)
-from timm_adv.evaluation import (add_overfit_guard_args, check_overfit_guard_args, create_overfit_guard, evaluate_accuracy,
-                                 evaluate_robust_accuracy, validation_protocol)
+from timm_adv.attacks import PGDAttack, create_attack, unwrap_ddp
+from timm_adv.data import (DEFAULT_DATASET, TrainLoaders, UnreadableImageError, apply_bundled_defaults,
+                           apply_dataset_recipe, create_train_loaders, default_workers, format_recipe, is_bundled,
+                           is_fine_tuning, is_iterable_dataset, resolve_dataset_name, set_loader_epoch,
+                           unreadable_image_message)
+from timm_adv.evaluation import (OverfitGuard, add_overfit_guard_args, check_overfit_guard_args, create_overfit_guard,
+                                 evaluate_accuracy, evaluate_robust_accuracy, validation_protocol)
 from timm_adv.loss import create_train_criterion
 from timm_adv.models import load_mae_weights, resolve_mae_weights, warn_mae_normalisation
-from timm_adv.tasks import add_adv_args, check_adv_args, create_task, get_method
+from timm_adv.tasks import AdversarialTask, add_adv_args, check_adv_args, create_task, get_method
 from timm_adv.tasks.distill import create_teacher, prepare_kd_model
 from timm_adv.tasks.arg_types import bounded_type
 from timm_adv.utils import (CheckpointError, CheckpointWriteError, Preempted, PreemptionHandler, RecoverySaver,
-                            ResumableBatches, check_compile_args, check_layer_decay, check_state_dict_matches,
-                            check_timm_args, check_writable, checkpoint_position, checkpoint_state_dict,
-                            create_wandb_logger, explicit_args, gather_rng_states, init_distributed_device,
-                            read_checkpoint, resolve_auto_resume, save_recovery, scrub, set_rng_state,
-                            split_config_keys, start_epoch_rng, sync_lookahead)
+                            ResumableBatches, atomic_write, check_compile_args, check_layer_decay,
+                            check_state_dict_matches, check_timm_args, check_writable, checkpoint_position,
+                            checkpoint_state_dict, create_wandb_logger, explicit_args, gather_rng_states,
+                            init_distributed_device, read_checkpoint, resolve_auto_resume, save_recovery, scrub,
+                            set_rng_state, split_config_keys, start_epoch_rng, sync_lookahead)
 
 _logger = logging.getLogger('train')
 
@@ -59,9 +64,27 @@ config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE
                            help='YAML config file specifying default arguments (a timm args.yaml works)')
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description='timm-adv ImageNet-style training with adversarial methods')
+def build_parser() -> argparse.ArgumentParser:
+    """The train.py parser: timm's train.py argument groups in timm's order (dataset, model, device, optimizer,
+    LR schedule, augmentation, batch norm, EMA, miscellaneous, variable resolution, NaFlex), then ours
+    (adversarial training with each method's flags, knowledge distillation, the catastrophic-overfitting guard).
 
+    ``-c/--config`` is ``config_parser``'s, read first; :func:`parse_args` adds the config, the dataset recipe
+    and the checks of flag combinations.
+
+    Example:
+        >>> build_parser().parse_args(['--adv-method', 'pgd']).adv_steps is None  # unset: the method's default
+        True
+    """
+    parser = argparse.ArgumentParser(description='timm-adv ImageNet-style training with adversarial methods')
+    for add_group in (_add_dataset_args, _add_model_args, _add_device_args, _add_optimizer_args, _add_schedule_args,
+                      _add_augmentation_args, _add_batch_norm_args, _add_ema_args, _add_misc_args,
+                      _add_variable_resolution_args, _add_naflex_args, add_adv_args, add_overfit_guard_args):
+        add_group(parser)
+    return parser
+
+
+def _add_dataset_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Dataset parameters')
     group.add_argument('data', nargs='?', metavar='DIR', const=None, help='path to dataset (positional is *deprecated*, use --data-dir)')
     group.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
@@ -85,6 +108,8 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
                        help='allow Hugging Face datasets that run their own code (trust_remote_code)')
 
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Model parameters')
     group.add_argument('--model', default='resnet10t', type=str, metavar='MODEL', help='name of model to train (default: resnet10t)')
     group.add_argument('--pretrained', action='store_true', default=False, help='start with pretrained version of specified network (if avail)')
@@ -121,6 +146,8 @@ def _build_parser() -> argparse.ArgumentParser:
     scripting_group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                                  help='Enable compilation w/ specified backend (default: inductor).')
 
+
+def _add_device_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Device parameters')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str, help='device to use for training')
     group.add_argument('--amp', action='store_true', default=False, help='use mixed precision training')
@@ -132,6 +159,8 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--dist-backend', default=None, type=str, help='torch.distributed backend (default: nccl on CUDA, gloo on CPU)')
     group.add_argument('--device-modules', default=None, type=str, nargs='+', help='Python imports for device backend modules')
 
+
+def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Optimizer parameters')
     group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='optimizer (default: "sgd")')
     group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON', help='optimizer epsilon (default: None, use opt default)')
@@ -146,6 +175,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help='layer-wise lr decay scale below which parameters are frozen (not optimised) (default: None)')
     group.add_argument('--opt-kwargs', nargs='*', default={}, action=utils.ParseKwargs)
 
+
+def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Learning rate schedule parameters')
     group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='LR scheduler (default: "cosine"')
     group.add_argument('--sched-on-updates', action='store_true', default=False, help='apply LR scheduler step on update instead of epoch end')
@@ -174,6 +205,8 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--patience-epochs', type=int, default=10, metavar='N', help='patience epochs for Plateau LR scheduler (default: 10)')
     group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='LR decay rate (default: 0.1)')
 
+
+def _add_augmentation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Augmentation and regularization parameters')
     group.add_argument('--no-aug', action='store_true', default=False, help='disable all training augmentation, override other train aug args')
     group.add_argument('--train-crop-mode', type=str, default=None, help='crop-mode in train')
@@ -211,6 +244,8 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='drop path rate (default: None)')
     group.add_argument('--drop-block', type=float, default=None, metavar='PCT', help='drop block rate (default: None)')
 
+
+def _add_batch_norm_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Batch norm parameters', 'only works with gen_efficientnet based models currently')
     group.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum override (if not None)')
     group.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon override (if not None)')
@@ -218,12 +253,16 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--dist-bn', type=str, default='reduce', help='distribute BatchNorm stats between nodes after each epoch ("broadcast", "reduce", or "")')
     group.add_argument('--split-bn', action='store_true', help='enable separate BN layers per augmentation split (with --aug-splits)')
 
+
+def _add_ema_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Model exponential moving average parameters')
     group.add_argument('--model-ema', action='store_true', default=False, help='enable tracking moving average of model weights.')
     group.add_argument('--model-ema-force-cpu', action='store_true', default=False, help='force ema to be tracked on CPU, rank=0 node only. Disables EMA validation.')
     group.add_argument('--model-ema-decay', type=float, default=0.9998, help='decay factor for model weights moving average (default: 0.9998)')
     group.add_argument('--model-ema-warmup', action='store_true', help='enable warmup for model EMA decay.')
 
+
+def _add_misc_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Miscellaneous parameters')
     group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
     group.add_argument('--worker-seeding', type=str, default='all', help='worker seed mode (default: all)')
@@ -248,6 +287,8 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--wandb-tags', default=[], type=str, nargs='+', help='wandb tags')
     group.add_argument('--wandb-resume-id', default='', type=str, metavar='ID', help='if resuming a run, the id of the run in wandb')
 
+
+def _add_variable_resolution_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Variable-resolution training parameters')
     group.add_argument('--train-img-sizes', type=int, nargs='+', default=None,
                        help='training image sizes sampled per batch (timm scheduled loader; default: off)')
@@ -262,6 +303,8 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--variable-batch-loss-scale', default='none', type=str, choices=('none', 'sqrt', 'linear'),
                        help='scale gradients relative to the policy-average scheduled batch size')
 
+
+def _add_naflex_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('NaFlex loader parameters (refused: attacks perturb image tensors)')
     group.add_argument('--naflex-loader', action='store_true', default=False, help='use NaFlex loader (not supported with timm-adv)')
     group.add_argument('--naflex-train-seq-lens', type=int, nargs='+', default=[128, 256, 576, 784, 1024], help='NaFlex train sequence lengths')
@@ -271,14 +314,10 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument('--naflex-loss-scale', default='linear', type=str, choices=('none', 'sqrt', 'linear'), help='NaFlex loss scaling')
     group.add_argument('--naflex-patchify-channels-first', action='store_true', default=False, help='NaFlex patchify channel order')
 
-    add_adv_args(parser)
-    add_overfit_guard_args(parser)
-    return parser
-
 
 def parse_args(argv=None):
     """Parses ``argv`` the way timm's train.py does: a YAML config sets defaults, flags override."""
-    parser = _build_parser()
+    parser = build_parser()
     args_config, remaining = config_parser.parse_known_args(argv)
     cfg = {}
     if args_config.config:
@@ -367,13 +406,6 @@ def _output_dir(args, data_config) -> str:
                          f'--resume {last} to continue it, or choose another --experiment; nothing was overwritten.')
     check_writable(output_dir, '--output')  # now, not after the first epoch
     return output_dir
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _amp_setup(args, device):
@@ -570,7 +602,53 @@ def create_robust_validation(args, data_config, loader_robust, device, amp_autoc
     return val_attack, overfit_guard
 
 
-def setup(args):
+@dataclass
+class TrainSetup:
+    """What :func:`setup` builds and :func:`train` runs.
+
+    Attributes:
+        device: The process's device.
+        task: The method's task (compiled with ``--torchcompile``, its trainable module DDP-wrapped when
+            distributed).
+        optimizer: timm's optimizer over the task's trainable parameters.
+        amp_autocast: Context-manager factory: ``torch.autocast`` with the AMP dtype, or ``nullcontext``.
+        loss_scaler: timm's ``NativeScaler`` under float16 AMP, else None.
+        loaders: Training, validation and robust-validation loaders, mixup and the reference batch size.
+        lr_scheduler: timm's scheduler, stepped to where the run starts.
+        num_epochs: Epochs of the schedule (timm's ``create_scheduler_v2``, cooldown included).
+        start_epoch: First epoch to run (0, or where a resumed checkpoint stopped).
+        output_dir: The run's folder (primary process only, else None).
+        data_config: timm's resolved data config (input size, mean, std, ...).
+        val_attack: The per-epoch robust-validation PGD attack.
+        overfit_guard: The catastrophic-overfitting guard, or None.
+        resume_position: A recovery checkpoint's epoch and batches done (the run continues mid-epoch), or None.
+        resume_rng: This process's random state saved with the resumed checkpoint, or None.
+        preemption: The signal handler while :func:`main` trains, else None.
+
+    Example:
+        >>> args, _ = parse_args(['--model', 'resnet10t', '--epochs', '1'])
+        >>> state = setup(args)
+        >>> train(args, state)  # epochs state.start_epoch .. state.num_epochs - 1
+    """
+    device: torch.device
+    task: AdversarialTask
+    optimizer: torch.optim.Optimizer
+    amp_autocast: Callable
+    loss_scaler: Optional[utils.NativeScaler]
+    loaders: TrainLoaders
+    lr_scheduler: Scheduler
+    num_epochs: int
+    start_epoch: int
+    output_dir: Optional[str]
+    data_config: dict
+    val_attack: PGDAttack
+    overfit_guard: Optional[OverfitGuard]
+    resume_position: Optional[dict]
+    resume_rng: Optional[dict]
+    preemption: Optional[PreemptionHandler] = None
+
+
+def setup(args) -> TrainSetup:
     """Everything before the first epoch, phase by phase as in timm's train.py."""
     args.resume = resolve_auto_resume(args.resume, args.output, args.experiment)
     _check_paths(args)
@@ -603,13 +681,11 @@ def setup(args):
                                                      position['batches'] if position else 0)
 
     val_attack, overfit_guard = create_robust_validation(args, data_config, loaders.robust, device, amp_autocast)
-    return dict(
+    return TrainSetup(
         device=device, task=task, optimizer=optimizer, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
-        loader_train=loaders.train, loader_eval=loaders.eval, loader_robust=loaders.robust,
-        mixup_fn=loaders.mixup_fn, batch_size_reference=loaders.batch_size_reference,
-        lr_scheduler=lr_scheduler, num_epochs=num_epochs, start_epoch=start_epoch, output_dir=output_dir,
-        data_config=data_config, val_attack=val_attack, overfit_guard=overfit_guard, resume_position=position,
-        resume_rng=resume_rng,
+        loaders=loaders, lr_scheduler=lr_scheduler, num_epochs=num_epochs, start_epoch=start_epoch,
+        output_dir=output_dir, data_config=data_config, val_attack=val_attack, overfit_guard=overfit_guard,
+        resume_position=position, resume_rng=resume_rng,
     )
 
 
@@ -755,74 +831,74 @@ def validate_epoch(task, loader_eval, loader_robust, val_attack, args, device, a
     return metrics
 
 
-def _create_saver(args, state):
+def _create_saver(args, state: TrainSetup):
     # primary process only: the run's args.yaml, checkpoint saver and (with --log-wandb) wandb run
-    output_dir, task = state['output_dir'], state['task']
+    output_dir, task = state.output_dir, state.task
     os.makedirs(output_dir, exist_ok=True)
     # secrets (tokens in the args or the environment) never reach a file; local paths stay for -c args.yaml
-    _write_atomic(os.path.join(output_dir, 'args.yaml'),
-                  yaml.safe_dump(scrub(args.__dict__, machine=False), default_flow_style=False))
+    args_text = yaml.safe_dump(scrub(args.__dict__, machine=False), default_flow_style=False)
+    atomic_write(os.path.join(output_dir, 'args.yaml'), lambda tmp: Path(tmp).write_text(args_text))
     saver = RecoverySaver(
-        model=unwrap_ddp(task.get_eval_model()), optimizer=state['optimizer'], args=scrub(args, machine=False),
-        amp_scaler=state['loss_scaler'], checkpoint_dir=output_dir, recovery_dir=output_dir,
+        model=unwrap_ddp(task.get_eval_model()), optimizer=state.optimizer, args=scrub(args, machine=False),
+        amp_scaler=state.loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
         decreasing='loss' in args.eval_metric, max_history=args.checkpoint_hist, task=task)
     if args.resume and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), output_dir):
         if hasattr(saver, 'load_state_dict_from_checkpoint'):
             saver.load_state_dict_from_checkpoint(args.resume)
     wandb_logger = create_wandb_logger(args, os.path.basename(output_dir)) if args.log_wandb else None
-    _logger.info(f'Scheduled epochs: {state["num_epochs"]}. Output: {output_dir}. '
+    _logger.info(f'Scheduled epochs: {state.num_epochs}. Output: {output_dir}. '
                  f'Method: {args.adv_method} ({type(task).__name__}), attack: {task.attack!r}')
     return saver, wandb_logger
 
 
-def _evaluate(args, state, epoch: int) -> dict:
+def _evaluate(args, state: TrainSetup, epoch: int) -> dict:
     """Clean and robust validation, plus the overfitting guard's columns.
 
     With ``--model-ema`` (EMA validated, i.e. not ``--model-ema-force-cpu``) the EMA's metrics replace the
     model's, as in timm: they fill ``summary.csv``, choose ``model_best`` and drive a plateau schedule.
     The guard watches the trained model, whose catastrophic overfitting it acts on.
     """
-    task, device, amp_autocast = state['task'], state['device'], state['amp_autocast']
-    eval_metrics = validate_epoch(task, state['loader_eval'], state['loader_robust'], state['val_attack'], args,
+    task, device, amp_autocast = state.task, state.device, state.amp_autocast
+    eval_metrics = validate_epoch(task, state.loaders.eval, state.loaders.robust, state.val_attack, args,
                                   device, amp_autocast=amp_autocast)
     guard_metrics = {}
-    if state['overfit_guard'] is not None:
-        guard_metrics = state['overfit_guard'].check(epoch, task, state['optimizer'], eval_metrics.get('pgd_top1'))
+    if state.overfit_guard is not None:
+        guard_metrics = state.overfit_guard.check(epoch, task, state.optimizer, eval_metrics.get('pgd_top1'))
     if task.has_ema() and not args.model_ema_force_cpu:
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             utils.distribute_bn(task.get_trainable_module(ema=True), args.world_size, args.dist_bn == 'reduce')
-        eval_metrics = validate_epoch(task, state['loader_eval'], state['loader_robust'], state['val_attack'],
+        eval_metrics = validate_epoch(task, state.loaders.eval, state.loaders.robust, state.val_attack,
                                       args, device, amp_autocast=amp_autocast, ema=True)
     eval_metrics.update(guard_metrics)
     return eval_metrics
 
 
-def train(args, state) -> dict:
+def train(args, state: TrainSetup) -> dict:
     """Runs the epochs set up by :func:`setup`; returns the last epoch's metrics."""
-    task, optimizer, device = state['task'], state['optimizer'], state['device']
-    output_dir, num_epochs = state['output_dir'], state['num_epochs']
+    task, optimizer, device = state.task, state.optimizer, state.device
+    output_dir, num_epochs = state.output_dir, state.num_epochs
     saver, wandb_logger = _create_saver(args, state) if utils.is_primary(args) else (None, None)
 
     eval_metrics = {}
-    protocol = validation_protocol(args, state['loader_eval'], state['loader_robust'], state['val_attack'])
-    if state['resume_rng'] is not None:
-        set_rng_state(state['resume_rng'])  # where the killed run stood after saving this checkpoint
-    for epoch in range(state['start_epoch'], num_epochs):
-        position = state['resume_position'] if epoch == state['start_epoch'] else None
+    protocol = validation_protocol(args, state.loaders.eval, state.loaders.robust, state.val_attack)
+    if state.resume_rng is not None:
+        set_rng_state(state.resume_rng)  # where the killed run stood after saving this checkpoint
+    for epoch in range(state.start_epoch, num_epochs):
+        position = state.resume_position if epoch == state.start_epoch else None
         epoch_rng = start_epoch_rng(position, args.rank)  # a recovery point: where its epoch started
-        loader_train = state['loader_train']
+        loader_train = state.loaders.train
         set_loader_epoch(loader_train, epoch)
         task.on_epoch_start(epoch)
         train_metrics, step_cost = train_one_epoch(
-            epoch, task, loader_train, optimizer, args, device, lr_scheduler=state['lr_scheduler'],
-            amp_autocast=state['amp_autocast'], loss_scaler=state['loss_scaler'], mixup_fn=state['mixup_fn'],
-            saver=saver, output_dir=output_dir, batch_size_reference=state['batch_size_reference'],
-            preemption=state.get('preemption'), position=position, epoch_rng=epoch_rng)
+            epoch, task, loader_train, optimizer, args, device, lr_scheduler=state.lr_scheduler,
+            amp_autocast=state.amp_autocast, loss_scaler=state.loss_scaler, mixup_fn=state.loaders.mixup_fn,
+            saver=saver, output_dir=output_dir, batch_size_reference=state.loaders.batch_size_reference,
+            preemption=state.preemption, position=position, epoch_rng=epoch_rng)
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
         if (epoch + 1) % args.val_interval != 0 and epoch + 1 != num_epochs:
             # timm's --val-interval: no validation, summary row or checkpoint this epoch
-            state['lr_scheduler'].step(epoch + 1, None)
+            state.lr_scheduler.step(epoch + 1, None)
             continue
         eval_metrics = _evaluate(args, state, epoch)
         rng_states = gather_rng_states(args.distributed)
@@ -838,12 +914,12 @@ def train(args, state) -> dict:
             saver.validation = dict(epoch=epoch, metrics=dict(eval_metrics), protocol=protocol)  # for the model card
             saver.save_checkpoint(epoch, metric=eval_metrics.get(args.eval_metric))
             saver.rng_states = saver.validation = None  # recovery checkpoints are saved mid-epoch
-        stop = state['preemption'].requested() if state.get('preemption') is not None else 0
+        stop = state.preemption.requested() if state.preemption is not None else 0
         if stop:  # signalled during validation: last.pth.tar is the recovery point
             raise Preempted(stop)
-        if state['overfit_guard'] is not None and state['overfit_guard'].act(task, optimizer):
+        if state.overfit_guard is not None and state.overfit_guard.act(task, optimizer):
             break
-        state['lr_scheduler'].step(epoch + 1, eval_metrics.get(args.eval_metric))
+        state.lr_scheduler.step(epoch + 1, eval_metrics.get(args.eval_metric))
     if saver is not None and saver.best_metric is not None:
         _logger.info(f'*** Best metric: {saver.best_metric} (epoch {saver.best_epoch})')
     if wandb_logger is not None:
@@ -860,7 +936,7 @@ def main(argv=None) -> dict:
         print(f'train.py: error: {e}', file=sys.stderr)
         sys.exit(2)
     try:
-        with PreemptionHandler(args.distributed, state['device']) as state['preemption']:
+        with PreemptionHandler(args.distributed, state.device) as state.preemption:
             metrics = train(args, state)  # a signal: recovery checkpoint, then exit 128 + signal (Preempted)
     except CheckpointWriteError as e:  # disk full / read-only: one line; the previous checkpoints are intact
         print(f'train.py: error: {e.strerror}', file=sys.stderr)

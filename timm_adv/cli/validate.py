@@ -1,8 +1,9 @@
-#!/usr/bin/env python3
 """timm-adv validation: timm's validate.py flags plus clean and adversarial (FGSM / PGD) accuracy.
 
     python validate.py --model resnet10t --checkpoint output/train/run/model_best.pth.tar \\
         --attack pgd --eps 0.1 --steps 20
+
+(installed: ``timm-adv-validate``, the same flags).
 
 Models load by name (with ``--pretrained``), from ``hf-hub:org/name`` or ``local-dir:/path``, and
 from any timm or timm-adv training checkpoint (``--checkpoint``). Without ``--data-dir`` /
@@ -47,7 +48,8 @@ from timm_adv.utils import ProgressLog, explicit_args, load_training_checkpoint
 _logger = logging.getLogger('validate')
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The validate.py parser: timm's validate.py flags, then the attack and evaluation ones."""
     parser = argparse.ArgumentParser(description='timm-adv validation: clean and adversarial accuracy')
     parser.add_argument('data', nargs='?', metavar='DIR', const=None, help='path to dataset (*deprecated*, use --data-dir)')
     parser.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
@@ -336,7 +338,7 @@ def apply_protocol(args: argparse.Namespace, explicit) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _build_parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         explicit = explicit_args(parser, argv)

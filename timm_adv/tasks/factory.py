@@ -16,7 +16,7 @@ __all__ = ['add_adv_args', 'check_adv_args', 'create_task', 'method_args', 'meth
 
 
 def add_adv_args(parser: argparse.ArgumentParser) -> None:
-    """Adds the ``--adv-*`` group (common attack flags, then each method's own flags).
+    """Adds the ``--adv-*`` groups: the common attack flags, then a group of each method's own flags.
 
     Unset attack flags fall back to the chosen method's defaults (``attack_defaults``).
     """
@@ -48,8 +48,8 @@ def add_adv_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--adv-val-samples', type=int, default=None, metavar='N',
                        help='size of the fixed validation subset attacked each epoch; 0 disables (default: 500 '
                             'with an adversarial method, 0 with --adv-method none, i.e. timm\'s validation only)')
-    for name in list_methods():
-        get_method(name).add_args(group)
+    for name in list_methods():  # a help section per method (one with no flags of its own shows none)
+        get_method(name).add_args(parser.add_argument_group(f'--adv-method {name} parameters'))
     add_kd_args(parser)
 
 
