@@ -81,7 +81,7 @@ def _validation_section(record: Mapping, checkpoint: Optional[str]) -> str:
     from timm_adv.evaluation import validation_rows
     source = ('the checkpoint' if record.get('source') == 'checkpoint' else
               "the run's summary.csv, protocol from its training arguments")
-    text = [f'### Validation during training\n',
+    text = ['### Validation during training\n',
             f'train.py validated every epoch; these are the figures of epoch {record.get("epoch")}, the exported '
             f'checkpoint{" " + checkpoint if checkpoint else ""}, read from {source}. The robust figure '
             'is PGD on a fixed evenly spaced subset of the split, the model in eval mode; eps in pixel units.\n',
