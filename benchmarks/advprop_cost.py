@@ -30,15 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from timm_adv.attacks import create_attack, parse_eps  # noqa: E402
 from timm_adv.tasks import AdvPropTask, StandardTask  # noqa: E402
 from timm_adv.tasks.advprop import advprop_steps  # noqa: E402
-from common import add_common_args, ideal_time, interleaved_median_times  # noqa: E402  (benchmarks/common.py)
+from common import add_common_args, ideal_time, interleaved_median_times, task_update  # noqa: E402  (benchmarks/common.py)
 
 
 def _train_step(task: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor, torch.Tensor], None]:
     def step(x, y):
-        loss = task(x, y)['loss']
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        task_update(task, optimizer, x, y)
     return step
 
 

@@ -6,7 +6,7 @@ from typing import Callable, Dict, List, Mapping, Tuple, TypeVar
 
 import torch
 
-__all__ = ['add_common_args', 'sync', 'timed', 'median_time', 'interleaved_median_times', 'ideal_time']
+__all__ = ['add_common_args', 'sync', 'timed', 'median_time', 'interleaved_median_times', 'ideal_time', 'task_update']
 
 T = TypeVar('T')
 
@@ -48,6 +48,19 @@ def interleaved_median_times(fns: Dict[str, Callable[[], None]], steps: int, war
         for name, fn in fns.items():
             times[name].append(timed(fn, device)[1])
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def task_update(task: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """One training update of a timm-adv task on ``(x, y)``, as train.py makes it: loss, backward, step; its outputs.
+
+    Example:
+        >>> seconds = median_time(lambda: task_update(task, optimizer, x, y), steps=10, warmup=2, device=device)
+    """
+    out = task(x, y)
+    out['loss'].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
 
 
 def ideal_time(cost: Mapping[str, float], unit_seconds: Mapping[str, float]) -> float:

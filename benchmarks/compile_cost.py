@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import add_common_args, interleaved_median_times, timed  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import add_common_args, interleaved_median_times, task_update, timed  # noqa: E402  (benchmarks/common.py, beside this script)
 from timm_adv.attacks import attack_bn_mode, frozen_parameters, input_gradient  # noqa: E402
 from timm_adv.tasks import add_adv_args, create_task  # noqa: E402
 from timm_adv.utils import check_compile_args, compiled_graphs  # noqa: E402
@@ -44,9 +44,7 @@ def _stepper(task, x, y):
     optimizer = torch.optim.SGD(task.unwrapped_model.parameters(), lr=0.01, momentum=0.9)
 
     def step():
-        task(x, y)['loss'].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        task_update(task, optimizer, x, y)
     return step
 
 

@@ -47,7 +47,7 @@ from timm_adv.data import BundledMnist  # noqa: E402
 from timm_adv.tasks import DATTask, StandardTask  # noqa: E402
 from timm_adv.utils import checkpoint_state_dict, read_checkpoint  # noqa: E402
 from timm_adv.vqgan import create_vqgan, peak_memory_bytes  # noqa: E402
-from common import ideal_time, interleaved_median_times, timed  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import ideal_time, interleaved_median_times, task_update, timed  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 class _Sections:
@@ -175,10 +175,7 @@ def main(argv=None) -> Dict[str, float]:
 
     def step(name):
         def run():
-            out = tasks[name](x, y)
-            out['loss'].backward()
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
+            out = task_update(tasks[name], optimizers[name], x, y)
             if name == 'ours':
                 changed.append(float(out['dat_samples_changed']))
         return run

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timm_adv.tasks import add_adv_args, create_task  # noqa: E402
-from common import add_common_args, interleaved_median_times  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import add_common_args, interleaved_median_times, task_update  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 def _task(method, flags, model_name, num_classes, eps, seed, device, mean, std):
@@ -48,9 +48,7 @@ def _step(name, task, optimizer, x, y):
         if name.startswith('fgsm-sdi'):
             # choose whether this batch updates the generator (it does when batches_seen % k == 0)
             task.batches_seen = 0 if name.endswith('generator batch') else 1
-        task(x, y)['loss'].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        task_update(task, optimizer, x, y)
     return step
 
 

@@ -25,7 +25,7 @@ from timm_adv.cli import train as train_script  # noqa: E402  (the same argument
 from timm_adv.attacks import PixelNormalizer, input_gradient  # noqa: E402
 from timm_adv.data import DEFAULT_DATASET, apply_bundled_defaults  # noqa: E402
 from timm_adv.tasks import create_task, get_method, list_methods  # noqa: E402
-from common import add_common_args, ideal_time, median_time  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import add_common_args, ideal_time, median_time, task_update  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 def _rss_mb() -> float:
@@ -68,10 +68,7 @@ def measure(method: str, bench_args, train_argv, device, x, y):
     optimizer = torch.optim.SGD(task.unwrapped_model.parameters(), lr=0.01, momentum=0.9)
 
     def step():
-        loss = task(x, y)['loss']
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        task_update(task, optimizer, x, y)
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()

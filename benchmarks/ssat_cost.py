@@ -23,7 +23,7 @@ from timm_adv.attacks import create_knn_guided_attack  # noqa: E402
 from timm_adv.data import ViewAugment, create_bank_loader  # noqa: E402
 from timm_adv.layers import insert_projection_head  # noqa: E402
 from timm_adv.tasks import ContrastiveTask, SSATTask  # noqa: E402
-from common import median_time  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import median_time, task_update  # noqa: E402  (benchmarks/common.py, beside this script)
 
 CPU = torch.device('cpu')
 
@@ -31,9 +31,7 @@ CPU = torch.device('cpu')
 def _train_step(task, optimizer, x, y):
     def step():
         task.train()
-        task(x, y)['loss'].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        task_update(task, optimizer, x, y)
     return step
 
 
