@@ -46,7 +46,7 @@ def test_cli_reference_lists_every_option_of_every_parser():
     for _, module, attribute in hook.COMMANDS:
         for option in _option_strings(hook.load_parser(module, attribute)):
             assert f'{option}' in page.replace('&#95;', '_'), f'{module}.{attribute}: {option} missing from the CLI page'
-    assert '### python -m timm_adv.hub export' in page and '### python -m timm_adv.vqgan fit' in page
+    assert '### timm-adv-hub export' in page and '### timm-adv-vqgan fit' in page
 
 
 def test_docs_and_readme_point_nowhere_outside_the_repo():

@@ -14,11 +14,11 @@ from typing import Any, Iterator, List, Tuple
 #: (command as users type it, module, attribute: a parser or a function returning one). Rows that share a
 #: command render as one section (train.py's ``-c`` config parser runs before its main parser).
 COMMANDS = [
-    ('timm-adv-train (train.py)', 'timm_adv.cli.train', 'config_parser'),
-    ('timm-adv-train (train.py)', 'timm_adv.cli.train', 'build_parser'),
-    ('timm-adv-validate (validate.py)', 'timm_adv.cli.validate', 'build_parser'),
-    ('timm-adv-hub (python -m timm_adv.hub)', 'timm_adv.hub.__main__', '_parser'),
-    ('timm-adv-vqgan (python -m timm_adv.vqgan)', 'timm_adv.vqgan.__main__', '_parser'),
+    ('timm-adv-train', 'timm_adv.cli.train', 'config_parser'),
+    ('timm-adv-train', 'timm_adv.cli.train', 'build_parser'),
+    ('timm-adv-validate', 'timm_adv.cli.validate', 'build_parser'),
+    ('timm-adv-hub', 'timm_adv.hub.__main__', '_parser'),
+    ('timm-adv-vqgan', 'timm_adv.vqgan.__main__', '_parser'),
 ]
 
 MARKER = '<!-- cli-reference -->'
