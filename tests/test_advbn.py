@@ -306,10 +306,12 @@ def test_grad_checkpointing_is_refused_at_start_up(capsys):
 
 
 def test_bad_input(capsys):
-    with pytest.raises(ValueError, match=r"--adv-advbn-stage 'layer9'.*act1, layer1, layer2, layer3, layer4"):
+    with pytest.raises(ValueError, match=r"^after 'layer9'.*act1, layer1, layer2, layer3, layer4"):
         insert_advbn(_model(), after='layer9', input_size=(3, 32, 32))
-    with pytest.raises(ValueError, match='--adv-advbn-stage 7'):
+    with pytest.raises(ValueError, match='^after 7'):
         insert_advbn(_model(), after=7, input_size=(3, 32, 32))
+    with pytest.raises(ValueError, match=r"^--adv-advbn-stage 'layer9'.*act1, layer1"):  # the flag, through train.py
+        AdvBNTask.prepare_model(_model(), _args('--adv-advbn-stage', 'layer9'))
     with pytest.raises(ValueError, match='token model'):
         insert_advbn(_model('test_vit'), input_size=(3, 32, 32))
     mixer = MlpMixer(num_classes=NUM_CLASSES, img_size=32, patch_size=8, num_blocks=2, embed_dim=32)

@@ -22,6 +22,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from timm_adv.utils.errors import ParameterError
+
 from .dual_batchnorm import convert_dual_bn, dual_bn_layers
 from .transparent import register_transparent_child
 
@@ -133,13 +135,13 @@ def _resolve_stage(model: nn.Module, after: Union[str, int, None]) -> Tuple[str,
     elif isinstance(after, int) or str(after).isdigit():
         index = int(after)
         if not 0 <= index < len(stages):
-            raise ValueError(f'--adv-advbn-stage {after}: {type(model).__name__} has {len(stages)} stages, choose an '
-                             f'index 0..{len(stages) - 1} or a name: {", ".join(stages)}.')
+            raise ParameterError('after', f'{after}: {type(model).__name__} has {len(stages)} stages, choose an '
+                                          f'index 0..{len(stages) - 1} or a name: {", ".join(stages)}.')
     elif after in stages:
         index = stages.index(after)
     else:
-        raise ValueError(f'--adv-advbn-stage {after!r}: {type(model).__name__} has no such stage; choose one of its '
-                         f'feature_info stages: {", ".join(stages)} (or their index).')
+        raise ParameterError('after', f'{after!r}: {type(model).__name__} has no such stage; choose one of its '
+                                      f'feature_info stages: {", ".join(stages)} (or their index).')
     return stages[index], info[index].get('num_chs')
 
 

@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn as nn
 
+from timm_adv.utils.errors import ParameterError
+
 __all__ = ['PreActResBlock', 'SDIGenerator', 'create_sdi_generator']
 
 
@@ -58,7 +60,7 @@ class SDIGenerator(nn.Module):
     def __init__(self, eps: float, in_chans: int = 3, width: int = 64):
         super().__init__()
         if not eps > 0:
-            raise ValueError(f'SDIGenerator eps must be > 0, got {eps} (--adv-eps).')
+            raise ParameterError('eps', f'must be > 0, got {eps}.')
         if in_chans < 1 or width < 1:
             raise ValueError(f'SDIGenerator needs in_chans >= 1 and width >= 1, got {in_chans}, {width} '
                              f'(--in-chans / --adv-sdi-width).')

@@ -33,6 +33,8 @@ from timm_adv.attacks import FeatureStatsAttack, perturb_feature_stats
 from timm_adv.layers import (
     AdvBN, dual_bn_layers, dual_bn_route, get_advbn, insert_advbn, set_dual_bn_route, strip_advbn, strip_aux_bn,
 )
+from timm_adv.utils.errors import flag_errors
+
 from .arg_types import bounded_type, eps_type
 from .aux_bn_state import AuxBNStateMixin
 from .base import AdversarialTask, top1
@@ -77,7 +79,7 @@ class AdvBNTask(AuxBNStateMixin, AdversarialTask):
     arg_hints = {'adv_eps': '--adv-advbn-eps', 'adv_steps': '--adv-advbn-steps',
                  'adv_step_size': '--adv-advbn-step-size'}
     param_flags = {'eps': '--adv-advbn-eps', 'steps': '--adv-advbn-steps', 'step_size': '--adv-advbn-step-size',
-                   'bn_mode': '--adv-bn-mode'}
+                   'bn_mode': '--adv-bn-mode', 'after': '--adv-advbn-stage'}
     #: No pixel attack: the per-epoch robust validation keeps its own default eps (8/255).
     attack_defaults: Dict[str, Any] = {}
     #: The paper's settings (6 steps of 0.2, multipliers within 1 +- 1.1, frozen front, clean BNs exported).
@@ -163,8 +165,9 @@ class AdvBNTask(AuxBNStateMixin, AdversarialTask):
     def prepare_model(cls, model: nn.Module, args: argparse.Namespace) -> nn.Module:
         """Inserts the AdvBN cut (dual BNs after it) and freezes the front unless told otherwise."""
         input_size = resolve_data_config(vars(args), model=model)['input_size']
-        model = insert_advbn(model, after=getattr(args, 'adv_advbn_stage', None), input_size=input_size,
-                             relu=getattr(args, 'adv_advbn_relu', None))
+        with flag_errors(cls.param_flags):
+            model = insert_advbn(model, after=getattr(args, 'adv_advbn_stage', None), input_size=input_size,
+                                 relu=getattr(args, 'adv_advbn_relu', None))
         if cls.setting(args, 'adv_advbn_freeze_front'):
             _freeze(get_advbn(model).front_modules(model))  # before the optimiser is built, so it leaves them out
         return model
