@@ -341,7 +341,7 @@ def parse_args(argv=None):
         check_adv_args(args, explicit)
         check_overfit_guard_args(args, explicit)
         check_compile_args(args.torchcompile, args.torchcompile_mode)
-        check_timm_args(args, explicit, bundled=is_bundled(_dataset_name(args)),
+        check_timm_args(args, explicit, bundled=is_bundled(resolve_dataset_name(args)),
                         iterable=is_iterable_dataset(args.dataset))
     except ValueError as e:
         parser.error(str(e))
@@ -353,11 +353,6 @@ def parse_args(argv=None):
             f'and report on the test split with validate.py --split.')
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     return args, args_text
-
-
-def _dataset_name(args) -> str:
-    # timm's positional DIR is --data-dir; no dataset and no folder: the bundled default
-    return args.dataset or ('' if (args.data_dir or args.data) else DEFAULT_DATASET)
 
 
 def _apply_recipe(args, explicit) -> None:
@@ -659,7 +654,7 @@ def setup(args) -> TrainSetup:
     mae_weights = resolve_mae_weights(args.model, args.pretrained, args.pretrained_path, args.initial_checkpoint)
     device, model_dtype = setup_device(args)
     args.data_dir = args.data_dir or args.data
-    args.dataset = _dataset_name(args)
+    args.dataset = resolve_dataset_name(args)
     apply_bundled_defaults(args)
 
     model, data_config, teacher = create_train_model(args, mae_weights, device, model_dtype)

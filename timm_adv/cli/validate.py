@@ -30,7 +30,7 @@ from timm.utils import reparameterize_model, set_jit_fuser
 
 from timm_adv.attacks import GUIDE_MODES, NORMS, create_attack, parse_eps
 from timm_adv.data import (DEFAULT_DATASET, TransformSubset, apply_bundled_defaults, create_bank_loader, create_dataset,
-                           default_workers, is_bundled, random_subset, spread_subset)
+                           default_workers, is_bundled, random_subset, resolve_dataset_name, spread_subset)
 from timm_adv.evaluation import (IMAGENET_C_CORRUPTIONS, SEVERITIES, SHIFT_TYPES, LogitSubset, evaluate_accuracy,
                                  evaluate_autoattack, evaluate_corruption_folder, evaluate_generated_corruptions,
                                  evaluate_shift, report_to_markdown, save_report, scan_corruption_folder)
@@ -255,7 +255,7 @@ _NEEDS = {
     'input_key': (lambda a: _dataset_kind(a) in _KEYED_DATASETS, 'a --dataset hfds/, hfids/, wds/ or tfds/'),
     'target_key': (lambda a: _dataset_kind(a) in _KEYED_DATASETS, 'a --dataset hfds/, hfids/, wds/ or tfds/'),
     'dataset_trust_remote_code': (lambda a: _dataset_kind(a) in ('hfds', 'hfids'), 'a --dataset hfds/ or hfids/'),
-    'input_img_mode': (lambda a: not is_bundled(_dataset_name(a)),
+    'input_img_mode': (lambda a: not is_bundled(resolve_dataset_name(a)),
                        'a timm dataset (--data-dir or --dataset; bundled datasets are RGB)'),
 }
 
@@ -265,12 +265,8 @@ _KEYED_DATASETS = ('hfds', 'hfids', 'wds', 'tfds')
 _ITERABLE_DATASETS = ('hfids', 'wds', 'tfds')
 
 
-def _dataset_name(args) -> str:
-    return args.dataset or ('' if (args.data_dir or args.data) else DEFAULT_DATASET)
-
-
 def _dataset_kind(args) -> str:
-    name = _dataset_name(args)
+    name = resolve_dataset_name(args)
     return name.split('/', 1)[0].lower() if '/' in name else ''
 
 
